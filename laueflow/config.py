@@ -1,0 +1,433 @@
+"""The beamline configuration (YAML sections file / comp / geo / algo, plus laueflow's `recon`).
+
+Existing beamline files load unchanged.  Every key is typed and validated here, once, so the
+rest of laueflow can trust what it gets.  Problems raise :class:`ConfigError`, whose message
+names the key and the file; unknown or unused keys are collected and reported as a warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that laueflow cannot use; the message names the key and the file."""
+
+
+class ConfigWarning(UserWarning):
+    """Keys that laueflow does not know or does not use."""
+
+
+# Keys of the reference decoder and of the beamline's compute set-up: accepted, reported as unused.
+_UNUSED_SECTIONS = ("comp", "algo")
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class FileConfig:
+    """Where the frames of a scan are and which of them and which pixels to use."""
+
+    path: str
+    stacked: bool = True
+    ext: str = "h5"
+    h5_key: str = "/entry1/data/data"
+    range: tuple[int, int, int] = (0, 201, 1)
+    threshold: float = 0.0
+    frame: tuple[int, int, int, int] = (0, 2048, 0, 2048)
+    monitor: bool = True
+
+    @property
+    def n_frames(self) -> int:
+        """Frames in one scan point."""
+        b, e, s = self.range
+        return len(range(b, e, s))
+
+
+@dataclass(frozen=True)
+class Focus:
+    """Mask centre (mm) and orientation (degrees)."""
+
+    cenx: float = 0.0
+    dist: float = 1.0
+    cenz: float = 0.0
+    anglex: float = 0.0
+    angley: float = 0.0
+    anglez: float = 0.0
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """The gold coded aperture.  ``path`` None means a generated binary de Bruijn code B(2, 8)."""
+
+    path: str | None = None
+    reversed: bool = False
+    bitsizes: tuple[float, float] = (15.0, 7.5)
+    thickness: float = 3.7
+    resolution: float = 0.5
+    widening: float = 0.0
+    pad: float = 150.0
+    stretch: float = 1.0
+    shift: float = 0.0
+    focus: Focus = field(default_factory=Focus)
+
+
+@dataclass(frozen=True)
+class ScannerConfig:
+    """Mask stepping: ``step`` um per frame along ``R(rot) axis``."""
+
+    step: float = 1.0
+    axis: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    rot: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Area detector: pixels, physical size (mm), Rodrigues rotation (rad) and position (mm)."""
+
+    shape: tuple[int, int] = (2048, 2048)
+    size: tuple[float, float] = (409.6, 409.6)
+    rot: tuple[float, float, float] = (-1.20, -1.21, -1.22)
+    pos: tuple[float, float, float] = (28.8, 2.7, 513.0)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Incident beam: origin shift along e1 (mm), output depth grid [start, stop, step] (mm), tilt."""
+
+    grid: tuple[float, float, float] = (-0.1, 0.25, 0.001)
+    offset: float = 0.0
+    beta: float = 0.00342
+
+    @property
+    def depths(self) -> Any:
+        """Depth bin centres in mm (numpy array)."""
+        import numpy as np
+
+        start, stop, step = self.grid
+        n = int(math.floor((stop - start) / step + 1e-9))
+        return start + step * np.arange(n)
+
+
+@dataclass(frozen=True)
+class GeoConfig:
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    scanner: ScannerConfig = field(default_factory=ScannerConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """laueflow's own estimator options (section ``recon``)."""
+
+    energy: float = 20.0  # keV assumed for the gold attenuation when the energy is not estimated
+    estimate_energy: bool = False
+    energy_range: tuple[float, float] = (5.0, 40.0)  # keV searched when estimating
+    sparsity: float = 0.3  # L1 weight, in units of the noise level
+    smoothness: float = 3.0  # first-difference weight, in units of the noise level
+    iterations: int = 300
+    dtype: str = "float32"
+    block_pixels: int = 4096
+    oversample: int = 2  # code-coordinate samples per depth bin
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole, validated configuration."""
+
+    file: FileConfig
+    geo: GeoConfig = field(default_factory=GeoConfig)
+    recon: ReconConfig = field(default_factory=ReconConfig)
+    comp: dict = field(default_factory=dict)
+    algo: dict = field(default_factory=dict)
+    source_file: str | None = None
+    unknown: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        """The resolved configuration in the beamline schema (what ``config show`` prints)."""
+        d = asdict(self)
+        f = d["file"]
+        f["h5"] = {"key": f.pop("h5_key")}
+        out = {"file": f, "comp": d["comp"], "geo": d["geo"], "algo": d["algo"], "recon": d["recon"]}
+        return _plain(out)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that changes results (not the input location)."""
+        d = self.to_dict()
+        d["file"] = {k: v for k, v in d["file"].items() if k != "path"}
+        d.pop("comp", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def resolve(self, relative: str | None) -> Path | None:
+        """A path from the configuration, relative to the configuration file's folder."""
+        if relative is None:
+            return None
+        p = Path(relative).expanduser()
+        if not p.is_absolute() and self.source_file:
+            p = Path(self.source_file).parent / p
+        return p
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+class _Reader:
+    """Walks a YAML mapping, converting and checking values, remembering which keys were used."""
+
+    def __init__(self, data: Mapping, source: str):
+        self.data = data
+        self.source = source
+        self.used: set[str] = set()
+
+    def fail(self, key: str, why: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {why}")
+
+    def section(self, key: str) -> Mapping:
+        value = self._lookup(key)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.fail(key, f"expected a section (mapping), got {type(value).__name__}")
+        return value
+
+    def _lookup(self, key: str, default: Any = None) -> Any:
+        node: Any = self.data
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    def get(self, key: str, conv: Callable[[Any, str], Any], default: Any = _REQUIRED) -> Any:
+        sentinel = object()
+        value = self._lookup(key, sentinel)
+        if value is sentinel or value is None:
+            if default is _REQUIRED:
+                raise self.fail(key, "required key is missing")
+            return default
+        self.used.add(key)
+        return conv(value, key)
+
+    # converters -------------------------------------------------------------------------------
+    def number(self, value: Any, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(key, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise self.fail(key, f"expected a finite number, got {value!r}")
+        return float(value)
+
+    def integer(self, value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise self.fail(key, f"expected an integer, got {value!r}")
+        return int(value)
+
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {value!r}")
+        return value
+
+    def string(self, value: Any, key: str) -> str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise self.fail(key, f"expected a string, got {value!r}")
+        return str(value)
+
+    def vector(self, n: int, conv: str = "number") -> Callable[[Any, str], tuple]:
+        def convert(value: Any, key: str) -> tuple:
+            if not isinstance(value, list | tuple) or len(value) != n:
+                raise self.fail(key, f"expected a list of {n} values, got {value!r}")
+            one = getattr(self, conv)
+            return tuple(one(v, f"{key}[{i}]") for i, v in enumerate(value))
+
+        return convert
+
+    def unknown_keys(self) -> list[str]:
+        """Dotted keys present in the file that were never read."""
+        found: list[str] = []
+
+        def walk(node: Any, prefix: str) -> None:
+            if isinstance(node, Mapping):
+                for k, v in node.items():
+                    key = f"{prefix}.{k}" if prefix else str(k)
+                    if key in self.used:
+                        continue
+                    if isinstance(v, Mapping) and v:
+                        walk(v, key)
+                    elif isinstance(v, Mapping):
+                        continue
+                    else:
+                        found.append(key)
+
+        walk(self.data, "")
+        return found
+
+
+def _positive(r: _Reader, key: str, value: float, allow_zero: bool = False) -> float:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise r.fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value:g}")
+    return value
+
+
+def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool = True) -> Config:
+    """Build a validated :class:`Config` from a parsed YAML mapping."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a YAML mapping with sections file / geo, got {type(data).__name__}")
+    r = _Reader(data, source)
+    for sec in ("file", "geo", "recon", "comp", "algo"):
+        r.section(sec)
+    num, integer, boolean, string = r.number, r.integer, r.boolean, r.string
+    d = FileConfig(path="")
+
+    rng = r.get("file.range", r.vector(3, "integer"), d.range)
+    if rng[0] < 0 or rng[2] < 1 or len(range(*rng)) == 0:
+        raise r.fail("file.range", f"empty or invalid frame range {list(rng)} (need 0 <= begin < end, step >= 1)")
+    frame = r.get("file.frame", r.vector(4, "integer"), d.frame)
+    fcfg = FileConfig(
+        path=r.get("file.path", string),
+        stacked=r.get("file.stacked", boolean, d.stacked),
+        ext=r.get("file.ext", string, d.ext).lstrip("."),
+        h5_key=r.get("file.h5.key", string, d.h5_key),
+        range=rng,
+        threshold=_positive(r, "file.threshold", r.get("file.threshold", num, d.threshold), allow_zero=True),
+        frame=frame,
+        monitor=r.get("file.monitor", boolean, d.monitor),
+    )
+
+    dm, df = MaskConfig(), Focus()
+    focus = Focus(**{k: r.get(f"geo.mask.focus.{k}", num, getattr(df, k)) for k in ("cenx", "cenz", "anglex", "angley", "anglez")},
+                  dist=_positive(r, "geo.mask.focus.dist", r.get("geo.mask.focus.dist", num)))
+    bitsizes = r.get("geo.mask.bitsizes", r.vector(2), dm.bitsizes)
+    for i, b in enumerate(bitsizes):
+        _positive(r, f"geo.mask.bitsizes[{i}]", b)
+    mask = MaskConfig(
+        path=r.get("geo.mask.path", string, None),
+        reversed=r.get("geo.mask.reversed", boolean, dm.reversed),
+        bitsizes=bitsizes,
+        thickness=_positive(r, "geo.mask.thickness", r.get("geo.mask.thickness", num, dm.thickness)),
+        resolution=_positive(r, "geo.mask.resolution", r.get("geo.mask.resolution", num, dm.resolution)),
+        widening=_positive(r, "geo.mask.widening", r.get("geo.mask.widening", num, dm.widening), allow_zero=True),
+        pad=_positive(r, "geo.mask.pad", r.get("geo.mask.pad", num, dm.pad), allow_zero=True),
+        stretch=_positive(r, "geo.mask.stretch", r.get("geo.mask.stretch", num, dm.stretch)),
+        shift=r.get("geo.mask.shift", num, dm.shift),
+        focus=focus,
+    )
+    ds = ScannerConfig()
+    step = r.get("geo.scanner.step", num)
+    if step <= 0:
+        raise r.fail("geo.scanner.step", f"the step per frame must be > 0 um, got {step:g}")
+    axis = r.get("geo.scanner.axis", r.vector(3), ds.axis)
+    if math.hypot(*axis) < 1e-9:
+        raise r.fail("geo.scanner.axis", "the scan direction must not be the zero vector")
+    scanner = ScannerConfig(step=step, axis=axis, rot=r.get("geo.scanner.rot", r.vector(3), ds.rot))
+
+    dd = DetectorConfig()
+    shape = r.get("geo.detector.shape", r.vector(2, "integer"), dd.shape)
+    for i, n in enumerate(shape):
+        if n <= 0:
+            raise r.fail(f"geo.detector.shape[{i}]", f"must be > 0 pixels, got {n}")
+    size = r.get("geo.detector.size", r.vector(2), dd.size)
+    for i, s in enumerate(size):
+        _positive(r, f"geo.detector.size[{i}]", s)
+    detector = DetectorConfig(shape=shape, size=size,
+                              rot=r.get("geo.detector.rot", r.vector(3)), pos=r.get("geo.detector.pos", r.vector(3)))
+
+    grid = r.get("geo.source.grid", r.vector(3))
+    if grid[2] <= 0 or grid[1] <= grid[0] or (grid[1] - grid[0]) / grid[2] < 1:
+        raise r.fail("geo.source.grid", f"need start < stop and 0 < step <= stop - start (mm), got {list(grid)}")
+    if (grid[1] - grid[0]) / grid[2] > 20000:
+        raise r.fail("geo.source.grid", f"{(grid[1] - grid[0]) / grid[2]:.0f} depth bins is too many (max 20000)")
+    beam = SourceConfig(grid=grid, offset=r.get("geo.source.offset", num, 0.0),
+                        beta=r.get("geo.source.beta", num, SourceConfig.beta))
+
+    # frame within the detector: columns run along shape[0], rows along shape[1] (model.md section 2)
+    r0, r1, c0, c1 = frame
+    if not (0 <= r0 < r1 <= shape[1] and 0 <= c0 < c1 <= shape[0]):
+        raise r.fail("file.frame", f"region {list(frame)} is empty or outside the {shape[1]} x {shape[0]} detector")
+
+    dr = ReconConfig()
+    e_range = r.get("recon.energy_range", r.vector(2), dr.energy_range)
+    if not 1.0 <= e_range[0] < e_range[1] <= 200.0:
+        raise r.fail("recon.energy_range", f"need 1 <= low < high <= 200 keV, got {list(e_range)}")
+    energy = r.get("recon.energy", num, dr.energy)
+    if not 1.0 <= energy <= 200.0:
+        raise r.fail("recon.energy", f"the assumed energy must be within 1-200 keV, got {energy:g}")
+    dtype = r.get("recon.dtype", string, dr.dtype)
+    if dtype not in ("float32", "float64"):
+        raise r.fail("recon.dtype", f"must be float32 or float64, got {dtype!r}")
+    iterations = r.get("recon.iterations", integer, dr.iterations)
+    block = r.get("recon.block_pixels", integer, dr.block_pixels)
+    oversample = r.get("recon.oversample", integer, dr.oversample)
+    for key, v in (("recon.iterations", iterations), ("recon.block_pixels", block), ("recon.oversample", oversample)):
+        if v < 1:
+            raise r.fail(key, f"must be >= 1, got {v}")
+    recon = ReconConfig(
+        energy=energy,
+        estimate_energy=r.get("recon.estimate_energy", boolean, dr.estimate_energy),
+        energy_range=e_range,
+        sparsity=_positive(r, "recon.sparsity", r.get("recon.sparsity", num, dr.sparsity), allow_zero=True),
+        smoothness=_positive(r, "recon.smoothness", r.get("recon.smoothness", num, dr.smoothness), allow_zero=True),
+        iterations=iterations,
+        dtype=dtype,
+        block_pixels=block,
+        oversample=oversample,
+    )
+
+    comp = copy.deepcopy(dict(r.section("comp")))
+    algo = copy.deepcopy(dict(r.section("algo")))
+    unknown = [k for k in r.unknown_keys() if k.split(".")[0] not in _UNUSED_SECTIONS]
+    unused = [k for k in r.unknown_keys() if k.split(".")[0] in _UNUSED_SECTIONS]
+
+    cfg = Config(file=fcfg, geo=GeoConfig(mask=mask, scanner=scanner, detector=detector, source=beam),
+                 recon=recon, comp=comp, algo=algo, source_file=None if source.startswith("<") else source,
+                 unknown=tuple(unknown + unused))
+    if check_files and mask.path is not None:
+        p = cfg.resolve(mask.path)
+        if not p.is_file():
+            raise r.fail("geo.mask.path", f"mask code file {p} does not exist")
+    if unknown or unused:
+        parts = []
+        if unknown:
+            parts.append("unknown keys (ignored): " + ", ".join(unknown))
+        if unused:
+            parts.append("keys not used by laueflow (reference-decoder and compute options): " + ", ".join(unused))
+        warnings.warn(f"{source}: " + "; ".join(parts), ConfigWarning, stacklevel=2)
+    return cfg
+
+
+def load(path: str | Path, check_files: bool = True) -> Config:
+    """Load and validate a beamline YAML configuration file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: configuration file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return from_dict(data or {}, source=str(path), check_files=check_files)
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    """Write a configuration in the beamline schema."""
+    Path(path).write_text(cfg.to_yaml())
