@@ -136,10 +136,12 @@ class ReconConfig:
     energy_range: tuple[float, float] = (5.0, 40.0)  # keV searched when estimating
     sparsity: float = 0.3  # L1 weight, in units of the noise level
     smoothness: float = 3.0  # first-difference weight, in units of the noise level
+    significance: float = 25.0  # chi-square a support component must explain to be kept
+    refit_sparsity: float = 0.25  # L1 weight of the refit on the kept support, relative to sparsity
     iterations: int = 300
     dtype: str = "float32"
     block_pixels: int = 4096
-    oversample: int = 2  # code-coordinate samples per depth bin
+    oversample: int = 1  # code-coordinate samples per depth bin
 
 
 @dataclass(frozen=True)
@@ -224,11 +226,12 @@ class _Reader:
     def get(self, key: str, conv: Callable[[Any, str], Any], default: Any = _REQUIRED) -> Any:
         sentinel = object()
         value = self._lookup(key, sentinel)
+        if value is not sentinel:
+            self.used.add(key)
         if value is sentinel or value is None:
             if default is _REQUIRED:
                 raise self.fail(key, "required key is missing")
             return default
-        self.used.add(key)
         return conv(value, key)
 
     # converters -------------------------------------------------------------------------------
@@ -388,6 +391,10 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
         energy_range=e_range,
         sparsity=_positive(r, "recon.sparsity", r.get("recon.sparsity", num, dr.sparsity), allow_zero=True),
         smoothness=_positive(r, "recon.smoothness", r.get("recon.smoothness", num, dr.smoothness), allow_zero=True),
+        significance=_positive(r, "recon.significance", r.get("recon.significance", num, dr.significance),
+                               allow_zero=True),
+        refit_sparsity=_positive(r, "recon.refit_sparsity",
+                                 r.get("recon.refit_sparsity", num, dr.refit_sparsity), allow_zero=True),
         iterations=iterations,
         dtype=dtype,
         block_pixels=block,

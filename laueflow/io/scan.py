@@ -1,0 +1,574 @@
+"""The scan reader: where the frames of a scan are, which belong to which point, and tile reads.
+
+Two layouts exist at the beamline (model.md section 6): a folder of one-frame files
+``<prefix>_<n>.<ext>`` ordered by ``n`` (``file.stacked: true``), or one file holding
+``[N, H, W]`` (``file.stacked: false``).  :func:`open_scan` finds the data and checks every
+header it will read (names, numbering, shapes, dtypes, dataset keys, the I0 monitor) before
+any pixel is read, so that bad input stops before anything is written.  :meth:`Scan.read_block`
+then reads only one detector tile of each frame of one point, which is what one reconstruction
+task needs; whole frames are never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from laueflow.config import Config
+
+MONITOR_KEY = "/entry1/monitor/I0"
+SATURATED = 65535
+MIB = 1 << 20
+# Open-file cache of a Scan: reading all tiles of a point re-opens every frame file once per tile
+# without it.  Each open file also keeps an HDF5 chunk cache of CHUNK_CACHE_BYTES.
+MAX_OPEN_FILES = 256
+CHUNK_CACHE_BYTES = 4 * MIB
+
+
+class ScanError(Exception):
+    """Scan data that laueflow cannot use; the message names the file (or folder) and the problem."""
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A detector region: rows [r0, r1), columns [c0, c1)."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.r1 - self.r0, self.c1 - self.c0)
+
+    @property
+    def n_pixels(self) -> int:
+        return (self.r1 - self.r0) * (self.c1 - self.c0)
+
+
+@dataclass
+class Block:
+    """The traces of every pixel of one tile for one scan point: what one reconstruction task gets.
+
+    ``traces`` is (P, N) float32, pixels row-major over the tile, normalised frame by frame by
+    I0 / mean(I0) when the monitor is present and enabled.  ``frames`` are the frame offsets the
+    geometry uses (0, s, 2s, ... for ``file.range`` step s).
+    """
+
+    point: int
+    tile: Tile
+    traces: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    selected: np.ndarray
+    saturated: np.ndarray
+    frames: np.ndarray
+
+
+# ----------------------------------------------------------------------------------------------
+# Point selection
+
+
+def select_points(spec: str | None, n_points: int) -> list[int]:
+    """Parse a point selection: None or "all" (every point), "5", "0,2,4", or a slice "3:7" / "::2".
+
+    Slices follow Python semantics (end exclusive, negative counts from the end), but bounds
+    beyond the scan are an error rather than silently clipped.
+    """
+    if spec is None or spec.strip().lower() == "all":
+        return list(range(n_points))
+    text = spec.strip()
+    if not text:
+        raise ScanError("point selection is empty (give e.g. '5', '0,2,4' or '3:7')")
+
+    def index(s: str) -> int:
+        try:
+            return int(s)
+        except ValueError:
+            raise ScanError(f"point selection {spec!r}: {s!r} is not an integer") from None
+
+    if ":" in text:
+        parts = [p.strip() for p in text.split(":")]
+        if len(parts) > 3:
+            raise ScanError(f"point selection {spec!r}: a slice has at most start:stop:step")
+        start, stop, step = (index(p) if p else None for p in parts + [""] * (3 - len(parts)))
+        if step == 0:
+            raise ScanError(f"point selection {spec!r}: slice step must not be 0")
+        for bound in (start, stop):
+            if bound is not None and not -n_points <= bound <= n_points:
+                raise ScanError(f"point selection {spec!r}: {bound} is out of range, the scan has "
+                                f"{n_points} points (0-{n_points - 1})")
+        chosen = list(range(n_points))[slice(start, stop, step)]
+        if not chosen:
+            raise ScanError(f"point selection {spec!r} selects no point of the {n_points} in the scan")
+        return chosen
+    chosen = []
+    for s in text.split(","):
+        k = index(s.strip())
+        if not -n_points <= k < n_points:
+            raise ScanError(f"point selection {spec!r}: point {k} is out of range, the scan has "
+                            f"{n_points} points (0-{n_points - 1})")
+        k %= n_points
+        if k not in chosen:
+            chosen.append(k)
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------
+# The scan
+
+
+class Scan:
+    """A validated scan: its files, its points, and tile reads.
+
+    Build it with :func:`open_scan`.  Scans pickle (open HDF5 handles are dropped and re-opened
+    on demand), so they can be sent to workers.
+    """
+
+    def __init__(self, cfg: Config, path: Path, layout: str, files: list[Path], n_total: int,
+                 numbers: list[int] | None = None, prefix: str | None = None):
+        self.cfg = cfg
+        self.path = path
+        self.layout = layout
+        self.files = files
+        self.prefix = prefix
+        self.numbers = numbers
+        self.n_total = n_total  # frames available (files, or stack length)
+        b, e, s = cfg.file.range
+        self.n_frames = cfg.file.n_frames
+        self._begin, self._span, self._step = b, e - b, s
+        last = n_total - 1 - b - (self.n_frames - 1) * s
+        self.n_points = last // self._span + 1 if last >= 0 else 0
+        shape = cfg.geo.detector.shape
+        self.frame_shape = (shape[1], shape[0])  # rows run along shape[1], columns along shape[0]
+        self.has_monitor = False
+        self._i0 = np.full(n_total, np.nan)
+        self._ndim = np.zeros(len(files), np.int8)  # 2 or 3 per frame file once checked
+        self._checked = np.zeros(len(files), bool)
+        self._monitor_ref: Path | None = None  # the file that decided whether the monitor exists
+        self._handles: OrderedDict[Path, tuple[h5py.File, h5py.Dataset]] = OrderedDict()
+        self._lock = threading.RLock()
+
+    # pickling: drop open files -------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = OrderedDict()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        """Close the cached HDF5 files (reads re-open them)."""
+        with self._lock:
+            for f, _ in self._handles.values():
+                f.close()
+            self._handles.clear()
+
+    def __enter__(self) -> Scan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # points ------------------------------------------------------------------------------------
+    def _where(self) -> str:
+        if self.layout == "frames":
+            return f"{self.path / (self.prefix or '')}_<n>.{self.cfg.file.ext}"
+        return str(self.path)
+
+    def _positions(self, k: int) -> np.ndarray:
+        """Frame positions (file order, or stack index) of point k."""
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 0 <= k < self.n_points:
+            raise ScanError(f"{self._where()}: point {k} is out of range: the scan holds {self.n_points} "
+                            f"complete points of {self.n_frames} frames ({self.n_total} frames, "
+                            f"file.range {list(self.cfg.file.range)})")
+        return self._begin + int(k) * self._span + self._step * np.arange(self.n_frames)
+
+    def point_frames(self, k: int) -> list[tuple[Path, int]]:
+        """(file, index within the file) of each frame of point k, in scan order."""
+        pos = self._positions(k)
+        if self.layout == "frames":
+            return [(self.files[p], 0) for p in pos]
+        return [(self.files[0], int(p)) for p in pos]
+
+    def frame_offsets(self) -> np.ndarray:
+        """The frame offsets the geometry uses for every point: 0, s, 2s, ..."""
+        return self._step * np.arange(self.n_frames)
+
+    def tiles(self, block_pixels: int) -> list[Tile]:
+        """Cover the region ``file.frame`` with near-square tiles of about ``block_pixels`` pixels.
+
+        The side is round(sqrt(block_pixels)); tiles at the bottom and right edges are smaller.
+        Every pixel of the region is in exactly one tile, in row-major tile order.
+        """
+        if block_pixels < 1:
+            raise ValueError(f"block_pixels must be >= 1, got {block_pixels}")
+        side = max(1, round(math.sqrt(block_pixels)))
+        r0, r1, c0, c1 = self.cfg.file.frame
+        return [Tile(r, min(r + side, r1), c, min(c + side, c1))
+                for r in range(r0, r1, side) for c in range(c0, c1, side)]
+
+    # validation ---------------------------------------------------------------------------------
+    def check(self, points: Iterable[int] | None = None) -> None:
+        """Check the headers of the frame files of these points (all complete points if None).
+
+        Opens each file once (headers and the I0 scalar only, no pixel data); files already
+        checked are skipped.  Raises :class:`ScanError` naming the first bad file.
+        """
+        if self.layout != "frames":
+            return
+        ks = range(self.n_points) if points is None else points
+        todo = sorted({int(p) for k in ks for p in self._positions(k) if not self._checked[p]})
+        for p in todo:
+            self._check_frame_file(p)
+
+    def _check_frame_file(self, p: int) -> None:
+        file = self.files[p]
+        key = self.cfg.file.h5_key
+        with _open(file) as f:
+            dset = _dataset(f, file, key)
+            shape = dset.shape
+            if len(shape) == 3 and shape[0] != 1:
+                raise ScanError(f"{file}: dataset {key} holds {shape[0]} frames {list(shape)}; a frame file "
+                                f"must hold one frame (for a stack file set file.stacked: false)")
+            if len(shape) not in (2, 3):
+                raise ScanError(f"{file}: dataset {key} has shape {list(shape)}, "
+                                f"expected one frame [rows, cols]")
+            self._check_frame(file, dset, shape[-2:])
+            self._ndim[p] = len(shape)
+            if self.cfg.file.monitor:
+                i0 = self._read_monitor(f, file, expect=1)
+                if self._monitor_ref is None:
+                    self._monitor_ref, self.has_monitor = file, i0 is not None
+                elif self.has_monitor != (i0 is not None):
+                    have, lack = (self._monitor_ref, file) if self.has_monitor else (file, self._monitor_ref)
+                    raise ScanError(f"{lack}: has no monitor {MONITOR_KEY} while {have.name} has one "
+                                    f"(set file.monitor: false to ignore the monitor)")
+                if i0 is not None:
+                    self._i0[p] = i0[0]
+        self._checked[p] = True
+
+    def _check_frame(self, file: Path, dset: h5py.Dataset, shape: tuple[int, ...]) -> None:
+        if tuple(shape) != self.frame_shape:
+            d = self.cfg.geo.detector.shape
+            raise ScanError(f"{file}: frame shape {list(shape)} of {dset.name} does not match the "
+                            f"detector: expected [rows, cols] = {list(self.frame_shape)} "
+                            f"(geo.detector.shape {list(d)})")
+        if dset.dtype != np.uint16:
+            raise ScanError(f"{file}: dataset {dset.name} has dtype {dset.dtype}, "
+                            f"expected uint16 detector counts")
+
+    def _read_monitor(self, f: h5py.File, file: Path, expect: int) -> np.ndarray | None:
+        """The I0 values in this file (``expect`` of them), or None when there is no monitor."""
+        if MONITOR_KEY not in f:
+            return None
+        node = f[MONITOR_KEY]
+        if not isinstance(node, h5py.Dataset):
+            raise ScanError(f"{file}: {MONITOR_KEY} is not a dataset")
+        try:
+            i0 = np.asarray(node[()], dtype=np.float64).reshape(-1)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ScanError(f"{file}: cannot read monitor {MONITOR_KEY}: {exc}") from None
+        if i0.size != expect:
+            raise ScanError(f"{file}: monitor {MONITOR_KEY} holds {i0.size} values, expected {expect} "
+                            f"(one per frame)")
+        bad = np.flatnonzero(~(np.isfinite(i0) & (i0 > 0)))
+        if bad.size:
+            where = "" if expect == 1 else f" at frame {bad[0]}"
+            raise ScanError(f"{file}: monitor {MONITOR_KEY} is {i0[bad[0]]:g}{where}; it must be > 0 to "
+                            f"normalise frames (set file.monitor: false to ignore the monitor)")
+        return i0
+
+    # reading ------------------------------------------------------------------------------------
+    def _dataset_for(self, file: Path) -> h5py.Dataset:
+        """The image dataset of a file from the open-file cache (call with the lock held)."""
+        hit = self._handles.get(file)
+        if hit is not None:
+            self._handles.move_to_end(file)
+            return hit[1]
+        f = _open(file, rdcc_nbytes=CHUNK_CACHE_BYTES)
+        try:
+            dset = _dataset(f, file, self.cfg.file.h5_key)
+        except ScanError:
+            f.close()
+            raise
+        self._handles[file] = (f, dset)
+        while len(self._handles) > MAX_OPEN_FILES:
+            _, (old, _dset) = self._handles.popitem(last=False)
+            old.close()
+        return dset
+
+    def _forget(self, file: Path) -> None:
+        hit = self._handles.pop(file, None)
+        if hit is not None:
+            hit[0].close()
+
+    def read_block(self, point: int, tile: Tile) -> Block:
+        """Read the tile's region of every frame of one point, and select the pixels to decode.
+
+        Only ``dset[r0:r1, c0:c1]`` of each frame is read.  A pixel is selected when its mean
+        over the point's frames (raw counts) is >= ``file.threshold`` and no frame is saturated
+        (65535).  Traces are divided by I0 / mean(I0) frame by frame when the monitor is used.
+        """
+        pos = self._positions(point)
+        rows_n, cols_n = self.frame_shape
+        if not (0 <= tile.r0 < tile.r1 <= rows_n and 0 <= tile.c0 < tile.c1 <= cols_n):
+            raise ScanError(f"{self._where()}: tile {tile} is empty or outside the "
+                            f"{rows_n} x {cols_n} frames")
+        self.check([point])
+        rs, cs = slice(tile.r0, tile.r1), slice(tile.c0, tile.c1)
+        h, w = tile.shape
+        n = self.n_frames
+        if self.layout == "frames":
+            data = np.empty((n, h, w), np.uint16)
+            for j, p in enumerate(pos):
+                file = self.files[p]
+                with self._lock:
+                    try:
+                        dset = self._dataset_for(file)
+                        data[j] = dset[0, rs, cs] if self._ndim[p] == 3 else dset[rs, cs]
+                    except (OSError, RuntimeError, ValueError) as exc:
+                        self._forget(file)
+                        raise ScanError(f"{file}: cannot read frame pixels (corrupt or truncated file?): "
+                                        f"{exc}") from None
+        else:
+            file = self.files[0]
+            with self._lock:
+                try:
+                    dset = self._dataset_for(file)
+                    data = dset[int(pos[0]):int(pos[-1]) + 1:self._step, rs, cs]
+                except (OSError, RuntimeError, ValueError) as exc:
+                    self._forget(file)
+                    raise ScanError(f"{file}: cannot read frames {pos[0]}-{pos[-1]} of point {point} "
+                                    f"(corrupt or truncated file?): {exc}") from None
+        flat = data.reshape(n, h * w)
+        saturated = (flat == SATURATED).any(axis=0)
+        mean = flat.mean(axis=0, dtype=np.float64)
+        selected = (mean >= self.cfg.file.threshold) & ~saturated
+        traces = np.ascontiguousarray(flat.T, dtype=np.float32)
+        if self.has_monitor:
+            i0 = self._i0[pos]
+            traces *= (i0.mean() / i0).astype(np.float32)[None, :]
+        rr, cc = np.meshgrid(np.arange(tile.r0, tile.r1, dtype=np.int32),
+                             np.arange(tile.c0, tile.c1, dtype=np.int32), indexing="ij")
+        return Block(point=int(point), tile=tile, traces=traces, rows=rr.reshape(-1), cols=cc.reshape(-1),
+                     selected=selected, saturated=saturated, frames=self.frame_offsets())
+
+    # provenance ---------------------------------------------------------------------------------
+    def fingerprints(self, point: int | None = None) -> list[dict]:
+        """{name, size, sha256} of the point's files (all files if None).
+
+        The hash covers the first and last MiB of each file: cheap for large files, and it
+        changes when a file is rewritten, truncated or replaced.
+        """
+        if point is None:
+            files = list(self.files)
+        else:
+            files = list(dict.fromkeys(f for f, _ in self.point_frames(point)))
+        out = []
+        for file in files:
+            try:
+                size = file.stat().st_size
+                h = hashlib.sha256()
+                with open(file, "rb") as fh:
+                    h.update(fh.read(MIB))
+                    if size > MIB:
+                        fh.seek(max(MIB, size - MIB))
+                        h.update(fh.read(MIB))
+            except OSError as exc:
+                raise ScanError(f"{file}: cannot read for fingerprinting: {exc}") from None
+            out.append({"name": file.name, "size": size, "sha256": h.hexdigest()})
+        return out
+
+    def describe(self) -> str:
+        """One line for humans."""
+        b, e, s = self.cfg.file.range
+        rows, cols = self.frame_shape
+        if self.layout == "frames":
+            nums = self.numbers or [0]
+            what = (f"{self.n_total} frame files {self.prefix}_<n>.{self.cfg.file.ext} "
+                    f"(n = {nums[0]}-{nums[-1]}) in {self.path}")
+        else:
+            what = f"stack file {self.path} with {self.n_total} frames"
+        mon = "I0 monitor" if self.has_monitor else "no I0 normalisation"
+        return (f"{what}: {self.n_points} points x {self.n_frames} frames (range [{b}, {e}, {s}]), "
+                f"{rows} x {cols} uint16 frames, region {list(self.cfg.file.frame)}, {mon}")
+
+    def __repr__(self) -> str:
+        return f"<Scan {self.describe()}>"
+
+
+# ----------------------------------------------------------------------------------------------
+# Opening
+
+
+def _open(file: Path, **kwargs: Any) -> h5py.File:
+    try:
+        return h5py.File(file, "r", **kwargs)
+    except FileNotFoundError:
+        raise ScanError(f"{file}: file does not exist (removed while reading?)") from None
+    except OSError as exc:
+        raise ScanError(f"{file}: not a readable HDF5 file (truncated or corrupt?): {exc}") from None
+
+
+def _dataset(f: h5py.File, file: Path, key: str) -> h5py.Dataset:
+    try:
+        node = f.get(key)
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise ScanError(f"{file}: cannot read dataset {key} (corrupt file?): {exc}") from None
+    if node is None:
+        raise ScanError(f"{file}: no dataset {key} in the file (file.h5.key)")
+    if not isinstance(node, h5py.Dataset):
+        raise ScanError(f"{file}: {key} is a group, not a dataset (file.h5.key)")
+    return node
+
+
+def _frame_files(folder: Path, ext: str) -> dict[str, list[tuple[int, Path]]]:
+    """Files ``<prefix>_<n>.<ext>`` in a folder, grouped by prefix."""
+    pattern = re.compile(rf"^(.+)_(\d+)\.{re.escape(ext)}$")
+    groups: dict[str, list[tuple[int, Path]]] = {}
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        raise ScanError(f"{folder}: cannot list the folder: {exc}") from None
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m and entry.is_file():
+            groups.setdefault(m.group(1), []).append((int(m.group(2)), Path(entry.path)))
+    return groups
+
+
+def _numbered(folder: Path, prefix: str, items: list[tuple[int, Path]],
+              ext: str) -> tuple[list[int], list[Path]]:
+    """Sort frame files by number; refuse duplicate numbers and gaps."""
+    items = sorted(items)
+    for (n1, f1), (n2, f2) in zip(items, items[1:], strict=False):
+        if n1 == n2:
+            raise ScanError(f"{folder}: {f1.name} and {f2.name} have the same frame number {n1}")
+    numbers = [n for n, _ in items]
+    missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
+    if missing:
+        shown = ", ".join(str(n) for n in missing[:10])
+        if len(missing) > 10:
+            shown += f" ... ({len(missing)} in all)"
+        raise ScanError(f"{folder}: gap in the frame numbering of {prefix}_<n>.{ext}: missing {shown} "
+                        f"(between {numbers[0]} and {numbers[-1]})")
+    return numbers, [f for _, f in items]
+
+
+def _find_stack(folder: Path, cfg: Config) -> Path:
+    """The single file in a folder whose dataset at the key is 3-D."""
+    key, ext = cfg.file.h5_key, cfg.file.ext
+    candidates = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(f".{ext}"))
+    if not candidates:
+        raise ScanError(f"{folder}: no *.{ext} file in the folder "
+                        f"(file.stacked: false expects one stack file)")
+    found, why = [], []
+    for p in candidates:
+        try:
+            with h5py.File(p, "r") as f:
+                node = f.get(key)
+                if node is None:
+                    why.append(f"{p.name} (no dataset)")
+                elif not isinstance(node, h5py.Dataset):
+                    why.append(f"{p.name} (a group)")
+                elif node.ndim != 3:
+                    why.append(f"{p.name} ({node.ndim}-D)")
+                else:
+                    found.append(p)
+        except OSError:
+            why.append(f"{p.name} (unreadable)")
+    if len(found) > 1:
+        raise ScanError(f"{folder}: several stack files hold a 3-D dataset {key}: "
+                        f"{', '.join(p.name for p in found)}; give the file in file.path")
+    if not found:
+        listed = ", ".join(why[:8]) + (f" ... ({len(why)} files)" if len(why) > 8 else "")
+        hint = " (for a folder of one-frame files set file.stacked: true)"
+        raise ScanError(f"{folder}: no file holds a 3-D dataset {key}: {listed}{hint}")
+    return found[0]
+
+
+def _open_stack(cfg: Config, file: Path) -> Scan:
+    key = cfg.file.h5_key
+    with _open(file) as f:
+        dset = _dataset(f, file, key)
+        if dset.ndim != 3:
+            raise ScanError(f"{file}: dataset {key} has shape {list(dset.shape)}, expected a stack "
+                            f"[N, rows, cols] (for one-frame files give their folder or prefix and set "
+                            f"file.stacked: true)")
+        scan = Scan(cfg, file, "stack", [file], n_total=dset.shape[0])
+        scan._check_frame(file, dset, dset.shape[1:])
+        if cfg.file.monitor:
+            i0 = scan._read_monitor(f, file, expect=dset.shape[0])
+            if i0 is not None:
+                scan.has_monitor, scan._i0 = True, i0
+    return scan
+
+
+def open_scan(cfg: Config, path: str | Path | None = None, *, check: bool = True) -> Scan:
+    """Find and validate the scan data: ``path`` if given, else ``file.path`` of the configuration.
+
+    A file is a stack ``[N, rows, cols]``.  A folder holds one-frame files ``<prefix>_<n>.<ext>``
+    (``file.stacked: true``) or one stack file (``file.stacked: false``).  A path that does not
+    exist but whose parent holds ``<name>_<n>.<ext>`` files names the prefix of one-frame files.
+
+    With ``check`` (the default) every frame file of every complete point has its header checked
+    now; with ``check=False`` only names and numbering are checked, and :meth:`Scan.check`
+    (called by :meth:`Scan.read_block` for its point) checks the files of chosen points, which
+    suits folders of tens of thousands of files that are still growing.
+    """
+    where = Path(path) if path is not None else cfg.resolve(cfg.file.path)
+    ext = cfg.file.ext
+    if where.is_file():
+        scan = _open_stack(cfg, where)
+    else:
+        if where.is_dir():
+            folder, forced = where, None
+        elif where.parent.is_dir() and where.name in _frame_files(where.parent, ext):
+            folder, forced = where.parent, where.name
+        else:
+            raise ScanError(f"{where}: scan data does not exist (no such file or folder, and no "
+                            f"{where.name}_<n>.{ext} files beside it)")
+        if forced is None and not cfg.file.stacked:
+            scan = _open_stack(cfg, _find_stack(folder, cfg))
+        else:
+            groups = _frame_files(folder, ext)
+            if forced is not None:
+                prefix = forced
+            elif not groups:
+                raise ScanError(f"{folder}: no frame files named <prefix>_<n>.{ext} in the folder "
+                                f"(for one stack file set file.stacked: false)")
+            elif len(groups) == 1:
+                prefix = next(iter(groups))
+            else:
+                wanted = [n for n in (Path(cfg.file.path).name, where.name) if n in groups]
+                if not wanted:
+                    names = sorted(groups)
+                    raise ScanError(f"{folder}: frame files with several prefixes: {', '.join(names)}; "
+                                    f"give the prefix in file.path (e.g. {folder / names[0]})")
+                prefix = wanted[0]
+            numbers, files = _numbered(folder, prefix, groups[prefix], ext)
+            scan = Scan(cfg, folder, "frames", files, n_total=len(files), numbers=numbers, prefix=prefix)
+    if scan.n_points == 0:
+        b, e, s = cfg.file.range
+        need = b + (scan.n_frames - 1) * s + 1
+        raise ScanError(f"{scan._where()}: too few frames for one scan point: {scan.n_total} frames, "
+                        f"one point with file.range [{b}, {e}, {s}] needs {need}")
+    if check:
+        scan.check()
+    return scan

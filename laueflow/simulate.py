@@ -1,0 +1,296 @@
+"""Synthetic coded-aperture scans in the beamline layout, with the truth beside them.
+
+Grains at known depths produce Laue spots (2-D Gaussian peaks a few pixels wide) in a region of the
+detector; every pixel's trace comes from the forward model with the spot's energy, plus a background
+that drifts a little from frame to frame (recorded as the monitor ``entry1/monitor/I0``), Poisson
+noise and a few saturated (hot) pixels.  Outside the region frames are zero (not simulated), so they
+compress to almost nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import yaml
+
+from . import __version__
+from . import config as C
+from . import geometry as G
+from .forward import Setup, traces
+from .mask import debruijn, load_code
+
+PRESETS = ("thin", "extended", "overlap", "multipoint")
+GEOMETRIES = {
+    # anglez about 44 deg, diagonal scan axis, 1 um steps
+    "tilted": {"anglez": 44.0, "axis": [0.707, 0.707, 0.0], "step": 1.0},
+    # anglez about -1.3 deg, scan along the beam, 0.5 um steps
+    "flat": {"anglez": -1.3, "axis": [1.0, 0.0, 0.0], "step": 0.5},
+}
+DETECTOR_KEY = "/entry1/data/data"
+SATURATED = 65535
+
+
+def default_config_dict(geometry: str = "tilted", frames: int = 261, region: int = 64) -> dict:
+    """A beamline-schema configuration for a synthetic scan (34-ID-E-like detector)."""
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"unknown geometry {geometry!r}; choose one of {', '.join(GEOMETRIES)}")
+    g = GEOMETRIES[geometry]
+    r0 = 1024 - region // 2
+    return {
+        "file": {"path": ".", "stacked": True, "ext": "h5", "h5": {"key": DETECTOR_KEY},
+                 "range": [0, frames, 1], "threshold": 0, "frame": [r0, r0 + region, r0, r0 + region]},
+        "geo": {
+            "mask": {"path": "mask.npy", "reversed": False, "bitsizes": [15.0, 7.5], "thickness": 3.7,
+                     "resolution": 0.5, "widening": 0.0, "pad": 150.0, "stretch": 1.0, "shift": 0.0,
+                     "focus": {"cenx": 0.0, "dist": 1.0, "anglez": g["anglez"], "angley": 0.0,
+                               "anglex": 0.0, "cenz": 0.0}},
+            "scanner": {"step": g["step"], "rot": [0.0, 0.0, 0.0], "axis": g["axis"]},
+            "detector": {"shape": [2048, 2048], "size": [409.6, 409.6], "rot": [-1.20, -1.21, -1.22],
+                         "pos": [28.8, 2.7, 513.0]},
+            "source": {"offset": 0.0, "grid": [-0.15, 0.2, 0.001]},
+        },
+    }
+
+
+@dataclass
+class Grain:
+    """A crystallite along the beam: its depth profile shape and the spots it sends to the detector."""
+
+    top: float  # um, start of the grain along the beam
+    thickness: float  # um
+    decay: float = 0.0  # um; > 0 gives an exponentially decaying profile (absorption)
+    spots: list[tuple[float, float, float, float, float]] = field(default_factory=list)  # r, c, sigma, amp, keV
+
+    def profile(self, depth_um: np.ndarray) -> np.ndarray:
+        """Unit-sum profile on the depth grid: bin overlap with [top, top + thickness], times decay."""
+        step = depth_um[1] - depth_um[0] if depth_um.size > 1 else 1.0
+        lo, hi = depth_um - step / 2, depth_um + step / 2
+        overlap = np.clip(np.minimum(hi, self.top + self.thickness) - np.maximum(lo, self.top), 0, None) / step
+        if self.decay > 0:
+            overlap = overlap * np.exp(-np.clip(depth_um - self.top, 0, None) / self.decay)
+        return overlap / overlap.sum()
+
+
+def _grains(preset: str, rng: np.random.Generator, region: tuple[int, int, int, int],
+            depth_um: np.ndarray) -> list[Grain]:
+    """Random grains and spots for a preset, within the region and well inside the depth grid."""
+    r0, r1, c0, c1 = region
+    area = (r1 - r0) * (c1 - c0)
+    n_spots = max(3, int(round(area / 4096 * 12)))
+    lo_d, hi_d = depth_um[0] + 40, depth_um[-1] - 90
+
+    def spot(r: float | None = None, c: float | None = None) -> tuple[float, float, float, float, float]:
+        r = rng.uniform(r0 + 3, r1 - 3) if r is None else r
+        c = rng.uniform(c0 + 3, c1 - 3) if c is None else c
+        return (r, c, rng.uniform(1.2, 2.2), rng.uniform(2000, 8000), rng.uniform(8.0, 30.0))
+
+    def spread(n: int, gap: float) -> np.ndarray:
+        """n depths in [lo_d, hi_d] at least `gap` apart."""
+        for _ in range(1000):
+            d = np.sort(rng.uniform(lo_d, hi_d, n))
+            if n < 2 or np.diff(d).min() >= gap:
+                return d
+        return np.linspace(lo_d, hi_d, n)
+
+    grains: list[Grain] = []
+    if preset in ("thin", "multipoint"):
+        tops = spread(3, 30.0)
+        for t in tops:
+            grains.append(Grain(top=t, thickness=rng.uniform(5, 12)))
+    elif preset == "extended":
+        tops = spread(2, 80.0)
+        for t in tops:
+            grains.append(Grain(top=t, thickness=rng.uniform(30, 60), decay=rng.uniform(20, 50)))
+    elif preset == "overlap":
+        n_pairs = 2
+        for _ in range(n_pairs):
+            a = rng.uniform(lo_d, hi_d - 60)
+            b = a + rng.uniform(45, min(120, hi_d - a))
+            grains.append(Grain(top=a, thickness=rng.uniform(6, 12)))
+            grains.append(Grain(top=b, thickness=rng.uniform(6, 12)))
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if preset == "overlap":
+        # each pair shares spot positions (within a pixel): those pixels see both grains
+        for i in range(0, len(grains), 2):
+            for _ in range(max(2, n_spots // 2)):
+                s = spot()
+                grains[i].spots.append(s)
+                grains[i + 1].spots.append(spot(s[0] + rng.uniform(-0.7, 0.7), s[1] + rng.uniform(-0.7, 0.7)))
+    else:
+        for k in range(n_spots):
+            grains[k % len(grains)].spots.append(spot())
+    return grains
+
+
+def _spot_weights(spot: tuple, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    r, c, sigma, amp, _ = spot
+    return amp * np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * sigma**2))
+
+
+def _write_frame(path: Path, image: np.ndarray, region: tuple[int, int, int, int], shape: tuple[int, int],
+                 i0: float) -> None:
+    """One detector frame in the beamline layout; only the region's chunks are stored."""
+    r0, r1, c0, c1 = region
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        d = f.create_dataset(DETECTOR_KEY, shape=shape, dtype="uint16", chunks=(256, 256),
+                             compression="gzip", compression_opts=1, shuffle=True, fillvalue=0)
+        d[r0:r1, c0:c1] = image
+        det = f.create_group("entry1/detector")
+        det.attrs.update({"Nx": shape[1], "Ny": shape[0], "startx": 0, "endx": shape[1] - 1,
+                          "starty": 0, "endy": shape[0] - 1, "binx": 1, "biny": 1})
+        f["entry1/monitor/I0"] = np.float64(i0)
+        f["entry1/sample"] = "laueflow synthetic sample"
+    tmp.replace(path)
+
+
+def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: int | None = None,
+             points: int = 1, noise: bool = True, single_file: bool = False, config: str | Path | None = None,
+             region: int = 64, geometry: str = "tilted", background: float = 50.0,
+             prefix: str = "scan") -> dict:
+    """Write a synthetic scan to ``out_dir`` and return a summary (paths and counts).
+
+    ``config`` names a beamline YAML whose geometry (and mask, region, frames) is used instead of the
+    built-in ``geometry`` ("tilted" or "flat").  ``multipoint`` is the thin preset over several
+    points (at least 3), each with its own grains; point k uses frames [kN, (k+1)N).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if points < 1:
+        raise ValueError("points must be >= 1")
+    if preset == "multipoint":
+        points = max(points, 3)
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+
+    if config is not None:
+        user = C.load(config)
+        data = yaml.safe_load(Path(config).read_text())
+        code = load_code(user.resolve(user.geo.mask.path)) if user.geo.mask.path else debruijn(8)
+        data = copy.deepcopy(data)
+        data.setdefault("file", {})
+        data["file"].update({"path": ".", "stacked": not single_file})
+        data.setdefault("geo", {}).setdefault("mask", {})["path"] = "mask.npy"
+        if frames is not None:
+            data["file"]["range"] = [0, frames, 1]
+    else:
+        data = default_config_dict(geometry, frames or 261, region)
+        code = debruijn(8)
+    if single_file:
+        data["file"].update({"stacked": False, "path": f"{prefix}.h5"})
+    n_frames = len(range(*data["file"].get("range", [0, 261, 1])))
+    if data["file"].get("range", [0])[0] != 0 or data["file"].get("range", [0, 0, 1])[2] != 1:
+        data["file"]["range"] = [0, n_frames, 1]
+
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "mask.npy", code)
+    (out / "config.yaml").write_text(
+        "# Synthetic scan written by laueflow simulate (preset %s, seed %d)\n" % (preset, seed)
+        + yaml.safe_dump(data, sort_keys=False))
+    cfg = C.load(out / "config.yaml")
+    setup = Setup.from_config(cfg)
+    reg = tuple(cfg.file.frame)
+    r0, r1, c0, c1 = reg
+    h, w = r1 - r0, c1 - c0
+    shape = (cfg.geo.detector.shape[1], cfg.geo.detector.shape[0])
+    depth_um = cfg.geo.source.depths * 1e3
+    frame_idx = np.arange(n_frames) * 1
+    rows, cols = np.mgrid[r0:r1, c0:c1]
+    rows, cols = rows.ravel(), cols.ravel()
+    centres = G.pixel_centres(setup.geo, rows, cols)
+
+    truth = {"pixels": [], "profiles": [], "grain": [], "grain2": [], "energy": [], "point": []}
+    grain_rows = []
+    stack = None
+    if single_file:
+        stack = h5py.File(out / f"{prefix}.h5.tmp", "w")
+        dset = stack.create_dataset(DETECTOR_KEY, shape=(points * n_frames, *shape), dtype="uint16",
+                                    chunks=(1, 256, 256), compression="gzip", compression_opts=1,
+                                    shuffle=True, fillvalue=0)
+        i0_all = np.empty(points * n_frames)
+    n_written = 0
+    for k in range(points):
+        grains = _grains("thin" if preset == "multipoint" else preset, rng, reg, depth_um)
+        signal = np.zeros((h * w, n_frames))
+        prof_total = np.zeros((h * w, depth_um.size))
+        contrib = np.zeros((h * w, len(grains)))  # each grain's total counts per frame in each pixel
+        energy = np.full(h * w, np.nan)
+        for gi, grain in enumerate(grains):
+            shape_z = grain.profile(depth_um)
+            grain_rows.append((k, grain.top, grain.thickness, grain.decay))
+            for s in grain.spots:
+                wgt = _spot_weights(s, rows, cols)
+                near = np.flatnonzero(wgt >= 0.5)  # pixels receiving at least half a count per frame
+                if near.size == 0:
+                    continue
+                f = wgt[near, None] * shape_z[None, :]
+                signal[near] += traces(setup, centres[near], f, cfg.geo.source.depths, frame_idx, s[4])
+                prof_total[near] += f
+                # the pixel's energy is that of its strongest spot
+                energy[near] = np.where(wgt[near] > contrib[near].max(1, initial=0), s[4], energy[near])
+                contrib[near, gi] += wgt[near]
+        order = np.argsort(-contrib, axis=1)
+        first = order[:, 0] + len(grain_rows) - len(grains)
+        top2 = np.take_along_axis(contrib, order[:, :2], 1) if len(grains) > 1 else np.zeros((h * w, 2))
+        second = np.where(top2[:, 1] >= 0.2 * top2[:, 0], order[:, min(1, len(grains) - 1)]
+                          + len(grain_rows) - len(grains), -1)
+        # background: smooth across the region, drifting with the incident intensity (the monitor)
+        ramp = 1.0 + 0.1 * ((rows - r0) / max(h - 1, 1) - 0.5) + 0.05 * ((cols - c0) / max(w - 1, 1) - 0.5)
+        drift = 1.0 + 0.03 * np.sin(2 * np.pi * np.arange(n_frames) / max(n_frames, 2) * 1.7 + k)
+        expected = (background * ramp[:, None] + signal) * drift[None, :]
+        counts = rng.poisson(expected) if noise else np.rint(expected)
+        counts = np.minimum(counts, SATURATED).astype(np.uint16)
+        hot = rng.choice(np.flatnonzero(prof_total.sum(1) == 0), size=min(3, h * w), replace=False)
+        counts[hot] = SATURATED
+        images = counts.reshape(h, w, n_frames).transpose(2, 0, 1)
+        i0 = 1.0e5 * drift
+        for n in range(n_frames):
+            idx = k * n_frames + n
+            if single_file:
+                dset[idx, r0:r1, c0:c1] = images[n]
+                i0_all[idx] = i0[n]
+            else:
+                _write_frame(out / f"{prefix}_{idx}.h5", images[n], reg, shape, i0[n])
+            n_written += 1
+        spot_px = np.flatnonzero(prof_total.sum(1) >= 4 * np.sqrt(background))
+        truth["pixels"].append(np.stack([rows[spot_px], cols[spot_px]], 1))
+        truth["profiles"].append(prof_total[spot_px])
+        truth["grain"].append(first[spot_px])
+        truth["grain2"].append(second[spot_px])
+        truth["energy"].append(energy[spot_px])
+        truth["point"].append(np.full(spot_px.size, k))
+    if single_file:
+        stack["entry1/monitor/I0"] = i0_all
+        stack.close()
+        (out / f"{prefix}.h5.tmp").replace(out / f"{prefix}.h5")
+
+    with h5py.File(out / "truth.h5.tmp", "w") as f:
+        t = f.create_group("truth")
+        t["pixels"] = np.concatenate(truth["pixels"]).astype(np.int32)
+        t["depth"] = depth_um
+        t["depth"].attrs["units"] = "um"
+        t.create_dataset("profiles", data=np.concatenate(truth["profiles"]).astype(np.float32),
+                         compression="gzip")
+        t["profiles"].attrs["units"] = "counts per frame per depth bin"
+        t["grain"] = np.concatenate(truth["grain"]).astype(np.int32)
+        t["second_grain"] = np.concatenate(truth["grain2"]).astype(np.int32)
+        t["energy"] = np.concatenate(truth["energy"]).astype(np.float32)
+        t["energy"].attrs["units"] = "keV"
+        t["point"] = np.concatenate(truth["point"]).astype(np.int32)
+        gr = np.asarray(grain_rows, dtype=np.float64).reshape(-1, 4)
+        g = t.create_group("grains")
+        g["point"], g["top_um"], g["thickness_um"], g["decay_um"] = gr[:, 0].astype(int), gr[:, 1], gr[:, 2], gr[:, 3]
+        t.attrs.update({"preset": preset, "seed": seed, "noise": noise, "points": points,
+                        "frames_per_point": n_frames, "background": background,
+                        "laueflow_version": __version__})
+    (out / "truth.h5.tmp").replace(out / "truth.h5")
+    n_truth = int(sum(len(p) for p in truth["pixels"]))
+    return {"out_dir": str(out), "config": str(out / "config.yaml"), "truth": str(out / "truth.h5"),
+            "frames": n_written, "points": points, "frames_per_point": n_frames, "region": list(reg),
+            "spot_pixels": n_truth, "layout": "stack" if single_file else "frames",
+            "grains": len(grain_rows)}
