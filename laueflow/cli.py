@@ -1,0 +1,261 @@
+"""The ``laueflow`` command: run a reconstruction, simulate a scan, check a configuration, list sites.
+
+Input problems (configuration, scan, site) are reported as one ``error: ...`` line on stderr with
+exit status 2, before anything is written.  A run in which some point failed exits with status 1.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from . import __version__
+
+INPUT_ERROR = 2
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(INPUT_ERROR)
+
+
+@contextmanager
+def _input_errors() -> Iterator[None]:
+    """Turn the errors of bad input into one message and exit status 2."""
+    from .config import ConfigError
+    from .io.scan import ScanError
+    from .sites import SiteError
+    from .workflow.dag import RunError
+
+    try:
+        yield
+    except (ConfigError, ScanError, SiteError, RunError) as exc:
+        _fail(str(exc))
+
+
+def _load_config(path: Path) -> Any:
+    """Load a configuration, printing its warnings as ``warning: ...`` on stderr."""
+    from .config import load
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _input_errors():
+            cfg = load(path)
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    return cfg
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="laueflow")
+def main() -> None:
+    """Depth-resolved reconstruction of coded-aperture Laue micro-diffraction scans."""
+
+
+# ----------------------------------------------------------------------------------------------
+# run
+
+
+def default_out_dir(scan_dir: Path) -> Path:
+    """``<scan>_recon`` beside the scan (never inside the input)."""
+    scan_dir = scan_dir.resolve()
+    name = scan_dir.stem if scan_dir.is_file() else scan_dir.name
+    return scan_dir.parent / f"{name}_recon"
+
+
+def _scan_location(scan_dir: Path, cfg: Any) -> Path:
+    """The data the run reads: the configuration's ``file.path`` when it lies within SCAN_DIR (it may
+    name a stack file or a frame prefix there), else SCAN_DIR itself."""
+    scan_dir = scan_dir.resolve()
+    if scan_dir.is_file():
+        return scan_dir
+    named = cfg.resolve(cfg.file.path)
+    if named is not None:
+        named = named.resolve()
+        if named == scan_dir or scan_dir in named.parents:
+            return named
+    return scan_dir
+
+
+def _reporter(console: Any, interactive: bool) -> tuple[Callable[[Any], None], Callable[[], None]]:
+    """A progress callback (rich bar on a terminal, plain lines otherwise) and a function closing it."""
+    if not interactive:
+        def plain(event: Any) -> None:
+            if event.kind == "start":
+                click.echo(f"{_plural(event.points_total, 'point')}, {_plural(event.blocks_total, 'block')} "
+                           "to decode")
+            elif event.kind == "point":
+                click.echo(event.result.line())
+
+        return plain, lambda: None
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]decoding"), BarColumn(), MofNCompleteColumn(), TextColumn("blocks"),
+                   TimeElapsedColumn(), TextColumn("{task.fields[points]}"), console=console)
+    task: list[Any] = []
+    finished = [0]
+
+    def fancy(event: Any) -> None:
+        if event.kind == "start":
+            bar.start()
+            task.append(bar.add_task("decode", total=max(event.blocks_total, 1),
+                                     points=f"0/{event.points_total} points"))
+        elif event.kind == "block":
+            bar.update(task[0], completed=event.blocks_done)
+        elif event.kind == "point":
+            finished[0] += 1
+            style = "" if event.result.ok else "[red]"
+            bar.console.print(style + event.result.line(), markup=bool(style), highlight=False)
+            bar.update(task[0], points=f"{finished[0]}/{event.points_total} points")
+
+    return fancy, bar.stop
+
+
+@main.command()
+@click.argument("scan_dir", type=click.Path(exists=True, path_type=Path))
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="Beamline configuration (default: SCAN_DIR/config.yaml).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default: <scan>_recon beside SCAN_DIR).")
+@click.option("--points", help="Scan points: 5, 0,2,4, 3:7 (end exclusive) or all (default).")
+@click.option("--block-pixels", type=click.IntRange(min=1),
+              help="Pixels per task (default: recon.block_pixels).")
+@click.option("--site", default="local", show_default=True,
+              help="Site name (see `laueflow sites`) or site file.")
+@click.option("--workers", type=click.IntRange(min=1), help="Decode workers (default: the site's choice).")
+def run(scan_dir: Path, config_file: Path | None, out_dir: Path | None, points: str | None,
+        block_pixels: int | None, site: str, workers: int | None) -> None:
+    """Reconstruct the scan in SCAN_DIR into one HDF5 file per scan point."""
+    from rich.console import Console
+
+    from . import provenance, sites
+    from .workflow import dag
+
+    config_file = config_file or (scan_dir if scan_dir.is_dir() else scan_dir.parent) / "config.yaml"
+    cfg = _load_config(config_file)
+    location = _scan_location(scan_dir, cfg)
+    out_dir = (out_dir or default_out_dir(scan_dir)).resolve()
+    with _input_errors():
+        parsl_config = sites.site_config(site, workers=workers, run_dir=str(out_dir / ".runinfo"))
+        console = Console()
+        report, close = _reporter(console, console.is_terminal)
+        click.echo(f"scan:   {location}")
+        click.echo(f"config: {Path(config_file).resolve()} (fingerprint {cfg.fingerprint()})")
+        click.echo(f"output: {out_dir}/point_<k>.h5 (site {site}, Parsl logs in {out_dir / '.runinfo'})")
+        try:
+            result = dag.run(location, cfg, out_dir, points=points, block_pixels=block_pixels,
+                             site_config=parsl_config, progress=report,
+                             command_line=provenance.command_line())
+        except KeyboardInterrupt:
+            result = None
+        finally:
+            close()
+    if result is None:
+        click.echo("interrupted: finished points and blocks are kept; run again to resume", err=True)
+        sys.exit(130)
+    if console.is_terminal:  # the bar printed the point lines; repeat the ones that need attention
+        for p in result.points:
+            if not p.ok:
+                click.echo(p.line(), err=True)
+    click.echo(result.summary())
+    sys.exit(result.exit_code)
+
+
+# ----------------------------------------------------------------------------------------------
+# simulate
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--preset", type=click.Choice(["thin", "extended", "overlap", "multipoint"]), default="thin",
+              show_default=True, help="What the sample holds.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--frames", type=click.IntRange(min=2), help="Frames per scan point (default 261).")
+@click.option("--points", type=click.IntRange(min=1), default=1, show_default=True, help="Scan points.")
+@click.option("--noise/--no-noise", default=True, show_default=True, help="Poisson noise.")
+@click.option("--single-file", is_flag=True, help="One stack file instead of one file per frame.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Take geometry, mask, region and frames from this configuration.")
+@click.option("--region", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Side of the simulated detector region, pixels.")
+@click.option("--geometry", type=click.Choice(["tilted", "flat"]), default="tilted", show_default=True,
+              help="tilted: mask anglez 44 deg; flat: anglez -1.3 deg.")
+def simulate(out_dir: Path, preset: str, seed: int, frames: int | None, points: int, noise: bool,
+             single_file: bool, config_file: Path | None, region: int, geometry: str) -> None:
+    """Write a synthetic scan (frames, config.yaml, truth.h5) into OUT_DIR."""
+    from .simulate import simulate as sim
+
+    if config_file is not None:
+        _load_config(config_file)  # report its problems the usual way before simulating
+    try:
+        with _input_errors():
+            info = sim(out_dir, preset=preset, seed=seed, frames=frames, points=points, noise=noise,
+                       single_file=single_file, config=config_file, region=region, geometry=geometry)
+    except ValueError as exc:
+        _fail(str(exc))
+    what = "one stack file" if info.get("layout") == "stack" else f"{info.get('frames')} frame files"
+    click.echo(f"wrote {what}: {info.get('points')} points x {info.get('frames_per_point')} frames, "
+               f"region {info.get('region')}, {info.get('grains')} grains, "
+               f"{info.get('spot_pixels')} spot pixels")
+    click.echo(f"scan:   {info.get('out_dir')}")
+    click.echo(f"config: {info.get('config')}")
+    click.echo(f"truth:  {info.get('truth')}")
+    click.echo(f"next:   laueflow run {info.get('out_dir')}")
+
+
+# ----------------------------------------------------------------------------------------------
+# config, sites
+
+
+@main.group("config")
+def config_group() -> None:
+    """Check or show a beamline configuration file."""
+
+
+@config_group.command("check")
+@click.argument("file", type=click.Path(path_type=Path))
+def config_check(file: Path) -> None:
+    """Validate FILE; list unknown or unused keys as warnings."""
+    cfg = _load_config(file)
+    r0, r1, c0, c1 = cfg.file.frame
+    click.echo(f"OK: {file}: {cfg.file.n_frames} frames per point, region {r1 - r0} x {c1 - c0} pixels, "
+               f"{len(cfg.geo.source.depths)} depth bins")
+
+
+@config_group.command("show")
+@click.argument("file", type=click.Path(path_type=Path))
+def config_show(file: Path) -> None:
+    """Print FILE as laueflow resolves it, with every default filled in."""
+    cfg = _load_config(file)
+    click.echo(cfg.to_yaml(), nl=False)
+
+
+@main.command("sites")
+def sites_command() -> None:
+    """List the named sites (use one with `laueflow run --site NAME`)."""
+    from . import sites
+
+    found = sites.list_sites()
+    if not found:
+        click.echo(f"no sites in {sites.sites_dir()}")
+        return
+    width = max(len(name) for name, _ in found)
+    for name, doc in found:
+        click.echo(f"{name:<{width}}  {doc}")
+    click.echo(f"(in {sites.sites_dir()}; any file defining config(workers, run_dir, **options) works with "
+               f"--site path/to/site.py)")
+
+
+if __name__ == "__main__":
+    main()

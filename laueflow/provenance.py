@@ -1,0 +1,103 @@
+"""Provenance of a result: what produced it, from what, where and when.
+
+Stored in each point file under ``/entry/provenance`` (attributes plus a few datasets), so that a
+result can be traced and a rerun can tell whether an existing file is still valid (the
+configuration and input fingerprints).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+import shlex
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+
+# attribute names that decide whether a point file can be reused on a rerun
+CONFIG_FINGERPRINT = "config_fingerprint"
+INPUT_FINGERPRINT = "input_fingerprint"
+
+
+def now() -> str:
+    """The current time, ISO 8601 with the local UTC offset."""
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command line of this process, shell-quoted."""
+    return shlex.join(sys.argv if argv is None else argv)
+
+
+def input_fingerprint(files: Sequence[Mapping[str, Any]]) -> str:
+    """One hash over the per-file fingerprints (name, size, sha256 of first and last MiB) of a scan point."""
+    rows = [[str(f["name"]), int(f["size"]), str(f["sha256"])] for f in files]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def build(*, config_yaml: str, config_fingerprint: str, inputs: Sequence[Mapping[str, Any]],
+          start_time: str, end_time: str | None = None, command: str | None = None,
+          host: str | None = None, **extra: Any) -> dict[str, Any]:
+    """Everything recorded about one result, as a plain dictionary (``extra`` adds scalar attributes)."""
+    import parsl
+
+    return {
+        "laueflow_version": __version__,
+        "python_version": platform.python_version(),
+        "parsl_version": parsl.__version__,
+        "command_line": command if command is not None else command_line(),
+        "host": host or socket.gethostname(),
+        "start_time": start_time,
+        "end_time": end_time or now(),
+        CONFIG_FINGERPRINT: config_fingerprint,
+        INPUT_FINGERPRINT: input_fingerprint(inputs),
+        "config": config_yaml,
+        "inputs": [dict(name=str(f["name"]), size=int(f["size"]), sha256=str(f["sha256"])) for f in inputs],
+        **extra,
+    }
+
+
+def write(group: Any, prov: Mapping[str, Any]) -> None:
+    """Write a provenance dictionary into an h5py group: scalars as attributes, the configuration YAML
+    as the string dataset ``config`` and the input files as datasets ``inputs/{name,size,sha256}``."""
+    import h5py
+
+    text = h5py.string_dtype()
+    for key, value in prov.items():
+        if key == "config":
+            ds = group.create_dataset("config", data=value, dtype=text)
+            ds.attrs["format"] = "yaml"
+        elif key == "inputs":
+            inp = group.create_group("inputs")
+            for key2 in ("name", "sha256"):
+                inp.create_dataset(key2, data=np.array([f[key2] for f in value], dtype=object), dtype=text)
+            inp.create_dataset("size", data=np.array([f["size"] for f in value], dtype=np.int64))
+            inp.attrs["hashed"] = "sha256 of the first and last MiB of each file"
+        elif value is None:
+            continue
+        elif isinstance(value, list | tuple):
+            group.attrs[key] = np.asarray(value)
+        else:
+            group.attrs[key] = value
+
+
+def read(group: Any) -> dict[str, Any]:
+    """Read back what :func:`write` stored (strings as ``str``)."""
+    out: dict[str, Any] = {}
+    for key, value in group.attrs.items():
+        out[key] = value.decode() if isinstance(value, bytes) else value
+    if "config" in group:
+        out["config"] = group["config"].asstr()[()]
+    if "inputs" in group:
+        inp = group["inputs"]
+        names, sizes, hashes = inp["name"].asstr()[()], inp["size"][()], inp["sha256"].asstr()[()]
+        out["inputs"] = [dict(name=n, size=int(s), sha256=h)
+                         for n, s, h in zip(names, sizes, hashes, strict=True)]
+    return out

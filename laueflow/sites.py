@@ -1,0 +1,96 @@
+"""Sites: where a reconstruction runs.
+
+A site is a Python file defining ``config(workers, run_dir, **options)`` that returns a
+``parsl.Config`` with executors labelled ``decode`` (block tasks) and ``stitch`` (writing).
+
+Named sites live in the repository's ``configs/`` folder; any other file can be given by path.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+LABELS = ("decode", "stitch")
+
+
+class SiteError(ValueError):
+    """A site that cannot be found or loaded, or whose configuration lacks the executors laueflow needs."""
+
+
+def sites_dir() -> Path:
+    """The folder of named sites: ``$LAUEFLOW_SITES`` if set, else ``configs/`` beside the package."""
+    env = os.environ.get("LAUEFLOW_SITES")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def _summary(path: Path) -> str:
+    """First line of the module docstring, read without importing the module."""
+    try:
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+    except (OSError, SyntaxError):
+        return ""
+    return doc.strip().splitlines()[0] if doc else ""
+
+
+def list_sites() -> list[tuple[str, str]]:
+    """(name, one-line description) of every named site."""
+    folder = sites_dir()
+    if not folder.is_dir():
+        return []
+    return [(p.stem, _summary(p)) for p in sorted(folder.glob("*.py")) if not p.name.startswith("_")]
+
+
+def find_site(site: str | os.PathLike) -> Path:
+    """The file of a site given by name (``local``) or by path (``my/site.py``)."""
+    text = str(site)
+    path = Path(text).expanduser()
+    if text.endswith(".py") or os.sep in text or path.is_file():
+        if not path.is_file():
+            raise SiteError(f"site file {path} does not exist")
+        return path.resolve()
+    named = sites_dir() / f"{text}.py"
+    if not named.is_file():
+        names = ", ".join(n for n, _ in list_sites()) or "none"
+        raise SiteError(f"unknown site {text!r} (known: {names}; or give a path to a site file)")
+    return named
+
+
+def load_site(site: str | os.PathLike) -> ModuleType:
+    """Import a site's module (each file under its own module name, so sites never shadow each other)."""
+    path = find_site(site)
+    tag = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    spec = importlib.util.spec_from_file_location(f"laueflow_site_{path.stem}_{tag}", path)
+    if spec is None or spec.loader is None:
+        raise SiteError(f"{path}: cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a broken site file: report it as such, whatever it raised
+        raise SiteError(f"{path}: failed to import: {type(exc).__name__}: {exc}") from exc
+    if not callable(getattr(module, "config", None)):
+        raise SiteError(f"{path}: a site must define config(workers=None, run_dir='runinfo', **options)")
+    return module
+
+
+def site_config(site: str | os.PathLike, workers: int | None = None, run_dir: str = "runinfo",
+                **options: Any) -> Any:
+    """Build the ``parsl.Config`` of a site and check that it has the ``decode`` and ``stitch`` executors."""
+    module = load_site(site)
+    try:
+        cfg = module.config(workers=workers, run_dir=str(run_dir), **options)
+    except TypeError as exc:
+        raise SiteError(f"{module.__file__}: config(...) rejected its arguments: {exc}") from exc
+    labels = {getattr(ex, "label", None) for ex in getattr(cfg, "executors", ())}
+    missing = [label for label in LABELS if label not in labels]
+    if missing:
+        raise SiteError(f"{module.__file__}: the Parsl configuration has no executor labelled "
+                        + " or ".join(repr(m) for m in missing) + f" (found {sorted(map(str, labels))})")
+    return cfg

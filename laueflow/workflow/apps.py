@@ -1,0 +1,30 @@
+"""Parsl apps of a reconstruction: thin wrappers that run :mod:`laueflow.workflow.tasks` on an executor.
+
+Imports happen inside the apps so that workers load laueflow themselves (and keep it loaded: the
+per-process caches in ``tasks`` survive from one task to the next).  Apps take and return small
+things (paths, tiles, dictionaries); arrays travel through files, never through Parsl.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from parsl import python_app
+
+
+@python_app(executors=["decode"])
+def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any, block_file: str) -> dict:
+    """Decode one tile of one scan point into ``block_file``; returns point, tile, n_pixels, seconds..."""
+    from laueflow.workflow.tasks import reconstruct_block as run
+
+    return run(scan_path, cfg_path, point, tile, block_file)
+
+
+@python_app(executors=["stitch"])
+def stitch_point(block_files: Sequence[str], out_file: str, meta: Mapping[str, Any],
+                 inputs: Sequence[Any] = ()) -> dict:
+    """Write one point's HDF5 file from its block files, once every block task in ``inputs`` has finished."""
+    from laueflow.workflow.tasks import stitch_point as run
+
+    return run(block_files, out_file, meta, list(inputs))

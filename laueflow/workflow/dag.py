@@ -1,0 +1,383 @@
+"""The task graph of a reconstruction and the driver loop that runs it on a Parsl configuration.
+
+Per scan point: one ``reconstruct_block`` task per detector tile (executor ``decode``), then one
+``stitch_point`` task that depends on all of them (executor ``stitch``) and writes
+``OUT/point_<k:05d>.h5``.  Many points are in flight at once.  Block results go to
+``OUT/.blocks/point_<k:05d>/`` so that an interrupted run loses at most the blocks in progress.
+
+Everything that can be checked before any task runs is checked first (scan, points, region,
+whether the mask can resolve the depth grid), and nothing is written until those checks pass.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import provenance
+from ..config import Config, ConfigWarning, load
+from ..io import results
+from ..io.scan import Scan, ScanError, open_scan, select_points
+
+BLOCKS_DIR = ".blocks"
+OK_STATUSES = ("done", "resumed")
+
+
+class RunError(ValueError):
+    """A run that cannot start (e.g. a depth grid the mask cannot resolve); nothing was written."""
+
+
+@dataclass
+class PointResult:
+    """How one scan point ended: done, resumed (existing file still valid), skipped, partial, failed."""
+
+    point: int
+    status: str
+    file: str | None = None
+    n_pixels: int = 0
+    depth_range_um: tuple[float, float] | None = None
+    seconds: float = 0.0
+    block_seconds: float = 0.0
+    failed_blocks: int = 0
+    reused_blocks: int = 0
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """False when something went wrong (a skipped point is fine when no block failed)."""
+        return self.status in OK_STATUSES or (self.status == "skipped" and self.failed_blocks == 0)
+
+    def line(self) -> str:
+        """One line for humans."""
+        head = f"point {self.point:5d}: {self.status:<8s}"
+        if self.status in ("skipped", "failed"):
+            return f"{head} {self.reason}"
+        rng = (f"signal {self.depth_range_um[0]:.1f} to {self.depth_range_um[1]:.1f} um"
+               if self.depth_range_um else "no signal")
+        text = f"{head} {self.n_pixels} pixels, {rng}"
+        if self.status != "resumed":
+            text += f", {self.seconds:.1f} s (decoding {self.block_seconds:.1f} s)"
+        if self.reason:
+            text += f"; {self.reason}"
+        return text
+
+
+@dataclass
+class RunResult:
+    """All points of a run, and the exit status the command line should return."""
+
+    out_dir: str
+    points: list[PointResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if all(p.ok for p in self.points) else 1
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for p in self.points:
+            counts[p.status] = counts.get(p.status, 0) + 1
+        parts = ", ".join(f"{n} {s}" for s, n in counts.items())
+        pixels = sum(p.n_pixels for p in self.points if p.status in ("done", "partial", "resumed"))
+        bad = sum(not p.ok for p in self.points)
+        tail = f"; {bad} with errors" if bad else ""
+        n = len(self.points)
+        return (f"{n} point{'' if n == 1 else 's'} ({parts}), {pixels} pixels reconstructed in "
+                f"{self.seconds:.1f} s, results in {self.out_dir}{tail}")
+
+
+@dataclass
+class ProgressEvent:
+    """Sent to the ``progress`` callback: ``start`` (totals known), ``block`` (one block finished) and
+    ``point`` (one point finished, with its result)."""
+
+    kind: str
+    blocks_done: int
+    blocks_total: int
+    points_total: int
+    result: PointResult | None = None
+
+
+@dataclass
+class _Plan:
+    scan: Scan
+    points: list[int]
+    tiles: list[Any]
+    block_pixels: int
+
+
+@dataclass
+class _Point:
+    point: int
+    t0: float
+    block_futures: list[Future] = field(default_factory=list)
+
+
+def _corner_pixels(frame: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Corners and centre of a region [r0, r1, c0, c1]."""
+    r0, r1, c0, c1 = frame
+    rows = np.array([r0, r0, r1 - 1, r1 - 1, (r0 + r1) // 2], dtype=np.int32)
+    cols = np.array([c0, c1 - 1, c0, c1 - 1, (c0 + c1) // 2], dtype=np.int32)
+    return rows, cols
+
+
+def _is_inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def prepare(scan_path: str | Path, cfg: Config, out_dir: str | Path,
+            points: str | Sequence[int] | None = None, block_pixels: int | None = None) -> _Plan:
+    """All checks that need no task: the scan opens, the points exist, the first point's files are
+    sound, the output is not inside the input, and the mask can resolve the depth grid."""
+    from ..decode import check_reach
+    from ..forward import Setup
+
+    scan = open_scan(cfg, scan_path, check=False)
+    if points is None or isinstance(points, str):
+        chosen = select_points(points, scan.n_points)
+    else:
+        chosen = [int(k) for k in points]
+        bad = [k for k in chosen if not 0 <= k < scan.n_points]
+        if bad:
+            raise ScanError(f"{scan_path}: points {bad} are out of range, "
+                            f"the scan has {scan.n_points} points")
+    scan.check(chosen[:1])
+    scan_root = Path(scan_path).resolve()
+    if scan_root.is_dir() and _is_inside(Path(out_dir).resolve(), scan_root):
+        raise RunError(f"output folder {out_dir} is inside the scan folder {scan_root}; choose another")
+    bp = int(block_pixels or cfg.recon.block_pixels)
+    if bp < 1:
+        raise RunError(f"block_pixels must be >= 1, got {bp}")
+    rows, cols = _corner_pixels(cfg.file.frame)
+    message = check_reach(Setup.from_config(cfg), cfg, rows, cols)
+    if message:
+        raise RunError(f"{cfg.source_file or 'configuration'}: {message}")
+    return _Plan(scan=scan, points=chosen, tiles=scan.tiles(bp), block_pixels=bp)
+
+
+def _worker_config(cfg: Config, out_dir: Path) -> tuple[str, str]:
+    """A configuration file the workers can load, and its fingerprint as they will see it.
+
+    The run's own file when it still holds exactly ``cfg``; otherwise ``cfg`` written out (with an
+    absolute mask path) into the blocks folder.
+    """
+    if cfg.source_file and Path(cfg.source_file).is_file():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConfigWarning)
+            on_disk = load(cfg.source_file)
+        if on_disk.fingerprint() == cfg.fingerprint():
+            return str(Path(cfg.source_file).resolve()), on_disk.fingerprint()
+    from dataclasses import replace
+
+    mask = cfg.geo.mask
+    if mask.path is not None:
+        mask = replace(mask, path=str(cfg.resolve(mask.path).resolve()))
+    fixed = replace(cfg, geo=replace(cfg.geo, mask=mask))
+    path = out_dir / BLOCKS_DIR / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with results.atomic_path(path) as tmp:
+        tmp.write_text(fixed.to_yaml())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        return str(path), load(path).fingerprint()
+
+
+def _resumable(scan: Scan, cfg: Config, point: int, out_file: Path, block_dir: Path) -> PointResult | None:
+    """A result for a point whose file exists, is complete and matches the configuration and the inputs."""
+    if not out_file.is_file():
+        return None
+    prov = results.read_provenance(out_file)
+    if (not prov or not prov.get("complete") or prov.get("point") != point
+            or prov.get(provenance.CONFIG_FINGERPRINT) != cfg.fingerprint()):
+        return None
+    try:
+        current = provenance.input_fingerprint(scan.fingerprints(point))
+    except ScanError:
+        return None
+    if current != prov.get(provenance.INPUT_FINGERPRINT):
+        shutil.rmtree(block_dir, ignore_errors=True)  # inputs changed: their blocks are stale too
+        return None
+    info = results.point_summary(out_file)
+    return PointResult(point=point, status="resumed", file=str(out_file), n_pixels=info["n_pixels"],
+                       depth_range_um=info["depth_range_um"], reason="file up to date, kept")
+
+
+def _reusable_block(block_file: Path, point: int, box: tuple[int, ...], fingerprint: str) -> dict | None:
+    """The summary of a finished block file that can be reused, else None."""
+    from .tasks import block_summary
+
+    if not block_file.is_file():
+        return None
+    meta = results.read_block_meta(block_file)
+    if not meta or meta["config_fingerprint"] != fingerprint or meta["point"] != point or meta["tile"] != box:
+        return None
+    return block_summary(point, box, n_pixels=meta["n_pixels"], seconds=meta["seconds"],
+                         skipped=meta["skipped"], block_file=str(block_file), host=meta["host"], reused=True)
+
+
+def _root_cause(futures: Sequence[Future]) -> str:
+    for f in futures:
+        if f.done() and f.exception() is not None:
+            exc = f.exception()
+            return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def run(scan_path: str | Path, cfg: Config, out_dir: str | Path, points: str | Sequence[int] | None = None,
+        block_pixels: int | None = None, site_config: Any = None,
+        progress: Callable[[ProgressEvent], None] | None = None, command_line: str | None = None,
+        max_points_in_flight: int = 64, max_blocks_in_flight: int = 4096) -> RunResult:
+    """Reconstruct the chosen points of a scan into ``out_dir``; returns what happened to each point.
+
+    ``site_config`` is a ``parsl.Config`` with executors labelled ``decode`` and ``stitch`` (see
+    :mod:`laueflow.sites`; default: the threads site).  Raises ScanError or RunError, before
+    writing anything, when the run cannot start.  Existing complete point files whose
+    configuration and input fingerprints match are kept; finished block files are reused.
+    """
+    import parsl
+
+    from .apps import reconstruct_block, stitch_point
+
+    t_start = time.perf_counter()
+    start_time = provenance.now()
+    scan_path = Path(scan_path).resolve()
+    out_dir = Path(out_dir).resolve()
+    plan = prepare(scan_path, cfg, out_dir, points, block_pixels)
+    emit = progress or (lambda event: None)
+    try:
+        parsl.dfk()
+    except parsl.errors.NoDataFlowKernelError:
+        pass
+    else:
+        raise RunError("a Parsl configuration is already loaded in this process; "
+                       "call parsl.dfk().cleanup() first (laueflow loads its site itself)")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if site_config is None:
+        from .. import sites
+
+        site_config = sites.site_config("threads", run_dir=str(out_dir / ".runinfo"))
+    cfg_path, worker_fp = _worker_config(cfg, out_dir)
+    source = Path(cfg.source_file) if cfg.source_file else None
+    source_text = source.read_text() if source is not None and source.is_file() else None
+    meta_common = {
+        "scan_path": str(scan_path), "cfg_path": cfg_path, "frame": [int(v) for v in cfg.file.frame],
+        "depths_mm": [float(z) for z in cfg.geo.source.depths], "config_yaml": cfg.to_yaml(),
+        "config_fingerprint": cfg.fingerprint(), "start_time": start_time,
+        "command_line": command_line if command_line is not None else provenance.command_line(),
+        "host": socket.gethostname(), "config_file": cfg.source_file or "", "config_source": source_text,
+    }
+
+    outcome = RunResult(out_dir=str(out_dir))
+    done_results: dict[int, PointResult] = {}
+    todo: list[int] = []
+    for k in plan.points:
+        resumed = _resumable(plan.scan, cfg, k, out_dir / results.point_name(k), _block_dir(out_dir, k))
+        if resumed is not None:
+            done_results[k] = resumed
+        else:
+            todo.append(k)
+    n_tiles = len(plan.tiles)
+    blocks_total, blocks_done = len(todo) * n_tiles, 0
+    emit(ProgressEvent("start", 0, blocks_total, len(plan.points)))
+    for k in plan.points:
+        if k in done_results:
+            emit(ProgressEvent("point", 0, blocks_total, len(plan.points), done_results[k]))
+
+    if todo:
+        with warnings.catch_warnings(), parsl.load(site_config):
+            # JAX warns on every fork; Parsl's providers fork only to exec shell commands, which is safe
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+            queue: deque[int] = deque(todo)
+            live: dict[Future, tuple[str, int]] = {}
+            active: dict[int, _Point] = {}
+            blocks_live = 0
+
+            def submit(k: int) -> int:
+                """Submit one point's blocks and its stitching; returns the number of block tasks."""
+                block_dir = _block_dir(out_dir, k)
+                state = _Point(point=k, t0=time.perf_counter())
+                deps: list[Any] = []
+                files: list[str] = []
+                for tile in plan.tiles:
+                    box = (tile.r0, tile.r1, tile.c0, tile.c1)
+                    bf = block_dir / f"block_r{tile.r0:05d}_c{tile.c0:05d}.npz"
+                    files.append(str(bf))
+                    reused = _reusable_block(bf, k, box, worker_fp)
+                    if reused is not None:
+                        deps.append(reused)
+                        continue
+                    fut = reconstruct_block(str(scan_path), cfg_path, k, tile, str(bf))
+                    live[fut] = ("block", k)
+                    state.block_futures.append(fut)
+                    deps.append(fut)
+                meta = {**meta_common, "point": k}
+                stitch = stitch_point(files, str(out_dir / results.point_name(k)), meta, inputs=deps)
+                live[stitch] = ("point", k)
+                active[k] = state
+                return len(state.block_futures)
+
+            while queue or live:
+                while queue and len(active) < max_points_in_flight and (
+                        blocks_live < max_blocks_in_flight or not active):
+                    k = queue.popleft()
+                    n_new = submit(k)
+                    blocks_live += n_new
+                    reused = n_tiles - n_new
+                    if reused:
+                        blocks_done += reused
+                        emit(ProgressEvent("block", blocks_done, blocks_total, len(plan.points)))
+                finished, _ = wait(list(live), return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    kind, k = live.pop(fut)
+                    if kind == "block":
+                        blocks_live -= 1
+                        blocks_done += 1
+                        emit(ProgressEvent("block", blocks_done, blocks_total, len(plan.points)))
+                        continue
+                    state = active.pop(k)
+                    result = _point_result(k, fut, state)
+                    if result.status == "done":
+                        shutil.rmtree(_block_dir(out_dir, k), ignore_errors=True)
+                    done_results[k] = result
+                    emit(ProgressEvent("point", blocks_done, blocks_total, len(plan.points), result))
+    blocks_root = out_dir / BLOCKS_DIR
+    if blocks_root.is_dir() and not any(p.is_dir() for p in blocks_root.iterdir()):
+        shutil.rmtree(blocks_root, ignore_errors=True)
+    outcome.points = [done_results[k] for k in plan.points]
+    outcome.seconds = time.perf_counter() - t_start
+    return outcome
+
+
+def _block_dir(out_dir: Path, point: int) -> Path:
+    return out_dir / BLOCKS_DIR / f"point_{point:05d}"
+
+
+def _point_result(k: int, fut: Future, state: _Point) -> PointResult:
+    """Turn a finished stitching future into a PointResult (a failed block shows up as its cause)."""
+    seconds = time.perf_counter() - state.t0
+    exc = fut.exception()
+    if exc is not None:
+        cause = _root_cause(state.block_futures) or f"{type(exc).__name__}: {exc}"
+        failed = sum(1 for f in state.block_futures if f.exception() is not None)
+        return PointResult(point=k, status="failed", seconds=seconds, failed_blocks=max(failed, 1),
+                           reason=cause)
+    r = fut.result()
+    rng = r.get("depth_range_um")
+    return PointResult(point=k, status=r["status"], file=r.get("file"), n_pixels=int(r.get("n_pixels", 0)),
+                       depth_range_um=tuple(rng) if rng else None, seconds=seconds,
+                       block_seconds=float(r.get("block_seconds", 0.0)),
+                       failed_blocks=int(r.get("failed_blocks", 0)),
+                       reused_blocks=int(r.get("reused_blocks", 0)),
+                       reason=r.get("reason", ""))

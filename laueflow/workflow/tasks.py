@@ -1,0 +1,151 @@
+"""What one task does, as plain functions (no Parsl): reconstruct one block, stitch one point.
+
+The Parsl apps in :mod:`laueflow.workflow.apps` only call these, so they can be tested and run
+without an executor.  Heavy state (configuration, opened scan, geometry and mask) is cached per
+process: a worker builds it once and reuses it for every task it runs.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_LOCK = threading.Lock()
+_CONFIGS: dict[tuple[str, int], Any] = {}
+_SCANS: dict[tuple[str, str], Any] = {}
+_SETUPS: dict[str, Any] = {}
+
+
+def cached_config(cfg_path: str | Path) -> Any:
+    """The configuration at ``cfg_path``, loaded once per process (and again if the file changes)."""
+    from laueflow.config import ConfigWarning, load
+
+    p = Path(cfg_path).resolve()
+    key = (str(p), p.stat().st_mtime_ns)
+    with _LOCK:
+        if key not in _CONFIGS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConfigWarning)  # reported once, by the driver
+                _CONFIGS[key] = load(p)
+        return _CONFIGS[key]
+
+
+def cached_scan(scan_path: str | Path, cfg: Any) -> Any:
+    """The scan, opened once per process (file headers are checked lazily, point by point)."""
+    from laueflow.io.scan import open_scan
+
+    key = (str(scan_path), cfg.fingerprint())
+    with _LOCK:
+        if key not in _SCANS:
+            _SCANS[key] = open_scan(cfg, scan_path, check=False)
+        return _SCANS[key]
+
+
+def cached_setup(cfg: Any) -> Any:
+    """Geometry and mask of a configuration, built once per process."""
+    from laueflow.forward import Setup
+
+    key = cfg.fingerprint()
+    with _LOCK:
+        if key not in _SETUPS:
+            _SETUPS[key] = Setup.from_config(cfg)
+        return _SETUPS[key]
+
+
+def block_summary(point: int, tile: Sequence[int], **info: Any) -> dict[str, Any]:
+    """The small dictionary a block task returns (never arrays)."""
+    out = {"point": int(point), "tile": tuple(int(v) for v in tile), "n_pixels": 0, "seconds": 0.0,
+           "skipped": "", "error": "", "block_file": None, "host": socket.gethostname(), "reused": False}
+    out.update(info)
+    return out
+
+
+def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any,
+                      block_file: str) -> dict[str, Any]:
+    """Read one tile of one point, decode its selected pixels and write the block file.
+
+    Data that cannot be used (an unreadable frame file, traces the decoder rejects) is reported in
+    the returned ``error``; a tile with nothing to decode is written as an empty block with the
+    reason in ``skipped``.  Anything else raises, so the executor sees a real failure.
+    """
+    from laueflow.decode import DecodeError, decode
+    from laueflow.io.results import write_block
+    from laueflow.io.scan import ScanError
+
+    t0 = time.perf_counter()
+    box = (tile.r0, tile.r1, tile.c0, tile.c1)
+    cfg = cached_config(cfg_path)
+    n_depths = len(cfg.geo.source.depths)
+    try:
+        scan = cached_scan(scan_path, cfg)
+        block = scan.read_block(point, tile)
+    except ScanError as exc:
+        return block_summary(point, box, error=str(exc), seconds=time.perf_counter() - t0)
+    selected = np.asarray(block.selected, dtype=bool)
+    decoded, skipped = None, ""
+    if not selected.any():
+        skipped = "no pixel passes file.threshold"
+    elif not np.any(block.traces[selected]):
+        skipped = "all traces are zero"
+    else:
+        try:
+            decoded = decode(block.traces, block.rows, block.cols, block.frames, cached_setup(cfg), cfg,
+                             selected=selected)
+        except DecodeError as exc:
+            return block_summary(point, box, error=f"tile {list(box)}: {exc}",
+                                 seconds=time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    write_block(block_file, point=point, tile=box, config_fingerprint=cfg.fingerprint(), n_depths=n_depths,
+                decoded=decoded, skipped=skipped, host=socket.gethostname(), seconds=seconds)
+    n = 0 if decoded is None else int(np.asarray(decoded.rows).size)
+    return block_summary(point, box, n_pixels=n, seconds=seconds, skipped=skipped, block_file=str(block_file))
+
+
+def stitch_point(block_files: Sequence[str], out_file: str, meta: Mapping[str, Any],
+                 blocks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Write a point file from the blocks that were decoded; report the point as skipped when none were.
+
+    ``blocks`` are the block tasks' summaries (in the order of ``block_files``); ``meta`` carries
+    what the driver knows: scan and config paths, point, region, depths and provenance fields.
+    """
+    from laueflow import provenance
+    from laueflow.io.results import write_point
+
+    t0 = time.perf_counter()
+    point = int(meta["point"])
+    errors = [b["error"] for b in blocks if b.get("error")]
+    written = [f for f, b in zip(block_files, blocks, strict=True) if not b.get("error")]
+    base = {"point": point, "file": None, "n_pixels": sum(int(b.get("n_pixels", 0)) for b in blocks),
+            "block_seconds": float(sum(float(b.get("seconds", 0.0)) for b in blocks)),
+            "n_blocks": len(blocks), "failed_blocks": len(errors), "errors": errors[:3],
+            "depth_range_um": None,
+            "reused_blocks": sum(bool(b.get("reused")) for b in blocks)}
+    if not written:
+        return {**base, "status": "skipped", "reason": f"all {len(blocks)} blocks failed: {errors[0]}"}
+    if base["n_pixels"] == 0:
+        reasons = sorted({b.get("skipped") or "nothing decoded" for b in blocks})
+        if not errors:
+            return {**base, "status": "skipped", "reason": "; ".join(reasons)}
+    cfg = cached_config(meta["cfg_path"])
+    scan = cached_scan(meta["scan_path"], cfg)
+    inputs = scan.fingerprints(point)
+    hosts = sorted({str(b.get("host", "")) for b in blocks if b.get("host")})
+    record = provenance.build(
+        config_yaml=meta["config_yaml"], config_fingerprint=meta["config_fingerprint"], inputs=inputs,
+        start_time=meta["start_time"], command=meta.get("command_line"), host=meta.get("host"),
+        point=point, scan=str(meta["scan_path"]), config_file=str(meta.get("config_file") or ""),
+        config_source=meta.get("config_source") or None, worker_hosts=", ".join(hosts),
+        failed_blocks=len(errors))
+    summary = write_point(out_file, written, frame=meta["frame"], depths_mm=meta["depths_mm"],
+                          provenance=record, complete=not errors)
+    status = "partial" if errors else "done"
+    reason = f"{len(errors)} of {len(blocks)} blocks failed: {errors[0]}" if errors else ""
+    return {**base, **summary, "status": status, "reason": reason, "stitch_seconds": time.perf_counter() - t0,
+            "input_fingerprint": record[provenance.INPUT_FINGERPRINT]}

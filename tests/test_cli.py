@@ -1,0 +1,185 @@
+"""The command line: config check / show, error reporting (exit status 2, nothing written), sites."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from laueflow.cli import default_out_dir, main
+from laueflow.mask import debruijn
+from laueflow.simulate import default_config_dict
+
+
+def _write(folder: Path, data: dict, name: str = "config.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def good(tmp_path) -> dict:
+    np.save(tmp_path / "mask.npy", debruijn(8))
+    return default_config_dict("tilted", frames=261, region=16)
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_config_check_good(tmp_path, good):
+    path = _write(tmp_path, good)
+    r = _invoke("config", "check", path)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("OK")
+    assert "warning" not in r.output
+
+
+def test_config_check_lists_unknown_keys(tmp_path, good):
+    data = copy.deepcopy(good)
+    data["file"]["colour"] = "red"
+    data["geo"]["mask"]["focus"]["tilt"] = 1.0
+    data["algo"] = {"pos": {"order": 5}}
+    r = _invoke("config", "check", _write(tmp_path, data))
+    assert r.exit_code == 0, r.output
+    assert "OK" in r.stdout
+    warning = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert warning, r.stderr
+    assert "file.colour" in r.stderr and "geo.mask.focus.tilt" in r.stderr and "algo.pos.order" in r.stderr
+
+
+def test_config_show_fills_defaults(tmp_path, good):
+    data = copy.deepcopy(good)
+    del data["geo"]["mask"]["widening"]
+    r = _invoke("config", "show", _write(tmp_path, data))
+    assert r.exit_code == 0, r.output
+    shown = yaml.safe_load(r.stdout)
+    assert shown["geo"]["mask"]["widening"] == 0.0
+    assert shown["recon"]["block_pixels"] == 4096
+    assert shown["geo"]["mask"]["focus"]["anglez"] == 44.0
+    assert shown["file"]["h5"]["key"] == "/entry1/data/data"
+
+
+def _set(data: dict, dotted: str, value) -> None:
+    node = data
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node[p]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+
+
+BAD = [
+    ("geo.scanner.step", -1.0, "geo.scanner.step"),
+    ("file.range", [10, 10, 1], "file.range"),
+    ("file.frame", [0, 4096, 0, 100], "file.frame"),
+    ("geo.mask.path", "no_such_mask.npy", "geo.mask.path"),
+    ("geo.mask.thickness", "thick", "geo.mask.thickness"),
+    ("geo.source.grid", KeyError, "geo.source.grid"),
+]
+
+
+@pytest.mark.parametrize("command", ["check", "show"])
+@pytest.mark.parametrize(("key", "value", "named"), BAD, ids=[b[0] + "-" + str(b[1])[:12] for b in BAD])
+def test_config_bad_values(tmp_path, good, command, key, value, named):
+    data = copy.deepcopy(good)
+    _set(data, key, value)
+    path = _write(tmp_path, data)
+    r = _invoke("config", command, path)
+    assert r.exit_code == 2, r.output
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert named in lines[0] and str(path) in lines[0]
+
+
+def test_config_missing_file(tmp_path):
+    r = _invoke("config", "check", tmp_path / "nope.yaml")
+    assert r.exit_code == 2 and "nope.yaml" in r.stderr
+
+
+def test_sites_listing():
+    r = _invoke("sites")
+    assert r.exit_code == 0, r.output
+    names = {line.split()[0] for line in r.stdout.splitlines() if line and not line.startswith("(")}
+    assert {"local", "threads"} <= names
+    local = next(line for line in r.stdout.splitlines() if line.startswith("local"))
+    assert "HighThroughputExecutor" in local
+
+
+def test_site_files_define_both_labels():
+    from laueflow import sites
+
+    for name, _ in sites.list_sites():
+        cfg = sites.site_config(name, workers=1)
+        assert {"decode", "stitch"} <= {ex.label for ex in cfg.executors}
+
+
+def test_unknown_site(tmp_path):
+    from laueflow import sites
+
+    with pytest.raises(sites.SiteError, match="unknown site"):
+        sites.find_site("nowhere")
+    bad = tmp_path / "bad_site.py"
+    bad.write_text("from parsl.config import Config\n\ndef config(workers=None, run_dir='runinfo', **o):\n"
+                   "    return Config(executors=[])\n")
+    with pytest.raises(sites.SiteError, match="decode"):
+        sites.site_config(bad)
+
+
+def test_run_bad_config_writes_nothing(tmp_path, good):
+    scan = tmp_path / "scan"
+    scan.mkdir()
+    data = copy.deepcopy(good)
+    data["geo"]["scanner"]["step"] = 0
+    _write(scan, data)
+    r = _invoke("run", scan, "--site", "threads")
+    assert r.exit_code == 2 and "geo.scanner.step" in r.stderr
+    assert not default_out_dir(scan).exists()
+
+
+def test_run_missing_frames_writes_nothing(tmp_path, good):
+    scan = tmp_path / "scan"
+    scan.mkdir()
+    np.save(scan / "mask.npy", debruijn(8))
+    _write(scan, good)
+    out = tmp_path / "out"
+    r = _invoke("run", scan, "--out", out, "--site", "threads")
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error: ") and str(scan) in r.stderr
+    assert not out.exists()
+
+
+def test_run_unknown_site_writes_nothing(tmp_path, good):
+    scan = tmp_path / "scan"
+    scan.mkdir()
+    np.save(scan / "mask.npy", debruijn(8))
+    _write(scan, good)
+    r = _invoke("run", scan, "--site", "mars")
+    assert r.exit_code == 2 and "unknown site" in r.stderr
+    assert not default_out_dir(scan).exists()
+
+
+def test_default_out_dir_is_beside_the_scan(tmp_path):
+    scan = tmp_path / "run42"
+    scan.mkdir()
+    out = default_out_dir(scan)
+    assert out == tmp_path / "run42_recon"
+    assert scan not in out.parents
+
+
+def test_simulate_command(tmp_path):
+    out = tmp_path / "sim"
+    r = _invoke("simulate", out, "--points", "1", "--region", "16", "--single-file", "--seed", "1")
+    assert r.exit_code == 0, r.output
+    assert str(out) in r.stdout and "config.yaml" in r.stdout and "truth.h5" in r.stdout
+    assert {p.name for p in out.iterdir()} >= {"config.yaml", "truth.h5", "mask.npy", "scan.h5"}
+    assert _invoke("config", "check", out / "config.yaml").exit_code == 0
+    bad = _invoke("simulate", tmp_path / "x", "--preset", "nonsense")
+    assert bad.exit_code == 2 and not (tmp_path / "x").exists()

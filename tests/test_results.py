@@ -1,0 +1,179 @@
+"""Point files and block files: atomic writing, the exact HDF5 layout, provenance."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+
+from laueflow import __version__, provenance
+from laueflow.io import results
+
+FRAME = (10, 18, 20, 28)  # 8 x 8 region
+DEPTHS_MM = np.array([-0.002, -0.001, 0.0, 0.001, 0.002])
+INPUTS = [{"name": "scan_0.h5", "size": 1234, "sha256": "ab" * 32},
+          {"name": "scan_1.h5", "size": 1240, "sha256": "cd" * 32}]
+
+
+def _decoded(rows, cols, n_depth=DEPTHS_MM.size, seed=0):
+    rng = np.random.default_rng(seed)
+    n = len(rows)
+    return SimpleNamespace(
+        rows=np.asarray(rows, np.int32), cols=np.asarray(cols, np.int32),
+        profiles=rng.uniform(1, 2, (n, n_depth)).astype(np.float32),
+        background=rng.uniform(40, 60, n).astype(np.float32), residual=np.ones(n, np.float32),
+        quality=np.arange(n, dtype=np.uint8) % 2, energy=np.full(n, np.nan, np.float32),
+        energy_sigma=np.full(n, np.nan, np.float32))
+
+
+def _provenance(**extra):
+    return provenance.build(config_yaml="file:\n  path: .\n", config_fingerprint="0123456789abcdef",
+                            inputs=INPUTS, start_time=provenance.now(), command="laueflow run scan",
+                            point=3, **extra)
+
+
+@pytest.fixture
+def blocks(tmp_path):
+    """Two decoded tiles (top-left with 3 pixels, top-right with 2) and one empty (skipped) tile."""
+    a = _decoded([10, 11, 13], [20, 21, 23], seed=1)
+    b = _decoded([10, 12], [24, 27], seed=2)
+    paths = [tmp_path / "blocks" / f"b{i}.npz" for i in range(3)]
+    common = {"point": 3, "config_fingerprint": "fp", "n_depths": 5}
+    results.write_block(paths[0], tile=(10, 14, 20, 24), decoded=a, **common)
+    results.write_block(paths[1], tile=(10, 14, 24, 28), decoded=b, **common)
+    results.write_block(paths[2], point=3, tile=(14, 18, 20, 24), config_fingerprint="fp", n_depths=5,
+                        skipped="all traces are zero")
+    return paths, (a, b)
+
+
+def _leftovers(folder):
+    return [p.name for p in folder.iterdir() if ".tmp-" in p.name]
+
+
+def test_atomic_h5_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "point_00000.h5"
+    with pytest.raises(RuntimeError), results.atomic_h5(target) as f:
+        f["x"] = np.arange(10)
+        raise RuntimeError("killed while writing")
+    assert not target.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_h5_replaces_whole_file(tmp_path):
+    target = tmp_path / "out.h5"
+    with results.atomic_h5(target) as f:
+        f["x"] = np.arange(3)
+        assert not target.exists()  # only the temporary file exists while writing
+        assert _leftovers(tmp_path) == [f"out.h5.tmp-{os.getpid()}"]
+    with h5py.File(target) as f:
+        assert f["x"][()].tolist() == [0, 1, 2]
+    assert _leftovers(tmp_path) == []
+
+
+def test_write_point_failure_keeps_previous_file(tmp_path, blocks):
+    paths, _ = blocks
+    out = tmp_path / "point_00003.h5"
+    results.write_point(out, paths, frame=FRAME, depths_mm=DEPTHS_MM, provenance=_provenance())
+    before = out.read_bytes()
+    broken = tmp_path / "blocks" / "broken.npz"
+    broken.write_bytes(b"not a block")
+    with pytest.raises(Exception):  # noqa: B017 - any error while stitching
+        results.write_point(out, [paths[0], broken], frame=FRAME, depths_mm=DEPTHS_MM,
+                            provenance=_provenance())
+    assert out.read_bytes() == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_block_file_roundtrip(blocks):
+    paths, (a, _) = blocks
+    meta = results.read_block_meta(paths[0])
+    assert meta == {"point": 3, "tile": (10, 14, 20, 24), "config_fingerprint": "fp", "skipped": "",
+                    "host": "", "seconds": 0.0, "n_pixels": 3}
+    b = results.read_block(paths[0])
+    np.testing.assert_array_equal(b.profiles, a.profiles)
+    np.testing.assert_array_equal(b.fields["quality"], a.quality)
+    assert results.read_block_meta(paths[2])["skipped"] == "all traces are zero"
+    assert results.read_block(paths[2]).profiles.shape == (0, 5)
+
+
+def test_point_file_layout(tmp_path, blocks):
+    paths, (a, b) = blocks
+    out = tmp_path / results.point_name(3)
+    assert out.name == "point_00003.h5"
+    summary = results.write_point(out, paths, frame=FRAME, depths_mm=DEPTHS_MM, provenance=_provenance())
+    assert summary["n_pixels"] == 5 and summary["complete"]
+    with h5py.File(out, "r") as f:
+        rec = f["/entry/reconstruction"]
+        assert set(rec) == {"depth", "volume", "intensity_vs_depth", "pixels"}
+        np.testing.assert_allclose(rec["depth"][()], [-2.0, -1.0, 0.0, 1.0, 2.0])
+        assert rec["depth"].attrs["units"] == "um"
+        vol = rec["volume"]
+        assert vol.shape == (5, 8, 8) and vol.dtype == np.float32
+        assert vol.chunks is not None and vol.compression in ("gzip", "lzf")
+        assert list(vol.attrs["frame"]) == list(FRAME)
+        v = vol[()]
+        expected = np.zeros((5, 8, 8), np.float32)
+        for d in (a, b):
+            expected[:, d.rows - FRAME[0], d.cols - FRAME[2]] = d.profiles.T
+        np.testing.assert_array_equal(v, expected)
+        assert np.count_nonzero(v.sum(axis=0)) == 5  # not-reconstructed pixels are 0
+        np.testing.assert_allclose(rec["intensity_vs_depth"][()], expected.sum(axis=(1, 2)), rtol=1e-6)
+        pix = rec["pixels"]
+        assert set(pix) == {"index", "background", "residual", "quality", "energy", "energy_sigma"}
+        index = pix["index"][()]
+        assert index.shape == (5, 2)
+        assert sorted(map(tuple, index)) == sorted(zip([*a.rows, *b.rows], [*a.cols, *b.cols], strict=True))
+        np.testing.assert_array_equal(pix["background"][()], np.concatenate([a.background, b.background]))
+        assert pix["quality"].dtype == np.uint8
+        for name in ("background", "residual", "quality", "energy", "energy_sigma"):
+            assert pix[name].shape == (5,)
+
+
+def test_provenance_contents(tmp_path, blocks):
+    paths, _ = blocks
+    out = tmp_path / "p.h5"
+    results.write_point(out, paths, frame=FRAME, depths_mm=DEPTHS_MM,
+                        provenance=_provenance(scan="/data/scan"))
+    with h5py.File(out, "r") as f:
+        g = f["/entry/provenance"]
+        assert g.attrs["laueflow_version"] == __version__
+        assert g.attrs["command_line"] == "laueflow run scan"
+        assert g.attrs["host"]
+        assert g.attrs["start_time"] <= g.attrs["end_time"]
+        assert g.attrs["config_fingerprint"] == "0123456789abcdef"
+        assert g.attrs["input_fingerprint"] == provenance.input_fingerprint(INPUTS)
+        assert g.attrs["scan"] == "/data/scan"
+        assert g["config"].asstr()[()] == "file:\n  path: .\n"
+        assert list(g["inputs/name"].asstr()[()]) == ["scan_0.h5", "scan_1.h5"]
+        assert list(g["inputs/size"][()]) == [1234, 1240]
+        assert list(g["inputs/sha256"].asstr()[()]) == ["ab" * 32, "cd" * 32]
+    back = results.read_provenance(out)
+    assert back["complete"] is True and back["point"] == 3 and back["inputs"] == INPUTS
+    summary = results.point_summary(out)
+    assert summary["n_pixels"] == 5 and summary["depth_range_um"] is not None
+
+
+def test_input_fingerprint_sees_changes():
+    changed = [dict(INPUTS[0]), dict(INPUTS[1], size=9999)]
+    assert provenance.input_fingerprint(INPUTS) == provenance.input_fingerprint([dict(f) for f in INPUTS])
+    assert provenance.input_fingerprint(INPUTS) != provenance.input_fingerprint(changed)
+
+
+def test_incomplete_point_is_marked(tmp_path, blocks):
+    paths, _ = blocks
+    out = tmp_path / "p.h5"
+    results.write_point(out, paths[:1], frame=FRAME, depths_mm=DEPTHS_MM, provenance=_provenance(),
+                        complete=False)
+    assert results.read_provenance(out)["complete"] is False
+    assert results.read_provenance(tmp_path / "missing.h5") is None
+
+
+def test_signal_range():
+    depth = np.arange(10.0)
+    assert results.signal_range(depth, np.zeros(10)) is None
+    intensity = np.ones(10)
+    intensity[3:6] = [5, 10, 5]
+    assert results.signal_range(depth, intensity) == (3.0, 5.0)
