@@ -257,5 +257,75 @@ def sites_command() -> None:
                f"--site path/to/site.py)")
 
 
+# ----------------------------------------------------------------------------------------------
+# score
+
+
+def point_files(run_dir: Path) -> dict[int, Path]:
+    """The point files ``point_<k:05d>.h5`` in RUN_DIR by point number (temporary files are ignored)."""
+    import re
+
+    found = {}
+    for path in run_dir.glob("point_*.h5"):
+        m = re.fullmatch(r"point_(\d+)\.h5", path.name)
+        if m:
+            found[int(m.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def read_point_profiles(path: Path) -> tuple[Any, Any, Any]:
+    """rows, cols (P,) and depth profiles (P, J) of the reconstructed pixels of a point file."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(path, "r") as f:
+        rec = f["entry/reconstruction"]
+        vol = rec["volume"]
+        r0, _, c0, _ = (int(v) for v in vol.attrs["frame"])
+        index = np.asarray(rec["pixels/index"][()], dtype=np.int64).reshape(-1, 2)
+        rows, cols = index[:, 0], index[:, 1]
+        volume = vol[()]
+    profiles = volume[:, rows - r0, cols - c0].T if rows.size else np.zeros((0, volume.shape[0]))
+    return rows, cols, profiles
+
+
+@main.command("score")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--truth", "truth_file", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="truth.h5 written by `laueflow simulate` beside the scan.")
+@click.option("--point", "point", type=click.IntRange(min=0), help="Score only this scan point.")
+def score_command(run_dir: Path, truth_file: Path, point: int | None) -> None:
+    """Compare the point files in RUN_DIR with the truth of a simulated scan, one line per point.
+
+    Exit status 0 when every point file was scored, 1 when some could not be read, 2 when there is
+    nothing to score or the truth file is unusable."""
+    from .evaluate import load_truth, score
+
+    files = point_files(run_dir)
+    if point is not None:
+        if point not in files:
+            _fail(f"{run_dir}: no point file {point:05d} (found {_plural(len(files), 'point file')})")
+        files = {point: files[point]}
+    if not files:
+        _fail(f"{run_dir}: no point files point_<k>.h5 to score")
+    try:
+        truth = load_truth(truth_file)
+    except (OSError, KeyError) as exc:
+        _fail(f"{truth_file}: not a truth file written by `laueflow simulate`: {exc}")
+    known = {int(k) for k in set(truth.point.tolist())}
+    unreadable = 0
+    for k, path in files.items():
+        try:
+            rows, cols, profiles = read_point_profiles(path)
+        except (OSError, KeyError) as exc:
+            click.echo(f"point {k:5d}: unreadable point file {path}: {exc}", err=True)
+            unreadable += 1
+            continue
+        note = "" if k in known else " (no spot pixels in the truth for this point)"
+        click.echo(f"point {k:5d}: {score(truth.for_point(k), rows, cols, profiles).summary()}{note}")
+    sys.exit(1 if unreadable else 0)
+
+
 if __name__ == "__main__":
     main()

@@ -134,8 +134,8 @@ class ReconConfig:
     energy: float = 20.0  # keV assumed for the gold attenuation when the energy is not estimated
     estimate_energy: bool = False
     energy_range: tuple[float, float] = (5.0, 40.0)  # keV searched when estimating
-    sparsity: float = 0.3  # L1 weight, in units of the noise level
-    smoothness: float = 3.0  # first-difference weight, in units of the noise level
+    sparsity: float = 0.3  # L1 weight, in units of the universal noise threshold
+    smoothness: float = 10.0  # first-difference weight, relative to the noise-normalised data
     significance: float = 25.0  # chi-square a support component must explain to be kept
     refit_sparsity: float = 0.25  # L1 weight of the refit on the kept support, relative to sparsity
     iterations: int = 300

@@ -148,11 +148,11 @@ def _band(dct: Dictionary, cfg: Config) -> int:
 
 
 @partial(jax.jit, static_argnames=("iterations",))
-def _solve(matrix, minv, data, allowed, sparsity, rho, iterations: int):
+def _solve(matrix, minv, data, allowed, init, sparsity, rho, iterations: int):
     """ADMM for min 1/2|d - A h|^2 + sparsity sum h + 1/2 h'Sh with h >= 0 and h = 0 where not
-    ``allowed``; ``minv`` = (A'A + S + rho I)^-1.  data (P, N), allowed (P, K) -> h (P, K)."""
+    ``allowed``; ``minv`` = (A'A + S + rho I)^-1.  data (P, N), allowed and init (P, K) -> h (P, K)."""
 
-    def one(d, ok):
+    def one(d, ok, z0):
         atd = matrix.T @ d
 
         def step(carry, _):
@@ -161,11 +161,10 @@ def _solve(matrix, minv, data, allowed, sparsity, rho, iterations: int):
             z = jnp.where(ok, jnp.maximum(x + u - sparsity / rho, 0.0), 0.0)
             return (z, u + x - z), None
 
-        zero = jnp.zeros(matrix.shape[1], dtype=d.dtype)
-        (z, _), _ = jax.lax.scan(step, (zero, zero), None, length=iterations)
+        (z, _), _ = jax.lax.scan(step, (z0, jnp.zeros_like(z0)), None, length=iterations)
         return z
 
-    return jax.vmap(one)(data, allowed)
+    return jax.vmap(one)(data, allowed, init)
 
 
 def _components(h: np.ndarray, rel: float = 1e-3, gap: int = 2) -> np.ndarray:
@@ -217,17 +216,23 @@ def _rebin(h: np.ndarray, w: np.ndarray, u_lo: np.ndarray, u_hi: np.ndarray) -> 
 
 def estimate_background(traces: np.ndarray, rows, cols, dark: np.ndarray) -> np.ndarray | None:
     """Per-pixel background level (counts per frame) from the block's dark pixels: a plane in
-    (row, col) fitted to their mean counts.  None when fewer than 8 dark pixels exist."""
-    if dark.sum() < 8:
-        return None
-    m = traces[dark].mean(axis=1)
-    a = np.stack([np.ones(dark.sum()), rows[dark], cols[dark]], axis=1).astype(np.float64)
-    if np.ptp(rows[dark]) == 0 or np.ptp(cols[dark]) == 0:
-        coef = np.array([np.median(m), 0.0, 0.0])
-    else:
-        coef, *_ = np.linalg.lstsq(a, m, rcond=None)
-    full = np.stack([np.ones(len(rows)), rows, cols], axis=1) @ coef
-    return np.maximum(full, 0.0)
+    (row, col) fitted to their mean counts, refitted without pixels that stand above it (a broad
+    depth profile modulates little but still raises the mean).  None with fewer than 8 dark pixels."""
+    use = dark.copy()
+    design = np.stack([np.ones(len(rows)), rows, cols], axis=1).astype(np.float64)
+    m = traces.mean(axis=1)
+    full = None
+    for _ in range(3):
+        if use.sum() < 8:
+            return full
+        if np.ptp(rows[use]) == 0 or np.ptp(cols[use]) == 0:
+            coef = np.array([np.median(m[use]), 0.0, 0.0])
+        else:
+            coef, *_ = np.linalg.lstsq(design[use], m[use], rcond=None)
+        full = np.maximum(design @ coef, 0.0)
+        tol = 4 * np.sqrt(np.maximum(full, 1.0) / traces.shape[1]) + 0.01 * full
+        use = dark & (m - full <= tol)
+    return full
 
 
 def _dark_pixels(traces: np.ndarray, usable: np.ndarray, dictionary: np.ndarray) -> np.ndarray:
@@ -252,34 +257,111 @@ _MU_LEVELS = np.geomspace(0.08, 4.0, 11)
 
 
 class _Solver:
-    """Centred dictionary, factorisation and ADMM for one attenuation level of one block."""
+    """Dictionary, factorisation and ADMM for one attenuation level of one block.
 
-    def __init__(self, dct: Dictionary, mu: float, cfg: Config, dtype):
-        m = dct.pattern(mu)
-        self.mean = m.mean(axis=0)
-        self.a = m - self.mean  # centring removes the constant (background and contrast)
+    ``centred``: the dip pattern with each column's mean removed, for traces whose constant is free;
+    otherwise the transmission exp(-mu gf) itself, for traces with the background subtracted."""
+
+    def __init__(self, dct: Dictionary, mu: float, cfg: Config, dtype, centred: bool = True):
+        if centred:
+            m = dct.pattern(mu)
+            self.mean = m.mean(axis=0)
+            self.a = m - self.mean
+        else:
+            self.mean = None
+            self.a = np.exp(-mu * dct.gold)
         self.gram = self.a.T @ self.a
         k = self.a.shape[1]
         lmat = np.diff(np.eye(k), axis=0)
         self.rho = float(np.trace(self.gram) / k)
-        # L1 weights are given in units of the universal threshold: the largest correlation of pure
-        # unit-variance noise with any of the K columns is about |a| sqrt(2 ln K)
-        self.unit = float(np.median(np.linalg.norm(self.a, axis=0)) * np.sqrt(2 * np.log(k)))
         system = self.gram + cfg.recon.smoothness * (lmat.T @ lmat) + self.rho * np.eye(k)
         self.minv = np.linalg.inv(system)
+        # L1 weights are given in units of the universal threshold: the largest correlation of pure
+        # unit-variance noise with any of the K columns is about |a| sqrt(2 ln K)
+        a0 = m - m.mean(axis=0) if not centred and (m := dct.pattern(mu)) is not None else self.a
+        self.unit = float(np.median(np.linalg.norm(a0, axis=0)) * np.sqrt(2 * np.log(k)))
         self.cfg, self.dtype = cfg, dtype
 
-    def __call__(self, d: np.ndarray, allowed: np.ndarray, sparsity: float) -> np.ndarray:
-        n = d.shape[0]
+    def __call__(self, d: np.ndarray, allowed: np.ndarray, sparsity: float,
+                 init: np.ndarray | None = None) -> np.ndarray:
+        n, k = allowed.shape
         pad = max(64, 1 << int(np.ceil(np.log2(max(n, 1)))))  # few distinct shapes to compile
         dp = np.zeros((pad, d.shape[1]))
         dp[:n] = d
-        ap = np.zeros((pad, allowed.shape[1]), bool)
+        ap = np.zeros((pad, k), bool)
         ap[:n] = allowed
+        zp = np.zeros((pad, k))
+        if init is not None:
+            zp[:n] = np.where(allowed, init, 0.0)
         t = self.dtype
         h = _solve(jnp.asarray(self.a, t), jnp.asarray(self.minv, t), jnp.asarray(dp, t), jnp.asarray(ap),
-                   jnp.asarray(sparsity * self.unit, t), jnp.asarray(self.rho, t), self.cfg.recon.iterations)
+                   jnp.asarray(zp, t), jnp.asarray(sparsity * self.unit, t), jnp.asarray(self.rho, t),
+                   self.cfg.recon.iterations)
         return np.asarray(h, dtype=np.float64)[:n]
+
+
+def _component_contrasts(h: np.ndarray, labels: np.ndarray, total_f: np.ndarray, ri: np.ndarray,
+                         ci: np.ndarray, c_range: tuple[float, float], radius: int = 2) -> np.ndarray:
+    """Contrast of each depth component of pixels that see several (NaN where it cannot be told).
+
+    Components of one pixel usually come from different grains, whose spots have different energies,
+    hence different contrasts c.  Over a pixel's neighbourhood the spots keep their energies but not
+    their relative weights, so the intensity above background F_q = sum_c h_qc / c_c (h_qc: pixel q's
+    modulation within component c's depths) is linear in the 1/c_c: a small least-squares fit.
+    Returns (P, C+1) indexed by label."""
+    n_lab = int(labels.max()) + 1
+    out = np.full((h.shape[0], n_lab), np.nan)
+    grid = -np.ones((ri.max() + 1, ci.max() + 1), int)
+    grid[ri, ci] = np.arange(h.shape[0])
+    lo, hi = 1.0 / c_range[1], 1.0 / max(c_range[0], 1e-6)
+    for p in np.flatnonzero(labels.max(axis=1) >= 2):
+        labs = np.unique(labels[p][labels[p] > 0])
+        near = grid[max(ri[p] - radius, 0): ri[p] + radius + 1, max(ci[p] - radius, 0): ci[p] + radius + 1].ravel()
+        near = near[near >= 0]
+        masks = labels[p][None, :] == labs[:, None]  # (C, K)
+        a = h[near] @ masks.T  # (Q, C): each neighbour's modulation within this pixel's components
+        inside = a.sum(axis=1)
+        ok = (inside > 0.9 * h[near].sum(axis=1)) & (total_f[near] > 0)  # nothing elsewhere in q
+        if ok.sum() < len(labs) + 2:
+            continue
+        a, f = a[ok], total_f[near][ok]
+        if np.linalg.cond(a / np.maximum(np.linalg.norm(a, axis=0), 1e-12)) > 30:
+            continue  # the components keep the same ratio everywhere: contrasts not separable
+        x, *_ = np.linalg.lstsq(a, f, rcond=None)
+        if np.all((x >= lo) & (x <= hi)):
+            out[p, labs] = 1.0 / x
+    return out
+
+
+def _fill_gaps(mask: np.ndarray, width: int) -> np.ndarray:
+    """Set the runs of False no longer than ``width`` that lie between two True runs of a row."""
+    out = mask.copy()
+    k = mask.shape[1]
+    idx = np.arange(k)
+    last_on = np.maximum.accumulate(np.where(mask, idx, -1), axis=1)  # last True at or before
+    next_on = np.flip(np.minimum.accumulate(np.flip(np.where(mask, idx, k), axis=1), axis=1), axis=1)
+    gap = (last_on >= 0) & (next_on < k) & (next_on - last_on - 1 <= width)
+    out |= gap
+    return out
+
+
+def _neighbourhood(values: np.ndarray, ri: np.ndarray, ci: np.ndarray, radius: int, how: str) -> np.ndarray:
+    """Combine each pixel's values with those of the pixels within ``radius`` (a square) in the tile:
+    ``how`` = "any" (boolean OR of (P, K) masks) or "median" (nan-median of (P,) values)."""
+    h, w = ri.max() + 1, ci.max() + 1
+    shape = (h + 2 * radius, w + 2 * radius) + values.shape[1:]
+    grid = np.zeros(shape, bool) if how == "any" else np.full(shape, np.nan)
+    grid[ri + radius, ci + radius] = values
+    stack = [grid[radius + dr + ri, radius + dc + ci] for dr in range(-radius, radius + 1)
+             for dc in range(-radius, radius + 1)]
+    if how == "any":
+        return np.logical_or.reduce(stack)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmedian(np.stack(stack), axis=0)
 
 
 def _grow(mask: np.ndarray, by: int) -> np.ndarray:
@@ -338,57 +420,93 @@ def decode(traces, rows, cols, frames, setup: Setup, cfg: Config, selected=None)
     gain = _component_energy(h, labels, first.gram, band)
     keep = gain >= cfg.recon.significance
     keep[:, 0] = False
-    allowed = _grow(np.take_along_axis(keep, labels, axis=1), max(1, band // 4))
+    ri, ci = rows[out] - rows[out].min(), cols[out] - cols[out].min()
+    # a component already significant in a neighbouring pixel at the same depth (same spot, same
+    # grain) needs only a third of the chi-square gain
+    near = _neighbourhood(np.take_along_axis(keep, labels, axis=1), ri, ci, 1, "any")
+    seen = np.zeros_like(keep)
+    np.logical_or.at(seen, (np.repeat(np.arange(out.size), k), labels.ravel()), near.ravel())
+    keep |= seen & (gain >= cfg.recon.significance / 3)
+    keep[:, 0] = False
+    own = _grow(np.take_along_axis(keep, labels, axis=1), max(1, band // 4))
 
-    # contrast of each pixel: modulation total over intensity above the measured background
+    # pass 2: refit on that support with a weak L1, contrast free: the depth of thin grains, and the
+    # contrast c = (sum of h) / (intensity above the background) of each pixel
+    weak = cfg.recon.sparsity * cfg.recon.refit_sparsity
+    h = first(d, own, weak, init=h)
     background = bg_all[out] if bg_all is not None else np.full(out.size, np.nan)
     h_counts = h * sigma[:, None]
-    total_f = mean + h_counts @ first.mean - np.nan_to_num(background, nan=0.0)
     total_h = h_counts.sum(axis=1)
+    level_f = mean + h_counts @ first.mean  # the trace's constant: sum f + background
+    total_f = level_f - np.nan_to_num(background, nan=0.0)
     c_fit = np.where(total_f > 0, total_h / np.maximum(total_f, 1e-12), np.nan)
     c_lo, c_hi = _contrast_range(setup, cfg, dct.path_factor)
-    plausible = (bg_all is not None) & (c_fit >= c_lo) & (c_fit <= c_hi)
-    mu_fit = np.where(plausible, -np.log1p(-np.clip(c_fit, 1e-6, 1 - 1e-6)), mu_nominal)
+    mu_nom_px = float(mu_thickness(cfg.recon.energy, thick)[0]) * dct.path_factor
+    c_nominal = -np.expm1(-mu_nom_px)
+    excess_tol = 4 * np.sqrt(np.maximum(np.nan_to_num(background, nan=1.0), 1.0) / n_f) + 0.01 * np.nan_to_num(
+        background, nan=0.0)
+    has_signal = (total_f > excess_tol) | own.any(axis=1) if bg_all is not None else own.any(axis=1)
 
-    # pass 2: refit on the kept support, each pixel with the dictionary of its attenuation level
-    level = np.abs(np.log(mu_fit)[:, None] - np.log(_MU_LEVELS)[None, :]).argmin(axis=1)
-    h = np.zeros_like(h)
-    mean_pattern = np.zeros((out.size, k))
-    resid = np.zeros_like(d)
-    for lev in np.unique(level):
-        idx = np.flatnonzero(level == lev)
-        solver = first if abs(_MU_LEVELS[lev] - mu_nominal) < 1e-12 else _Solver(dct, _MU_LEVELS[lev], cfg, dtype)
-        h[idx] = solver(d[idx], allowed[idx], cfg.recon.sparsity * cfg.recon.refit_sparsity)
-        mean_pattern[idx] = solver.mean
-        resid[idx] = d[idx] - h[idx] @ solver.a.T
-    chi2 = (resid**2).sum(axis=1) / max(n_f - 1, 1)
-
-    h_counts = h * sigma[:, None]  # undo the noise normalisation: h = c f in counts
-    total_h = h_counts.sum(axis=1)
-    level_f = mean + (h_counts * mean_pattern).sum(axis=1)  # the trace's constant: sum f + background
     quality = np.zeros(out.size, np.uint8)
-    no_signal = dark[out] | (total_h <= 0)
-    quality[no_signal] |= NO_SIGNAL
     if bg_all is None:
+        # no dark pixels to measure the background: keep the contrast-free fit, scale at the nominal energy
         quality |= NO_BACKGROUND
-    total_f = level_f - np.nan_to_num(background, nan=0.0)
-    c_fit = np.where(total_f > 0, total_h / np.maximum(total_f, 1e-12), np.inf)
+        profiles_w = h_counts / c_nominal[:, None]
+        fit_a = first.a
+        resid = d - h @ fit_a.T
+        background = level_f - profiles_w.sum(axis=1)
+        c_final = np.full(out.size, np.nan)
+    else:
+        # pass 3: background pinned, exact transmission at each pixel's attenuation.  A spot has one
+        # energy, so the contrast and the depth support are shared with the neighbouring pixels.
+        strong = (gain[:, 1:].max(axis=1, initial=0) >= 4 * cfg.recon.significance) & (c_fit >= c_lo) & (c_fit <= c_hi)
+        c_near = _neighbourhood(np.where(strong, c_fit, np.nan), ri, ci, 2, "median")
+        c_px = np.where(np.isfinite(c_near), c_near, np.where((c_fit >= c_lo) & (c_fit <= c_hi), c_fit, c_nominal))
+        mu_px = -np.log1p(-np.clip(c_px, 1e-6, 1 - 1e-6))
+        # a pixel's own support, gaps narrower than two code bits bridged; pixels too faint to have
+        # support of their own borrow that of their neighbours (the same spot, the same grain)
+        allowed = _fill_gaps(own, 2 * band)
+        lone = ~own.any(axis=1)
+        allowed[lone] = _neighbourhood(own, ri, ci, 1, "any")[lone]
+        e = (y - background[:, None]) / sigma[:, None]
+        level = np.abs(np.log(mu_px)[:, None] - np.log(_MU_LEVELS)[None, :]).argmin(axis=1)
+        hw = np.zeros_like(h)
+        resid = np.zeros_like(d)
+        for lev in np.unique(level):
+            idx = np.flatnonzero((level == lev) & has_signal)
+            if idx.size == 0:
+                continue
+            solver = _Solver(dct, _MU_LEVELS[lev], cfg, dtype, centred=False)
+            start = h[idx] / np.maximum(c_px[idx, None], 1e-3)
+            hw[idx] = solver(e[idx], allowed[idx], weak, init=start)
+            resid[idx] = e[idx] - hw[idx] @ solver.a.T
+        profiles_w = hw * sigma[:, None]
+        c_final = c_px
+        # pixels seeing several grains: each depth component with its own contrast, when the
+        # neighbourhood tells them apart (the pinned fit above assumes one energy per pixel)
+        runs = _components(own.astype(float), rel=0.5, gap=0)
+        cc = _component_contrasts(h_counts, runs, total_f, ri, ci, (c_lo, c_hi))
+        multi = np.isfinite(cc[:, 1:]).any(axis=1)
+        if multi.any():
+            per_bin = np.take_along_axis(cc[multi], runs[multi], axis=1)
+            profiles_w[multi] = np.where(np.isfinite(per_bin), h_counts[multi] / np.where(
+                np.isfinite(per_bin), per_bin, 1.0), 0.0)
+        total_f = profiles_w.sum(axis=1)
+    chi2 = (resid**2).sum(axis=1) / max(n_f - 1, 1)
+    no_signal = ~has_signal | (profiles_w.sum(axis=1) <= 0)
+    quality[no_signal] |= NO_SIGNAL
+    profiles_w[no_signal] = 0.0
     plausible = (bg_all is not None) & (c_fit >= c_lo) & (c_fit <= c_hi)
     quality[~plausible & ~no_signal & (bg_all is not None)] |= CONTRAST
-    c_nominal = -np.expm1(-float(mu_thickness(cfg.recon.energy, thick)[0]) * dct.path_factor)
-    c_use = np.where(plausible, c_fit, c_nominal)
-    h_counts[no_signal] = 0.0
-    profiles = _rebin(h_counts / c_use[:, None], dct.w, dct.u_lo, dct.u_hi)
     quality[chi2 > 3.0] |= POOR_FIT
+    profiles = _rebin(profiles_w, dct.w, dct.u_lo, dct.u_hi)
 
     energy = np.full(out.size, np.nan)
     energy_sigma = np.full(out.size, np.nan)
-    if cfg.recon.estimate_energy:
-        energy, energy_sigma, ambiguous = estimate_energy(setup, cfg, rows[out], cols[out], c_fit, total_h,
+    if cfg.recon.estimate_energy and bg_all is not None:
+        energy, energy_sigma, ambiguous = estimate_energy(setup, cfg, rows[out], cols[out], c_final, total_h,
                                                           total_f, sigma, n_f, plausible)
         quality[ambiguous & ~no_signal] |= ENERGY_AMBIGUOUS
-    if bg_all is None:
-        background = level_f - profiles.sum(axis=1)
     return Decoded(
         rows=rows[out].astype(np.int32), cols=cols[out].astype(np.int32),
         profiles=profiles.astype(np.float32), background=background.astype(np.float32),

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import geometry as G
-from .mask import Mask, gold_fraction, mu_thickness
+from .mask import Mask, gold_before, gold_fraction, mu_thickness
 
 
 @dataclass(frozen=True)
@@ -30,21 +30,22 @@ class Setup:
         return cls(geo=G.from_config(cfg, mask.length), mask=mask)
 
 
-def _pixel_design(p, blur, mu, s, c, m_x, m_y, length, kx, kc):
+def _pixel_design(p, blur, mu, s, c, m_x, m_y, length, bars, gold):
     """G (N, J) of one pixel: transmission of the ray from each depth at each frame."""
     u = G.code_coordinate(p[None, None, :], s[None, :, :], c[:, None, :], m_x, m_y, length)
-    return jnp.exp(-mu * gold_fraction(u, blur, kx, kc))
+    return jnp.exp(-mu * gold_fraction(u, blur, bars, gold))
 
 
 @jax.jit
-def _design_batch(p, blur, mu, s, c, m_x, m_y, length, kx, kc):
-    return jax.vmap(_pixel_design, in_axes=(0, 0, 0) + (None,) * 7)(p, blur, mu, s, c, m_x, m_y, length, kx, kc)
+def _design_batch(p, blur, mu, s, c, m_x, m_y, length, bars, gold):
+    design = jax.vmap(_pixel_design, in_axes=(0, 0, 0) + (None,) * 7)
+    return design(p, blur, mu, s, c, m_x, m_y, length, bars, gold)
 
 
 @jax.jit
-def _traces_batch(p, blur, mu, s, c, m_x, m_y, length, kx, kc, f, b):
+def _traces_batch(p, blur, mu, s, c, m_x, m_y, length, bars, gold, f, b):
     def one(p, blur, mu, f, b):
-        return b + _pixel_design(p, blur, mu, s, c, m_x, m_y, length, kx, kc) @ f
+        return b + _pixel_design(p, blur, mu, s, c, m_x, m_y, length, bars, gold) @ f
 
     return jax.vmap(one)(p, blur, mu, f, b)
 
@@ -55,9 +56,8 @@ def _arguments(setup: Setup, pixels: np.ndarray, depths, frames, energy_kev, dty
     optics = G.pixel_optics(geo, pixels)
     energy = np.broadcast_to(np.asarray(energy_kev, dtype=np.float64), (pixels.shape[0],))
     mu = mu_thickness(energy, geo.thickness) * optics.path_factor
-    kx, kc = mask.breakpoints
     args = (pixels, optics.blur, mu, G.source_points(geo, depths), G.mask_centres(geo, frames),
-            geo.m_x, geo.m_y, np.float64(geo.code_length), kx, kc)
+            geo.m_x, geo.m_y, np.float64(geo.code_length), mask.bars, gold_before(mask.bars))
     return tuple(jnp.asarray(a, dtype=dtype) for a in args)
 
 

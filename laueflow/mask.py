@@ -114,22 +114,64 @@ def from_config(cfg: Config) -> Mask:
     return layout(code, m.bitsizes, m.widening, m.pad, m.stretch, m.reversed, m.thickness)
 
 
-def gold_fraction(u, blur, knots_x, knots_c):
+def _window_gold(xp, u, blur, bars, cumulative):
+    """Mean gold indicator over [u - h, u + h], h = blur / 2, with the array module ``xp`` (NumPy or JAX).
+
+    The overlap of the window with a bar [s, e] is ``max(0, min(h, e - u) + min(h, u - s))``: it only
+    ever subtracts u from a nearby bar edge, so it stays exact in float32 where ``u + h`` would round
+    back to u (u ~ 3000 um has an ulp of 2.4e-4 um).  Only the first and the last bar the window
+    touches can be cut; the bars between them lie wholly inside, and their gold comes from the
+    cumulative gold length ``cumulative`` (n + 1 values), so any blur costs the same two searches.
+    """
+    starts, ends = bars[:, 0], bars[:, 1]
+    n = starts.shape[0]
+    if n == 0:  # an all-open code
+        return xp.zeros_like(u)
+    h = blur / 2
+    lo = xp.searchsorted(ends, u - h, side="right")  # first bar ending after the window starts
+    hi = xp.searchsorted(starts, u + h, side="left") - 1  # last bar starting before it ends
+    lo_c, hi_c = xp.clip(lo, 0, n - 1), xp.clip(hi, 0, n - 1)
+
+    def overlap(i):
+        return xp.maximum(xp.minimum(h, ends[i] - u) + xp.minimum(h, u - starts[i]), 0)
+
+    first = xp.where(lo <= hi, overlap(lo_c), 0)
+    last = xp.where(hi > lo, overlap(hi_c), 0)
+    between = xp.where(hi - lo >= 2, cumulative[hi_c] - cumulative[xp.minimum(lo_c + 1, n)], 0)
+    total = first + last + between
+    positive = h > 0
+    inside = (lo <= hi).astype(total.dtype)  # blur 0: the indicator (bar interiors; edges are open)
+    return xp.where(positive, total / xp.where(positive, 2 * h, 1), inside)
+
+
+def gold_before(bars) -> np.ndarray:
+    """Gold length before each bar and in all (n + 1 values), for :func:`gold_fraction`."""
+    bars = np.asarray(bars, dtype=np.float64)
+    return np.concatenate([[0.0], np.cumsum(bars[:, 1] - bars[:, 0])])
+
+
+def gold_fraction(u, blur, bars, gold_before_bars=None):
     """Mean gold indicator over [u - blur/2, u + blur/2] (JAX; broadcasts u against blur).
 
-    Exact for bars of any width: the difference of the piecewise-linear cumulative gold length.
+    ``bars`` (n, 2) holds the starts and ends of the sorted, disjoint gold bars (:attr:`Mask.bars`);
+    ``gold_before_bars`` is :func:`gold_before` of them, best computed in float64 before the cast
+    (when omitted it is summed here, in the working precision).  Exact for any blur, from zero (the
+    indicator) to many bars wide, and accurate in float32 to the rounding of u itself: the window
+    is never formed as u +- blur/2.  Cost: two binary searches over the bars, whatever the blur.
     """
-    half = jnp.maximum(blur, 1e-4) / 2
-    hi = jnp.interp(u + half, knots_x, knots_c)
-    lo = jnp.interp(u - half, knots_x, knots_c)
-    return (hi - lo) / (2 * half)
+    u = jnp.asarray(u)
+    blur = jnp.asarray(blur, dtype=u.dtype)
+    u, blur = jnp.broadcast_arrays(u, blur)
+    bars = jnp.asarray(bars, dtype=u.dtype).reshape(-1, 2)
+    if gold_before_bars is None:
+        gold_before_bars = jnp.concatenate([jnp.zeros(1, u.dtype), jnp.cumsum(bars[:, 1] - bars[:, 0])])
+    return _window_gold(jnp, u, blur, bars, jnp.asarray(gold_before_bars, dtype=u.dtype))
 
 
 def gold_fraction_np(u: np.ndarray, blur: float | np.ndarray, mask: Mask) -> np.ndarray:
-    """NumPy twin of :func:`gold_fraction` for set-up code that runs outside JAX."""
-    x, c = mask.breakpoints
-    half = np.maximum(blur, 1e-4) / 2
-    return (np.interp(u + half, x, c) - np.interp(u - half, x, c)) / (2 * half)
+    """NumPy (float64) twin of :func:`gold_fraction` for set-up code that runs outside JAX."""
+    u, blur = np.broadcast_arrays(np.asarray(u, dtype=np.float64), np.asarray(blur, dtype=np.float64))
+    return _window_gold(np, u, blur, mask.bars, gold_before(mask.bars))
 
 
 @lru_cache(maxsize=256)

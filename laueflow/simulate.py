@@ -122,8 +122,17 @@ def _grains(preset: str, rng: np.random.Generator, region: tuple[int, int, int, 
                 grains[i].spots.append(s)
                 grains[i + 1].spots.append(spot(s[0] + rng.uniform(-0.7, 0.7), s[1] + rng.uniform(-0.7, 0.7)))
     else:
+        # spots of single-grain presets keep apart, so that each pixel sees one grain
+        placed: list[tuple] = []
         for k in range(n_spots):
-            grains[k % len(grains)].spots.append(spot())
+            for _ in range(200):
+                s = spot()
+                if all(np.hypot(s[0] - q[0], s[1] - q[1]) >= 4 * (s[2] + q[2]) for q in placed):
+                    break
+            else:
+                continue  # region too crowded for another separate spot
+            placed.append(s)
+            grains[k % len(grains)].spots.append(s)
     return grains
 
 
@@ -245,7 +254,8 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
         expected = (background * ramp[:, None] + signal) * drift[None, :]
         counts = rng.poisson(expected) if noise else np.rint(expected)
         counts = np.minimum(counts, SATURATED).astype(np.uint16)
-        hot = rng.choice(np.flatnonzero(prof_total.sum(1) == 0), size=min(3, h * w), replace=False)
+        free = np.flatnonzero(prof_total.sum(1) == 0)
+        hot = rng.choice(free, size=min(3, free.size), replace=False)
         counts[hot] = SATURATED
         images = counts.reshape(h, w, n_frames).transpose(2, 0, 1)
         i0 = 1.0e5 * drift

@@ -159,9 +159,6 @@ def test_forward_matches_raytracer(name: str, mask_path: Path | None, energy: fl
         assert direct < 1e-3, f"pixel {(row, col)}: relative error without the fit {direct:.2e}"
 
 
-@pytest.mark.xfail(strict=True, reason="float32 gold_fraction at near-zero blur (mask.py gold_fraction): "
-                   "transmission inside bars is wrong by several percent on the detector columns where "
-                   "phi + anglez ~ 0 (blur < ~0.01 um)")
 def test_forward_matches_raytracer_at_zero_blur() -> None:
     """flat geometry: near column 918 the rays cross the mask at normal incidence (blur ~ 0)."""
     s, z = setup("flat")

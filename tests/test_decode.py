@@ -1,0 +1,224 @@
+"""The decoder: accuracy on simulated scans of every preset and both geometries, and its behaviour on
+background-only, saturated, constant and unusable data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from laueflow import config as C
+from laueflow import decode as D
+from laueflow import evaluate as E
+from laueflow import forward as F
+from laueflow import geometry as G
+from laueflow.io.scan import open_scan
+from laueflow.simulate import default_config_dict, simulate
+
+REGION = 48
+
+
+def decode_point(scan_dir, point: int = 0):
+    """Decode every tile of one point in-process; returns rows, cols, profiles, Decoded parts."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", C.ConfigWarning)
+        cfg = C.load(scan_dir / "config.yaml")
+    setup = F.Setup.from_config(cfg)
+    scan = open_scan(cfg)
+    parts = []
+    for tile in scan.tiles(cfg.recon.block_pixels):
+        b = scan.read_block(point, tile)
+        parts.append(D.decode(b.traces, b.rows, b.cols, b.frames, setup, cfg, b.selected))
+    cat = {k: np.concatenate([getattr(p, k) for p in parts]) for k in ("rows", "cols", "profiles", "quality")}
+    return cfg, cat
+
+
+@pytest.fixture(scope="module")
+def scores(tmp_path_factory):
+    """Accuracy of each preset on each geometry, simulated and decoded once for the module."""
+    cache = {}
+
+    def get(preset: str, geometry: str) -> E.Scores:
+        if (preset, geometry) not in cache:
+            d = tmp_path_factory.mktemp(f"{preset}-{geometry}")
+            simulate(d, preset=preset, seed=11, region=REGION, geometry=geometry)
+            _, r = decode_point(d)
+            truth = E.load_truth(d / "truth.h5").for_point(0)
+            cache[preset, geometry] = E.score(truth, r["rows"], r["cols"], r["profiles"])
+        return cache[preset, geometry]
+
+    return get
+
+
+@pytest.mark.parametrize("geometry", ["tilted", "flat"])
+def test_thin_grains(scores, geometry):
+    s = scores("thin", geometry)
+    assert s.finite
+    assert s.covered >= 0.99, s.summary()
+    assert s.centroid_median <= 0.3, s.summary()
+    assert s.within_2um >= 0.99, s.summary()
+    assert s.correlation_mean >= 0.9, s.summary()
+    assert s.phantom < 0.01, s.summary()
+
+
+@pytest.mark.parametrize("geometry", ["tilted", "flat"])
+def test_extended_grains(scores, geometry):
+    s = scores("extended", geometry)
+    assert s.finite
+    assert s.covered >= 0.99, s.summary()
+    assert s.centroid_median <= 2.0, s.summary()
+    assert s.correlation_mean >= 0.9, s.summary()
+
+
+@pytest.mark.parametrize("geometry", ["tilted", "flat"])
+def test_two_grain_pixels(scores, geometry):
+    s = scores("overlap", geometry)
+    assert s.finite
+    assert s.covered >= 0.99, s.summary()
+    assert s.two_grain_pixels > 20
+    assert s.both_peaks >= 0.9, s.summary()
+
+
+# ---------------------------------------------------------------------------------------------
+# behaviour on small synthetic blocks
+
+
+@pytest.fixture(scope="module")
+def setup_cfg():
+    cfg = C.from_dict(default_config_dict("tilted", frames=261, region=16) | {"geo": {
+        **default_config_dict()["geo"], "mask": {**default_config_dict()["geo"]["mask"], "path": None}}},
+        check_files=False)
+    return cfg, F.Setup.from_config(cfg)
+
+
+def _block(cfg, setup, profiles_fn, background=50.0, energy=20.0, seed=0):
+    rows, cols = np.mgrid[1000:1016, 1000:1016]
+    rows, cols = rows.ravel(), cols.ravel()
+    depth_um = cfg.geo.source.depths * 1e3
+    prof = profiles_fn(depth_um, rows.size)
+    frames = np.arange(cfg.file.n_frames)
+    tr = F.traces(setup, G.pixel_centres(setup.geo, rows, cols), prof, cfg.geo.source.depths, frames, energy,
+                  background)
+    tr = np.random.default_rng(seed).poisson(tr).astype(np.float64)
+    return rows, cols, frames, prof, tr
+
+
+def test_background_only_block_gives_zero_profiles(setup_cfg):
+    cfg, setup = setup_cfg
+    rows, cols, frames, _, tr = _block(cfg, setup, lambda z, n: np.zeros((n, z.size)))
+    r = D.decode(tr, rows, cols, frames, setup, cfg)
+    assert np.isfinite(r.profiles).all()
+    assert (r.profiles == 0).all()
+    assert (r.quality & D.NO_SIGNAL).all()
+    assert np.allclose(r.background, 50.0, rtol=0.05)
+
+
+def test_counts_and_depth_independent_of_energy(setup_cfg):
+    """Half the pixels see a grain, half see nothing: the background is measured in the others and the
+    profile comes out in counts whatever the (unknown) energy."""
+    cfg, setup = setup_cfg
+
+    def prof(z, n):
+        p = np.zeros((n, z.size))
+        p[::2, (z >= 20) & (z < 28)] = 50.0  # 400 counts per frame in all
+        return p
+
+    for energy in (10.0, 14.2, 25.0):
+        rows, cols, frames, truth, tr = _block(cfg, setup, prof, energy=energy, seed=int(energy))
+        r = D.decode(tr, rows, cols, frames, setup, cfg)
+        lit = r.profiles.sum(axis=1) > 0
+        assert lit[::2].all() and not lit[1::2].any()
+        err = E.centroids(r.profiles[::2], cfg.geo.source.depths * 1e3) - 24.0
+        assert np.median(np.abs(err)) < 0.3, energy
+        assert np.median(r.profiles[::2].sum(axis=1)) == pytest.approx(400.0, rel=0.05), energy
+
+
+def test_saturated_and_constant_pixels_are_left_out(setup_cfg):
+    cfg, setup = setup_cfg
+    rows, cols, frames, _, tr = _block(cfg, setup, lambda z, n: np.zeros((n, z.size)))
+    tr[3, 10] = 65535.0
+    tr[7] = 80.0
+    r = D.decode(tr, rows, cols, frames, setup, cfg)
+    kept = set(zip(r.rows.tolist(), r.cols.tolist(), strict=True))
+    assert (rows[3], cols[3]) not in kept and (rows[7], cols[7]) not in kept
+    assert len(kept) == rows.size - 2
+
+
+def test_unusable_blocks_raise(setup_cfg):
+    cfg, setup = setup_cfg
+    rows, cols, frames, _, tr = _block(cfg, setup, lambda z, n: np.zeros((n, z.size)))
+    with pytest.raises(D.DecodeError, match="all traces are zero"):
+        D.decode(np.zeros_like(tr), rows, cols, frames, setup, cfg)
+    bad = tr.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(D.DecodeError, match="NaN"):
+        D.decode(bad, rows, cols, frames, setup, cfg)
+    with pytest.raises(D.DecodeError, match="too few"):
+        D.decode(tr[:, :5], rows, cols, frames[:5], setup, cfg)
+
+
+def test_check_reach(setup_cfg):
+    cfg, setup = setup_cfg
+    assert D.check_reach(setup, cfg, [1000, 1015], [1000, 1015]) is None
+    far = C.from_dict(cfg.to_dict() | {"geo": {**cfg.to_dict()["geo"], "source": {"grid": [5.0, 5.3, 0.001]}}},
+                      check_files=False)
+    msg = D.check_reach(F.Setup.from_config(far), far, [1000, 1015], [1000, 1015])
+    assert msg is not None and "never crosses" in msg
+    part = C.from_dict(cfg.to_dict() | {"geo": {**cfg.to_dict()["geo"], "source": {"grid": [-0.1, 2.5, 0.001]}}},
+                       check_files=False)
+    msg = D.check_reach(F.Setup.from_config(part), part, [1000, 1015], [1000, 1015])
+    assert msg is not None and "resolves only depths" in msg
+
+
+def test_energy_is_estimated_only_where_the_contrast_tells(setup_cfg):
+    """25 keV has a contrast no other energy gives; 10 and 18 keV look alike (model.md section 4)."""
+    cfg, setup = setup_cfg
+    asked = C.from_dict(cfg.to_dict() | {"recon": {**cfg.to_dict()["recon"], "estimate_energy": True}},
+                        check_files=False)
+
+    def prof(z, n):
+        p = np.zeros((n, z.size))
+        p[::2, (z >= 20) & (z < 28)] = 300.0
+        return p
+
+    for energy, unique in ((25.0, True), (10.0, False)):
+        rows, cols, frames, _, tr = _block(cfg, setup, prof, energy=energy, seed=3)
+        r = D.decode(tr, rows, cols, frames, setup, asked)
+        lit = r.profiles.sum(axis=1) > 0
+        e, s = r.energy[lit], r.energy_sigma[lit]
+        confident = np.isfinite(e)
+        # never a confident wrong value: every reported energy is within 3 sigma of the truth
+        assert (np.abs(e[confident] - energy) <= 3 * s[confident] + 0.5).all(), (energy, e, s)
+        if unique:
+            assert confident.mean() > 0.8
+        else:
+            assert (r.quality[lit] & D.ENERGY_AMBIGUOUS).mean() > 0.8
+
+
+def test_float64_matches_float32():
+    """float64 on request; run in a fresh process because it switches JAX to 64-bit globally."""
+    code = r"""
+import numpy as np, dataclasses, warnings
+warnings.simplefilter("ignore")
+from laueflow import config as C, decode as D, forward as F, geometry as G
+from laueflow.simulate import default_config_dict
+d = default_config_dict("tilted", frames=261, region=16); d["geo"]["mask"]["path"] = None
+cfg = C.from_dict(d, check_files=False); setup = F.Setup.from_config(cfg)
+rows, cols = np.mgrid[1000:1008, 1000:1008]; rows, cols = rows.ravel(), cols.ravel()
+z = cfg.geo.source.depths * 1e3; p = np.zeros((rows.size, z.size)); p[::2, (z >= 20) & (z < 28)] = 500.0
+fr = np.arange(261)
+tr = F.traces(setup, G.pixel_centres(setup.geo, rows, cols), p, cfg.geo.source.depths, fr, 20.0, 50.0)
+tr = np.random.default_rng(0).poisson(tr).astype(float)
+a = D.decode(tr, rows, cols, fr, setup, cfg).profiles
+cfg64 = dataclasses.replace(cfg, recon=dataclasses.replace(cfg.recon, dtype="float64"))
+b = D.decode(tr, rows, cols, fr, setup, cfg64).profiles
+assert b.dtype == np.float32 and np.isfinite(b).all()
+rel = np.abs(a - b).sum() / np.abs(b).sum()
+print(rel)
+assert rel < 1e-2, rel
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
