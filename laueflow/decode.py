@@ -77,15 +77,22 @@ class Dictionary:
     """The code-coordinate dictionary shared by a block's pixels."""
 
     w: np.ndarray  # (K,) code coordinates of the columns, um
-    gold: np.ndarray  # (N, K) thick-bar gold fraction at w_k + n * step
+    gold: np.ndarray  # (S, N, K) thick-bar gold fraction at S points across bin w_k, shifted by n * step
     step: float  # code shift per frame, um
     u_lo: np.ndarray  # (P, J) code coordinate of each depth bin's lower edge, per pixel
     u_hi: np.ndarray  # (P, J) ... upper edge
     path_factor: np.ndarray  # (P,) 1 / cos(phi + alpha)
 
+    def transmission(self, mu: float) -> np.ndarray:
+        """T = exp(-mu gf) averaged over each column's bin (a depth bin is a continuous slab)."""
+        return np.exp(-mu * self.gold).mean(axis=0)
+
     def pattern(self, mu: float) -> np.ndarray:
-        """M = (1 - exp(-mu gf)) / (1 - exp(-mu)): the dip a unit of h makes, for attenuation mu."""
-        return -np.expm1(-mu * self.gold) / -np.expm1(-mu)
+        """M = (1 - T) / (1 - exp(-mu)): the dip a unit of h makes, for attenuation mu."""
+        return (1.0 - self.transmission(mu)) / -np.expm1(-mu)
+
+
+_BIN_SAMPLES = 4  # points across a code-grid bin when averaging its column
 
 
 def _edges(depths: np.ndarray) -> np.ndarray:
@@ -110,7 +117,9 @@ def build_dictionary(setup: Setup, cfg: Config, rows, cols, frames) -> Dictionar
     k = int(np.ceil((hi - lo) / dw)) + 1
     k = -(-k // 32) * 32  # a multiple of 32, so blocks share compiled shapes
     w = lo + dw * np.arange(k)
-    gold = gold_fraction_np(w[None, :] + step * frames[:, None], float(np.mean(optics.blur)), mask)
+    sub = ((np.arange(_BIN_SAMPLES) + 0.5) / _BIN_SAMPLES - 0.5) * dw
+    gold = gold_fraction_np(w[None, None, :] + sub[:, None, None] + step * frames[None, :, None],
+                            float(np.mean(optics.blur)), mask)
     return Dictionary(w=w, gold=gold, step=step, u_lo=u0[:, :-1], u_hi=u0[:, 1:],
                       path_factor=optics.path_factor)
 
@@ -256,48 +265,117 @@ def _dark_pixels(traces: np.ndarray, usable: np.ndarray, dictionary: np.ndarray)
 _MU_LEVELS = np.geomspace(0.08, 4.0, 11)
 
 
-class _Solver:
-    """Dictionary, factorisation and ADMM for one attenuation level of one block.
+@partial(jax.jit, static_argnames=("iterations",))
+def _solve_support(gram, atd, dd, idx, valid, init, smooth, sparsity, iterations: int):
+    """The same estimator restricted to each pixel's support: s << K unknowns gathered from the
+    block's Gram matrix, ADMM with a per-pixel factorisation.  Returns h (P, s) and the data misfit
+    |d - A h|^2 (P,), for choosing between dictionaries."""
+    s = idx.shape[1]
+    diff = (jnp.eye(s, k=1, dtype=gram.dtype) - jnp.eye(s, dtype=gram.dtype))[:-1]
 
-    ``centred``: the dip pattern with each column's mean removed, for traces whose constant is free;
-    otherwise the transmission exp(-mu gf) itself, for traces with the background subtracted."""
+    def one(b_full, d2, ix, ok, z0):
+        both = ok[:, None] & ok[None, :]
+        q = jnp.where(both, gram[ix[:, None], ix[None, :]], 0.0)
+        b = jnp.where(ok, b_full[ix], 0.0)
+        adjacent = (ix[1:] == ix[:-1] + 1) & ok[1:] & ok[:-1]  # smooth only across neighbouring bins
+        dm = diff * adjacent[:, None]
+        qs = q + smooth * dm.T @ dm + jnp.diag(jnp.where(ok, 0.0, 1.0))
+        rho = jnp.sum(jnp.where(ok, jnp.diag(q), 0.0)) / jnp.maximum(jnp.sum(ok), 1)
+        rho = jnp.maximum(rho, 1e-6)
+        minv = jnp.linalg.inv(qs + rho * jnp.eye(s, dtype=gram.dtype))
+
+        def step(carry, _):
+            z, u = carry
+            x = minv @ (b + rho * (z - u))
+            z = jnp.where(ok, jnp.maximum(x + u - sparsity / rho, 0.0), 0.0)
+            return (z, u + x - z), None
+
+        (z, _), _ = jax.lax.scan(step, (z0, jnp.zeros_like(z0)), None, length=iterations)
+        return z, d2 - 2 * z @ b + z @ q @ z
+
+    return jax.vmap(one)(atd, dd, idx, valid, init)
+
+
+_SUPPORT_SIZES = (16, 32, 64, 128, 256)
+
+
+def _pad_rows(n: int) -> int:
+    """Rows padded to a power of two (at least 64), so that few shapes are compiled."""
+    return max(64, 1 << int(np.ceil(np.log2(max(n, 1)))))
+
+
+class _Level:
+    """One dictionary of a block (an attenuation level; centred for traces with a free constant,
+    or the transmission itself for traces with the background subtracted) and its solvers."""
 
     def __init__(self, dct: Dictionary, mu: float, cfg: Config, dtype, centred: bool = True):
-        if centred:
-            m = dct.pattern(mu)
-            self.mean = m.mean(axis=0)
-            self.a = m - self.mean
-        else:
-            self.mean = None
-            self.a = np.exp(-mu * dct.gold)
+        m = dct.pattern(mu)
+        self.mean = m.mean(axis=0)
+        self.a = m - self.mean if centred else dct.transmission(mu)
         self.gram = self.a.T @ self.a
         k = self.a.shape[1]
-        lmat = np.diff(np.eye(k), axis=0)
-        self.rho = float(np.trace(self.gram) / k)
-        system = self.gram + cfg.recon.smoothness * (lmat.T @ lmat) + self.rho * np.eye(k)
-        self.minv = np.linalg.inv(system)
         # L1 weights are given in units of the universal threshold: the largest correlation of pure
-        # unit-variance noise with any of the K columns is about |a| sqrt(2 ln K)
-        a0 = m - m.mean(axis=0) if not centred and (m := dct.pattern(mu)) is not None else self.a
-        self.unit = float(np.median(np.linalg.norm(a0, axis=0)) * np.sqrt(2 * np.log(k)))
+        # unit-variance noise with any of the K (centred) columns is about |a| sqrt(2 ln K)
+        self.unit = float(np.median(np.linalg.norm(m - self.mean, axis=0)) * np.sqrt(2 * np.log(k)))
         self.cfg, self.dtype = cfg, dtype
 
-    def __call__(self, d: np.ndarray, allowed: np.ndarray, sparsity: float,
-                 init: np.ndarray | None = None) -> np.ndarray:
-        n, k = allowed.shape
-        pad = max(64, 1 << int(np.ceil(np.log2(max(n, 1)))))  # few distinct shapes to compile
+    def full(self, d: np.ndarray, sparsity: float) -> np.ndarray:
+        """Fit over the whole code grid (every column allowed)."""
+        n, k = d.shape[0], self.a.shape[1]
+        if n == 0:
+            return np.zeros((0, k))
+        lmat = np.diff(np.eye(k), axis=0)
+        rho = float(np.trace(self.gram) / k)
+        minv = np.linalg.inv(self.gram + self.cfg.recon.smoothness * (lmat.T @ lmat) + rho * np.eye(k))
+        pad = _pad_rows(n)
         dp = np.zeros((pad, d.shape[1]))
         dp[:n] = d
-        ap = np.zeros((pad, k), bool)
-        ap[:n] = allowed
-        zp = np.zeros((pad, k))
-        if init is not None:
-            zp[:n] = np.where(allowed, init, 0.0)
         t = self.dtype
-        h = _solve(jnp.asarray(self.a, t), jnp.asarray(self.minv, t), jnp.asarray(dp, t), jnp.asarray(ap),
-                   jnp.asarray(zp, t), jnp.asarray(sparsity * self.unit, t), jnp.asarray(self.rho, t),
-                   self.cfg.recon.iterations)
+        h = _solve(jnp.asarray(self.a, t), jnp.asarray(minv, t), jnp.asarray(dp, t),
+                   jnp.ones((pad, k), bool), jnp.zeros((pad, k), t), jnp.asarray(sparsity * self.unit, t),
+                   jnp.asarray(rho, t), self.cfg.recon.iterations)
         return np.asarray(h, dtype=np.float64)[:n]
+
+    def on_support(self, d: np.ndarray, allowed: np.ndarray, sparsity: float,
+                   init: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Fit restricted to ``allowed`` columns per pixel; returns h (P, K) and |d - A h|^2 (P,)."""
+        n, k = allowed.shape
+        h = np.zeros((n, k))
+        dd = (d**2).sum(axis=1)
+        chi = dd.copy()
+        size = allowed.sum(axis=1)
+        if not size.any():
+            return h, chi
+        atd = d @ self.a
+        t = self.dtype
+        lower = 0
+        for cap in (*_SUPPORT_SIZES, k):
+            rows_ = np.flatnonzero((size > lower) & (size <= cap))
+            lower = cap
+            if rows_.size == 0:
+                continue
+            s = min(cap, k)
+            order = np.argsort(~allowed[rows_], axis=1, kind="stable")[:, :s]
+            valid = np.arange(s)[None, :] < size[rows_, None]
+            z0 = np.zeros((rows_.size, s)) if init is None else np.take_along_axis(init[rows_], order, axis=1)
+            pad = _pad_rows(rows_.size)
+
+            def padded(x, fill=0):
+                out = np.full((pad, *x.shape[1:]), fill, dtype=x.dtype)
+                out[: len(x)] = x
+                return out
+
+            z, c = _solve_support(jnp.asarray(self.gram, t), jnp.asarray(padded(atd[rows_]), t),
+                                  jnp.asarray(padded(dd[rows_]), t), jnp.asarray(padded(order)),
+                                  jnp.asarray(padded(valid, False)), jnp.asarray(padded(z0 * valid), t),
+                                  jnp.asarray(self.cfg.recon.smoothness, t), jnp.asarray(sparsity * self.unit, t),
+                                  self.cfg.recon.iterations)
+            z = np.asarray(z, dtype=np.float64)[: rows_.size]
+            sub = np.zeros((rows_.size, k))
+            np.put_along_axis(sub, order, np.where(valid, z, 0.0), axis=1)
+            h[rows_] = sub
+            chi[rows_] = np.asarray(c, dtype=np.float64)[: rows_.size]
+        return h, chi
 
 
 def _component_contrasts(h: np.ndarray, labels: np.ndarray, total_f: np.ndarray, ri: np.ndarray,
@@ -331,6 +409,22 @@ def _component_contrasts(h: np.ndarray, labels: np.ndarray, total_f: np.ndarray,
         if np.all((x >= lo) & (x <= hi)):
             out[p, labs] = 1.0 / x
     return out
+
+
+def _nearest_level(mu):
+    """Index of the attenuation level nearest (in log) to mu."""
+    return np.abs(np.log(np.asarray(mu, float))[..., None] - np.log(_MU_LEVELS)).argmin(axis=-1)
+
+
+def _trace_contrast(y: np.ndarray, background: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Contrast straight from the traces: (high - low) / (high - background), from robust quantiles
+    of the 3-frame running mean; reliable where the signal stands well above the noise."""
+    sm = (y[:, :-2] + y[:, 1:-1] + y[:, 2:]) / 3
+    hi = np.percentile(sm, 97, axis=1)
+    lo = np.percentile(sm, 3, axis=1)
+    above = hi - background
+    c = np.where(above > 0, (hi - lo) / np.maximum(above, 1e-9), np.nan)
+    return c, above > 20 * sigma / np.sqrt(3)
 
 
 def _fill_gaps(mask: np.ndarray, width: int) -> np.ndarray:
@@ -402,7 +496,7 @@ def decode(traces, rows, cols, frames, setup: Setup, cfg: Config, selected=None)
     dct = build_dictionary(setup, cfg, rows[out], cols[out], frames)
     thick = setup.geo.thickness
     mu_nominal = float(mu_thickness(cfg.recon.energy, thick)[0]) * float(np.mean(dct.path_factor))
-    first = _Solver(dct, mu_nominal, cfg, dtype)
+    first = _Level(dct, mu_nominal, cfg, dtype)
     dark = _dark_pixels(traces, usable, first.a)
     bg_all = estimate_background(traces, rows, cols, dark)
 
@@ -413,14 +507,38 @@ def decode(traces, rows, cols, frames, setup: Setup, cfg: Config, selected=None)
     k = dct.w.size
     band = _band(dct, cfg)
 
-    # pass 1: sparse, smooth fit over the whole grid with the nominal attenuation; keep the support
-    # components that explain more chi-square than noise could
-    h = first(d, np.ones((out.size, k), bool), cfg.recon.sparsity)
-    labels = _components(h)
-    gain = _component_energy(h, labels, first.gram, band)
+    ri, ci = rows[out] - rows[out].min(), cols[out] - cols[out].min()
+    background = bg_all[out] if bg_all is not None else np.full(out.size, np.nan)
+    c_lo, c_hi = _contrast_range(setup, cfg, dct.path_factor)
+
+    # the bar-edge shape depends on the attenuation, so passes 1 and 2 use the attenuation level of a
+    # first contrast estimate: (high - low) / (high - background) of the smoothed trace, shared
+    # within the spot (one spot, one energy)
+    level1 = np.full(out.size, _nearest_level(mu_nominal))
+    if bg_all is not None:
+        c_trace, reliable = _trace_contrast(y, background, sigma)
+        ok = reliable & (c_trace >= c_lo) & (c_trace <= c_hi)
+        c_near = _neighbourhood(np.where(ok, c_trace, np.nan), ri, ci, 2, "median")
+        level1 = np.where(np.isfinite(c_near), _nearest_level(-np.log1p(-np.clip(c_near, 0, 1 - 1e-6))), level1)
+    levels = {lev: _Level(dct, _MU_LEVELS[lev], cfg, dtype) for lev in np.unique(level1)}
+
+    # pass 1: sparse, smooth fit over the whole grid, for pixels whose traces show modulation; keep
+    # the support components that explain more chi-square than noise could
+    active = ~dark[out]
+    h = np.zeros((out.size, k))
+    gain_parts = []
+    labels = np.zeros((out.size, k), int)
+    for lev, level in levels.items():
+        idx = np.flatnonzero(level1 == lev)
+        act = idx[active[idx]]
+        h[act] = level.full(d[act], cfg.recon.sparsity)
+        labels[idx] = _components(h[idx])
+        gain_parts.append((idx, _component_energy(h[idx], labels[idx], level.gram, band)))
+    gain = np.zeros((out.size, int(labels.max()) + 1))
+    for idx, g in gain_parts:
+        gain[idx, : g.shape[1]] = g
     keep = gain >= cfg.recon.significance
     keep[:, 0] = False
-    ri, ci = rows[out] - rows[out].min(), cols[out] - cols[out].min()
     # a component already significant in a neighbouring pixel at the same depth (same spot, same
     # grain) needs only a third of the chi-square gain
     near = _neighbourhood(np.take_along_axis(keep, labels, axis=1), ri, ci, 1, "any")
@@ -433,18 +551,21 @@ def decode(traces, rows, cols, frames, setup: Setup, cfg: Config, selected=None)
     # pass 2: refit on that support with a weak L1, contrast free: the depth of thin grains, and the
     # contrast c = (sum of h) / (intensity above the background) of each pixel
     weak = cfg.recon.sparsity * cfg.recon.refit_sparsity
-    h = first(d, own, weak, init=h)
-    background = bg_all[out] if bg_all is not None else np.full(out.size, np.nan)
+    chi = np.zeros(out.size)
+    mean_pattern = np.zeros((out.size, k))
+    for lev, level in levels.items():
+        idx = np.flatnonzero(level1 == lev)
+        h[idx], chi[idx] = level.on_support(d[idx], own[idx], weak, init=h[idx])
+        mean_pattern[idx] = level.mean
     h_counts = h * sigma[:, None]
     total_h = h_counts.sum(axis=1)
-    level_f = mean + h_counts @ first.mean  # the trace's constant: sum f + background
+    level_f = mean + (h_counts * mean_pattern).sum(axis=1)  # the trace's constant: sum f + background
     total_f = level_f - np.nan_to_num(background, nan=0.0)
     c_fit = np.where(total_f > 0, total_h / np.maximum(total_f, 1e-12), np.nan)
-    c_lo, c_hi = _contrast_range(setup, cfg, dct.path_factor)
     mu_nom_px = float(mu_thickness(cfg.recon.energy, thick)[0]) * dct.path_factor
     c_nominal = -np.expm1(-mu_nom_px)
-    excess_tol = 4 * np.sqrt(np.maximum(np.nan_to_num(background, nan=1.0), 1.0) / n_f) + 0.01 * np.nan_to_num(
-        background, nan=0.0)
+    bg0 = np.nan_to_num(background, nan=0.0)
+    excess_tol = 4 * np.sqrt(np.maximum(bg0, 1.0) / n_f) + 0.01 * bg0
     has_signal = (total_f > excess_tol) | own.any(axis=1) if bg_all is not None else own.any(axis=1)
 
     quality = np.zeros(out.size, np.uint8)
@@ -452,47 +573,50 @@ def decode(traces, rows, cols, frames, setup: Setup, cfg: Config, selected=None)
         # no dark pixels to measure the background: keep the contrast-free fit, scale at the nominal energy
         quality |= NO_BACKGROUND
         profiles_w = h_counts / c_nominal[:, None]
-        fit_a = first.a
-        resid = d - h @ fit_a.T
         background = level_f - profiles_w.sum(axis=1)
         c_final = np.full(out.size, np.nan)
     else:
-        # pass 3: background pinned, exact transmission at each pixel's attenuation.  A spot has one
-        # energy, so the contrast and the depth support are shared with the neighbouring pixels.
+        # pass 3: background pinned, exact transmission; the attenuation of each pixel chosen by chi-square
+        # among the levels next to its estimate.  A spot has one energy, so the estimate and the depth
+        # support of faint pixels come from their neighbours.
         strong = (gain[:, 1:].max(axis=1, initial=0) >= 4 * cfg.recon.significance) & (c_fit >= c_lo) & (c_fit <= c_hi)
         c_near = _neighbourhood(np.where(strong, c_fit, np.nan), ri, ci, 2, "median")
         c_px = np.where(np.isfinite(c_near), c_near, np.where((c_fit >= c_lo) & (c_fit <= c_hi), c_fit, c_nominal))
         mu_px = -np.log1p(-np.clip(c_px, 1e-6, 1 - 1e-6))
-        # a pixel's own support, gaps narrower than two code bits bridged; pixels too faint to have
-        # support of their own borrow that of their neighbours (the same spot, the same grain)
         allowed = _fill_gaps(own, 2 * band)
         lone = ~own.any(axis=1)
         allowed[lone] = _neighbourhood(own, ri, ci, 1, "any")[lone]
+        allowed[~has_signal] = False
         e = (y - background[:, None]) / sigma[:, None]
-        level = np.abs(np.log(mu_px)[:, None] - np.log(_MU_LEVELS)[None, :]).argmin(axis=1)
+        centre = np.abs(np.log(mu_px)[:, None] - np.log(_MU_LEVELS)[None, :]).argmin(axis=1)
+        best = np.full(out.size, np.inf)
         hw = np.zeros_like(h)
-        resid = np.zeros_like(d)
-        for lev in np.unique(level):
-            idx = np.flatnonzero((level == lev) & has_signal)
+        c_final = c_px.copy()
+        for lev in range(len(_MU_LEVELS)):
+            idx = np.flatnonzero((np.abs(centre - lev) <= 1) & has_signal)
             if idx.size == 0:
                 continue
-            solver = _Solver(dct, _MU_LEVELS[lev], cfg, dtype, centred=False)
-            start = h[idx] / np.maximum(c_px[idx, None], 1e-3)
-            hw[idx] = solver(e[idx], allowed[idx], weak, init=start)
-            resid[idx] = e[idx] - hw[idx] @ solver.a.T
+            level = _Level(dct, _MU_LEVELS[lev], cfg, dtype, centred=False)
+            c_lev = -np.expm1(-_MU_LEVELS[lev])
+            hl, chil = level.on_support(e[idx], allowed[idx], weak, init=h[idx] / c_lev)
+            better = chil < best[idx]
+            sel_ = idx[better]
+            best[sel_], hw[sel_], c_final[sel_] = chil[better], hl[better], c_lev
         profiles_w = hw * sigma[:, None]
-        c_final = c_px
+        chi = np.where(np.isfinite(best), best, chi)
         # pixels seeing several grains: each depth component with its own contrast, when the
         # neighbourhood tells them apart (the pinned fit above assumes one energy per pixel)
         runs = _components(own.astype(float), rel=0.5, gap=0)
         cc = _component_contrasts(h_counts, runs, total_f, ri, ci, (c_lo, c_hi))
         multi = np.isfinite(cc[:, 1:]).any(axis=1)
         if multi.any():
+            # the pinned fit's shapes, each component rescaled from the pixel's contrast to its own
             per_bin = np.take_along_axis(cc[multi], runs[multi], axis=1)
-            profiles_w[multi] = np.where(np.isfinite(per_bin), h_counts[multi] / np.where(
-                np.isfinite(per_bin), per_bin, 1.0), 0.0)
+            scale = np.where(np.isfinite(per_bin), c_final[multi, None] / np.where(np.isfinite(per_bin), per_bin, 1.0),
+                             1.0)
+            profiles_w[multi] = profiles_w[multi] * scale
         total_f = profiles_w.sum(axis=1)
-    chi2 = (resid**2).sum(axis=1) / max(n_f - 1, 1)
+    chi2 = chi / max(n_f - 1, 1)
     no_signal = ~has_signal | (profiles_w.sum(axis=1) <= 0)
     quality[no_signal] |= NO_SIGNAL
     profiles_w[no_signal] = 0.0

@@ -31,6 +31,7 @@ GEOMETRIES = {
     "flat": {"anglez": -1.3, "axis": [1.0, 0.0, 0.0], "step": 0.5},
 }
 DETECTOR_KEY = "/entry1/data/data"
+_SUB_OFFSETS = (np.arange(4) + 0.5) / 4 - 0.5  # sub-sample positions within a depth bin, in bins
 SATURATED = 65535
 
 
@@ -199,7 +200,7 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "mask.npy", code)
     (out / "config.yaml").write_text(
-        "# Synthetic scan written by laueflow simulate (preset %s, seed %d)\n" % (preset, seed)
+        f"# Synthetic scan written by laueflow simulate (preset {preset}, seed {seed})\n"
         + yaml.safe_dump(data, sort_keys=False))
     cfg = C.load(out / "config.yaml")
     setup = Setup.from_config(cfg)
@@ -207,7 +208,9 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
     r0, r1, c0, c1 = reg
     h, w = r1 - r0, c1 - c0
     shape = (cfg.geo.detector.shape[1], cfg.geo.detector.shape[0])
-    depth_um = cfg.geo.source.depths * 1e3
+    depths_mm = cfg.geo.source.depths
+    depth_um = depths_mm * 1e3
+    dz_mm = cfg.geo.source.grid[2]
     frame_idx = np.arange(n_frames) * 1
     rows, cols = np.mgrid[r0:r1, c0:c1]
     rows, cols = rows.ravel(), cols.ravel()
@@ -232,14 +235,19 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
         for gi, grain in enumerate(grains):
             shape_z = grain.profile(depth_um)
             grain_rows.append((k, grain.top, grain.thickness, grain.decay))
+            # a grain is continuous in depth: each bin's share is spread over SUBSAMPLES points
+            # inside the bin (only over the grain's bins, which also keeps this fast)
+            on = np.flatnonzero(shape_z > 0)
+            sub_z = (depths_mm[on][:, None] + dz_mm * _SUB_OFFSETS[None, :]).ravel()
+            sub_f = np.repeat(shape_z[on] / _SUB_OFFSETS.size, _SUB_OFFSETS.size)
             for s in grain.spots:
                 wgt = _spot_weights(s, rows, cols)
                 near = np.flatnonzero(wgt >= 0.5)  # pixels receiving at least half a count per frame
                 if near.size == 0:
                     continue
-                f = wgt[near, None] * shape_z[None, :]
-                signal[near] += traces(setup, centres[near], f, cfg.geo.source.depths, frame_idx, s[4])
-                prof_total[near] += f
+                signal[near] += traces(setup, centres[near], wgt[near, None] * sub_f[None, :], sub_z,
+                                       frame_idx, s[4])
+                prof_total[near] += wgt[near, None] * shape_z[None, :]
                 # the pixel's energy is that of its strongest spot
                 energy[near] = np.where(wgt[near] > contrib[near].max(1, initial=0), s[4], energy[near])
                 contrib[near, gi] += wgt[near]

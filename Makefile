@@ -1,0 +1,62 @@
+# laueflow: set-up, demo, tests and benchmarks.  `make help` lists the targets.
+#
+# Everything runs from the virtual environment .venv, created on first use by `make install`
+# (python3 -m venv, then pip install -e '.[dev]').  A stamp file makes repeated installs instant;
+# editing pyproject.toml triggers a new install.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+STAMP       := $(VENV)/.laueflow-installed
+PIP_FLAGS   ?= --disable-pip-version-check $(if $(CI),--progress-bar off --no-input,)
+
+# demo: a 64 x 64 pixel region of 261 frames, decoded in 4 blocks of 32 x 32 pixels on this machine
+DEMO_DIR    ?= demo
+DEMO_REGION ?= 64
+DEMO_BLOCK  ?= 1024
+DEMO_PRESET ?= thin
+
+PYTEST_ARGS ?=
+BENCH_ARGS  ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-slow bench lint clean distclean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv (if missing) and install laueflow with its dev extras
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else \
+		"laueflow needs Python 3.11 or newer; this is " + sys.version.split()[0] + " (set PYTHON=...)")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install $(PIP_FLAGS) --upgrade pip
+	$(BIN)/python -m pip install $(PIP_FLAGS) -e '.[dev]'
+	@touch $@
+
+demo: install  ## simulate a small scan, reconstruct it on the local site, print its accuracy
+	rm -rf $(DEMO_DIR)
+	$(BIN)/laueflow simulate $(DEMO_DIR)/scan --preset $(DEMO_PRESET) --region $(DEMO_REGION)
+	$(BIN)/laueflow run $(DEMO_DIR)/scan --out $(DEMO_DIR)/recon --site local --block-pixels $(DEMO_BLOCK)
+	$(BIN)/laueflow score $(DEMO_DIR)/recon --truth $(DEMO_DIR)/scan/truth.h5
+
+test: install  ## the fast test suite (everything not marked slow)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-slow: install  ## the slow, large cases (marked slow)
+	@rc=0; $(BIN)/pytest -m slow $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests are marked slow"; rc=0; fi; exit $$rc
+
+bench: install  ## decoder benchmark: read / decode / write per stage, against a per-pixel NNLS baseline
+	$(BIN)/python benchmarks/bench_decode.py $(BENCH_ARGS)
+
+lint: install  ## ruff check
+	$(BIN)/ruff check .
+
+clean:  ## remove the demo, benchmark cache, Parsl run logs and caches (keeps .venv)
+	rm -rf $(DEMO_DIR) .bench-cache runinfo build dist .pytest_cache .ruff_cache *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean  ## clean, and remove .venv too
+	rm -rf $(VENV)
