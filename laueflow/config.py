@@ -296,7 +296,9 @@ def _positive(r: _Reader, key: str, value: float, allow_zero: bool = False) -> f
 def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool = True) -> Config:
     """Build a validated :class:`Config` from a parsed YAML mapping."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: expected a YAML mapping with sections file / geo, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a YAML mapping with sections file / geo, got {type(data).__name__}"
+        )
     r = _Reader(data, source)
     for sec in ("file", "geo", "recon", "comp", "algo"):
         r.section(sec)
@@ -305,7 +307,9 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
 
     rng = r.get("file.range", r.vector(3, "integer"), d.range)
     if rng[0] < 0 or rng[2] < 1 or len(range(*rng)) == 0:
-        raise r.fail("file.range", f"empty or invalid frame range {list(rng)} (need 0 <= begin < end, step >= 1)")
+        raise r.fail(
+            "file.range", f"empty or invalid frame range {list(rng)} (need 0 <= begin < end, step >= 1)"
+        )
     frame = r.get("file.frame", r.vector(4, "integer"), d.frame)
     fcfg = FileConfig(
         path=r.get("file.path", string),
@@ -319,8 +323,13 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
     )
 
     dm, df = MaskConfig(), Focus()
-    focus = Focus(**{k: r.get(f"geo.mask.focus.{k}", num, getattr(df, k)) for k in ("cenx", "cenz", "anglex", "angley", "anglez")},
-                  dist=_positive(r, "geo.mask.focus.dist", r.get("geo.mask.focus.dist", num)))
+    focus = Focus(
+        **{
+            k: r.get(f"geo.mask.focus.{k}", num, getattr(df, k))
+            for k in ("cenx", "cenz", "anglex", "angley", "anglez")
+        },
+        dist=_positive(r, "geo.mask.focus.dist", r.get("geo.mask.focus.dist", num)),
+    )
     bitsizes = r.get("geo.mask.bitsizes", r.vector(2), dm.bitsizes)
     for i, b in enumerate(bitsizes):
         _positive(r, f"geo.mask.bitsizes[{i}]", b)
@@ -330,7 +339,9 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
         bitsizes=bitsizes,
         thickness=_positive(r, "geo.mask.thickness", r.get("geo.mask.thickness", num, dm.thickness)),
         resolution=_positive(r, "geo.mask.resolution", r.get("geo.mask.resolution", num, dm.resolution)),
-        widening=_positive(r, "geo.mask.widening", r.get("geo.mask.widening", num, dm.widening), allow_zero=True),
+        widening=_positive(
+            r, "geo.mask.widening", r.get("geo.mask.widening", num, dm.widening), allow_zero=True
+        ),
         pad=_positive(r, "geo.mask.pad", r.get("geo.mask.pad", num, dm.pad), allow_zero=True),
         stretch=_positive(r, "geo.mask.stretch", r.get("geo.mask.stretch", num, dm.stretch)),
         shift=r.get("geo.mask.shift", num, dm.shift),
@@ -353,21 +364,34 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
     size = r.get("geo.detector.size", r.vector(2), dd.size)
     for i, s in enumerate(size):
         _positive(r, f"geo.detector.size[{i}]", s)
-    detector = DetectorConfig(shape=shape, size=size,
-                              rot=r.get("geo.detector.rot", r.vector(3)), pos=r.get("geo.detector.pos", r.vector(3)))
+    detector = DetectorConfig(
+        shape=shape,
+        size=size,
+        rot=r.get("geo.detector.rot", r.vector(3)),
+        pos=r.get("geo.detector.pos", r.vector(3)),
+    )
 
     grid = r.get("geo.source.grid", r.vector(3))
     if grid[2] <= 0 or grid[1] <= grid[0] or (grid[1] - grid[0]) / grid[2] < 1:
-        raise r.fail("geo.source.grid", f"need start < stop and 0 < step <= stop - start (mm), got {list(grid)}")
+        raise r.fail(
+            "geo.source.grid", f"need start < stop and 0 < step <= stop - start (mm), got {list(grid)}"
+        )
     if (grid[1] - grid[0]) / grid[2] > 20000:
-        raise r.fail("geo.source.grid", f"{(grid[1] - grid[0]) / grid[2]:.0f} depth bins is too many (max 20000)")
-    beam = SourceConfig(grid=grid, offset=r.get("geo.source.offset", num, 0.0),
-                        beta=r.get("geo.source.beta", num, SourceConfig.beta))
+        raise r.fail(
+            "geo.source.grid", f"{(grid[1] - grid[0]) / grid[2]:.0f} depth bins is too many (max 20000)"
+        )
+    beam = SourceConfig(
+        grid=grid,
+        offset=r.get("geo.source.offset", num, 0.0),
+        beta=r.get("geo.source.beta", num, SourceConfig.beta),
+    )
 
     # frame within the detector: columns run along shape[0], rows along shape[1] (model.md section 2)
     r0, r1, c0, c1 = frame
     if not (0 <= r0 < r1 <= shape[1] and 0 <= c0 < c1 <= shape[0]):
-        raise r.fail("file.frame", f"region {list(frame)} is empty or outside the {shape[1]} x {shape[0]} detector")
+        raise r.fail(
+            "file.frame", f"region {list(frame)} is empty or outside the {shape[1]} x {shape[0]} detector"
+        )
 
     dr = ReconConfig()
     e_range = r.get("recon.energy_range", r.vector(2), dr.energy_range)
@@ -382,7 +406,11 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
     iterations = r.get("recon.iterations", integer, dr.iterations)
     block = r.get("recon.block_pixels", integer, dr.block_pixels)
     oversample = r.get("recon.oversample", integer, dr.oversample)
-    for key, v in (("recon.iterations", iterations), ("recon.block_pixels", block), ("recon.oversample", oversample)):
+    for key, v in (
+        ("recon.iterations", iterations),
+        ("recon.block_pixels", block),
+        ("recon.oversample", oversample),
+    ):
         if v < 1:
             raise r.fail(key, f"must be >= 1, got {v}")
     recon = ReconConfig(
@@ -390,11 +418,15 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
         estimate_energy=r.get("recon.estimate_energy", boolean, dr.estimate_energy),
         energy_range=e_range,
         sparsity=_positive(r, "recon.sparsity", r.get("recon.sparsity", num, dr.sparsity), allow_zero=True),
-        smoothness=_positive(r, "recon.smoothness", r.get("recon.smoothness", num, dr.smoothness), allow_zero=True),
-        significance=_positive(r, "recon.significance", r.get("recon.significance", num, dr.significance),
-                               allow_zero=True),
-        refit_sparsity=_positive(r, "recon.refit_sparsity",
-                                 r.get("recon.refit_sparsity", num, dr.refit_sparsity), allow_zero=True),
+        smoothness=_positive(
+            r, "recon.smoothness", r.get("recon.smoothness", num, dr.smoothness), allow_zero=True
+        ),
+        significance=_positive(
+            r, "recon.significance", r.get("recon.significance", num, dr.significance), allow_zero=True
+        ),
+        refit_sparsity=_positive(
+            r, "recon.refit_sparsity", r.get("recon.refit_sparsity", num, dr.refit_sparsity), allow_zero=True
+        ),
         iterations=iterations,
         dtype=dtype,
         block_pixels=block,
@@ -406,9 +438,15 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
     unknown = [k for k in r.unknown_keys() if k.split(".")[0] not in _UNUSED_SECTIONS]
     unused = [k for k in r.unknown_keys() if k.split(".")[0] in _UNUSED_SECTIONS]
 
-    cfg = Config(file=fcfg, geo=GeoConfig(mask=mask, scanner=scanner, detector=detector, source=beam),
-                 recon=recon, comp=comp, algo=algo, source_file=None if source.startswith("<") else source,
-                 unknown=tuple(unknown + unused))
+    cfg = Config(
+        file=fcfg,
+        geo=GeoConfig(mask=mask, scanner=scanner, detector=detector, source=beam),
+        recon=recon,
+        comp=comp,
+        algo=algo,
+        source_file=None if source.startswith("<") else source,
+        unknown=tuple(unknown + unused),
+    )
     if check_files and mask.path is not None:
         p = cfg.resolve(mask.path)
         if not p.is_file():
@@ -418,7 +456,9 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
         if unknown:
             parts.append("unknown keys (ignored): " + ", ".join(unknown))
         if unused:
-            parts.append("keys not used by laueflow (reference-decoder and compute options): " + ", ".join(unused))
+            parts.append(
+                "keys not used by laueflow (reference-decoder and compute options): " + ", ".join(unused)
+            )
         warnings.warn(f"{source}: " + "; ".join(parts), ConfigWarning, stacklevel=2)
     return cfg
 

@@ -65,8 +65,16 @@ class Decoded:
     @classmethod
     def empty(cls, n_depth: int) -> Decoded:
         z = np.zeros(0, np.float32)
-        return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros((0, n_depth), np.float32),
-                   z, z, np.zeros(0, np.uint8), z, z)
+        return cls(
+            np.zeros(0, np.int32),
+            np.zeros(0, np.int32),
+            np.zeros((0, n_depth), np.float32),
+            z,
+            z,
+            np.zeros(0, np.uint8),
+            z,
+            z,
+        )
 
     def take(self, idx) -> Decoded:
         return Decoded(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
@@ -92,6 +100,9 @@ class Dictionary:
         return (1.0 - self.transmission(mu)) / -np.expm1(-mu)
 
 
+# a component at a depth where a neighbouring pixel already has a significant one needs only this
+# fraction of the significance: the depth is given, so the test is of one location, not of all K
+_NEIGHBOUR_FRACTION = 0.25
 _BIN_SAMPLES = 4  # points across a code-grid bin when averaging its column
 
 
@@ -118,10 +129,14 @@ def build_dictionary(setup: Setup, cfg: Config, rows, cols, frames) -> Dictionar
     k = -(-k // 32) * 32  # a multiple of 32, so blocks share compiled shapes
     w = lo + dw * np.arange(k)
     sub = ((np.arange(_BIN_SAMPLES) + 0.5) / _BIN_SAMPLES - 0.5) * dw
-    gold = gold_fraction_np(w[None, None, :] + sub[:, None, None] + step * frames[None, :, None],
-                            float(np.mean(optics.blur)), mask)
-    return Dictionary(w=w, gold=gold, step=step, u_lo=u0[:, :-1], u_hi=u0[:, 1:],
-                      path_factor=optics.path_factor)
+    gold = gold_fraction_np(
+        w[None, None, :] + sub[:, None, None] + step * frames[None, :, None],
+        float(np.mean(optics.blur)),
+        mask,
+    )
+    return Dictionary(
+        w=w, gold=gold, step=step, u_lo=u0[:, :-1], u_hi=u0[:, 1:], path_factor=optics.path_factor
+    )
 
 
 def check_reach(setup: Setup, cfg: Config, rows, cols, frames=None) -> str | None:
@@ -142,12 +157,16 @@ def check_reach(setup: Setup, cfg: Config, rows, cols, frames=None) -> str | Non
         return None
     um = depths * 1e3
     if not ok.any():
-        return (f"the mask never crosses the rays during the scan for any depth of the grid "
-                f"[{um[0]:.1f}, {um[-1]:.1f}] um (code coordinates {lo.min():.0f}-{hi.max():.0f} um "
-                f"vs bars at {first:.0f}-{last:.0f} um): check geo.mask.focus and geo.scanner")
+        return (
+            f"the mask never crosses the rays during the scan for any depth of the grid "
+            f"[{um[0]:.1f}, {um[-1]:.1f}] um (code coordinates {lo.min():.0f}-{hi.max():.0f} um "
+            f"vs bars at {first:.0f}-{last:.0f} um): check geo.mask.focus and geo.scanner"
+        )
     good = um[ok]
-    return (f"the mask resolves only depths {good.min():.1f} to {good.max():.1f} um of the grid "
-            f"[{um[0]:.1f}, {um[-1]:.1f}] um for these pixels: narrow geo.source.grid or check the geometry")
+    return (
+        f"the mask resolves only depths {good.min():.1f} to {good.max():.1f} um of the grid "
+        f"[{um[0]:.1f}, {um[-1]:.1f}] um for these pixels: narrow geo.source.grid or check the geometry"
+    )
 
 
 def _band(dct: Dictionary, cfg: Config) -> int:
@@ -156,24 +175,29 @@ def _band(dct: Dictionary, cfg: Config) -> int:
     return int(min(np.ceil(2 * max(cfg.geo.mask.bitsizes) / dw), len(dct.w) - 1))
 
 
+def _admm(minv, b, ok, z0, sparsity, rho, iterations: int):
+    """ADMM iterations for min 1/2 h'Qh - b'h + sparsity sum h, h >= 0, h = 0 where not ``ok``;
+    ``minv`` = (Q + rho I)^-1 (Q includes the smoothness prior).  Pure JAX, for use inside jit."""
+
+    def step(carry, _):
+        z, u = carry
+        x = minv @ (b + rho * (z - u))
+        z = jnp.where(ok, jnp.maximum(x + u - sparsity / rho, 0.0), 0.0)
+        return (z, u + x - z), None
+
+    (z, _), _ = jax.lax.scan(step, (z0, jnp.zeros_like(z0)), None, length=iterations)
+    return z
+
+
 @partial(jax.jit, static_argnames=("iterations",))
-def _solve(matrix, minv, data, allowed, init, sparsity, rho, iterations: int):
-    """ADMM for min 1/2|d - A h|^2 + sparsity sum h + 1/2 h'Sh with h >= 0 and h = 0 where not
-    ``allowed``; ``minv`` = (A'A + S + rho I)^-1.  data (P, N), allowed and init (P, K) -> h (P, K)."""
+def _solve(matrix, minv, data, sparsity, rho, iterations: int):
+    """The estimator over the whole code grid: data (P, N) -> h (P, K), one factorisation for all."""
+    ok = jnp.ones(matrix.shape[1], bool)
 
-    def one(d, ok, z0):
-        atd = matrix.T @ d
+    def one(d):
+        return _admm(minv, matrix.T @ d, ok, jnp.zeros(matrix.shape[1], d.dtype), sparsity, rho, iterations)
 
-        def step(carry, _):
-            z, u = carry
-            x = minv @ (atd + rho * (z - u))
-            z = jnp.where(ok, jnp.maximum(x + u - sparsity / rho, 0.0), 0.0)
-            return (z, u + x - z), None
-
-        (z, _), _ = jax.lax.scan(step, (z0, jnp.zeros_like(z0)), None, length=iterations)
-        return z
-
-    return jax.vmap(one)(data, allowed, init)
+    return jax.vmap(one)(data)
 
 
 def _components(h: np.ndarray, rel: float = 1e-3, gap: int = 2) -> np.ndarray:
@@ -262,7 +286,7 @@ def _dark_pixels(traces: np.ndarray, usable: np.ndarray, dictionary: np.ndarray)
 
 # attenuation levels (mu along the path) that share a dictionary: within a level the bar-edge shape
 # differs by too little to move a depth; the contrast itself is free in every level
-_MU_LEVELS = np.geomspace(0.08, 4.0, 11)
+_MU_LEVELS = np.geomspace(0.05, 5.0, 26)  # ratio 1.2 between levels
 
 
 @partial(jax.jit, static_argnames=("iterations",))
@@ -283,14 +307,7 @@ def _solve_support(gram, atd, dd, idx, valid, init, smooth, sparsity, iterations
         rho = jnp.sum(jnp.where(ok, jnp.diag(q), 0.0)) / jnp.maximum(jnp.sum(ok), 1)
         rho = jnp.maximum(rho, 1e-6)
         minv = jnp.linalg.inv(qs + rho * jnp.eye(s, dtype=gram.dtype))
-
-        def step(carry, _):
-            z, u = carry
-            x = minv @ (b + rho * (z - u))
-            z = jnp.where(ok, jnp.maximum(x + u - sparsity / rho, 0.0), 0.0)
-            return (z, u + x - z), None
-
-        (z, _), _ = jax.lax.scan(step, (z0, jnp.zeros_like(z0)), None, length=iterations)
+        z = _admm(minv, b, ok, z0, sparsity, rho, iterations)
         return z, d2 - 2 * z @ b + z @ q @ z
 
     return jax.vmap(one)(atd, dd, idx, valid, init)
@@ -331,13 +348,19 @@ class _Level:
         dp = np.zeros((pad, d.shape[1]))
         dp[:n] = d
         t = self.dtype
-        h = _solve(jnp.asarray(self.a, t), jnp.asarray(minv, t), jnp.asarray(dp, t),
-                   jnp.ones((pad, k), bool), jnp.zeros((pad, k), t), jnp.asarray(sparsity * self.unit, t),
-                   jnp.asarray(rho, t), self.cfg.recon.iterations)
+        h = _solve(
+            jnp.asarray(self.a, t),
+            jnp.asarray(minv, t),
+            jnp.asarray(dp, t),
+            jnp.asarray(sparsity * self.unit, t),
+            jnp.asarray(rho, t),
+            self.cfg.recon.iterations,
+        )
         return np.asarray(h, dtype=np.float64)[:n]
 
-    def on_support(self, d: np.ndarray, allowed: np.ndarray, sparsity: float,
-                   init: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def on_support(
+        self, d: np.ndarray, allowed: np.ndarray, sparsity: float, init: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Fit restricted to ``allowed`` columns per pixel; returns h (P, K) and |d - A h|^2 (P,)."""
         n, k = allowed.shape
         h = np.zeros((n, k))
@@ -360,16 +383,22 @@ class _Level:
             z0 = np.zeros((rows_.size, s)) if init is None else np.take_along_axis(init[rows_], order, axis=1)
             pad = _pad_rows(rows_.size)
 
-            def padded(x, fill=0):
+            def padded(x, fill=0, pad=pad):
                 out = np.full((pad, *x.shape[1:]), fill, dtype=x.dtype)
                 out[: len(x)] = x
                 return out
 
-            z, c = _solve_support(jnp.asarray(self.gram, t), jnp.asarray(padded(atd[rows_]), t),
-                                  jnp.asarray(padded(dd[rows_]), t), jnp.asarray(padded(order)),
-                                  jnp.asarray(padded(valid, False)), jnp.asarray(padded(z0 * valid), t),
-                                  jnp.asarray(self.cfg.recon.smoothness, t), jnp.asarray(sparsity * self.unit, t),
-                                  self.cfg.recon.iterations)
+            z, c = _solve_support(
+                jnp.asarray(self.gram, t),
+                jnp.asarray(padded(atd[rows_]), t),
+                jnp.asarray(padded(dd[rows_]), t),
+                jnp.asarray(padded(order)),
+                jnp.asarray(padded(valid, False)),
+                jnp.asarray(padded(z0 * valid), t),
+                jnp.asarray(self.cfg.recon.smoothness, t),
+                jnp.asarray(sparsity * self.unit, t),
+                self.cfg.recon.iterations,
+            )
             z = np.asarray(z, dtype=np.float64)[: rows_.size]
             sub = np.zeros((rows_.size, k))
             np.put_along_axis(sub, order, np.where(valid, z, 0.0), axis=1)
@@ -378,8 +407,15 @@ class _Level:
         return h, chi
 
 
-def _component_contrasts(h: np.ndarray, labels: np.ndarray, total_f: np.ndarray, ri: np.ndarray,
-                         ci: np.ndarray, c_range: tuple[float, float], radius: int = 2) -> np.ndarray:
+def _component_contrasts(
+    h: np.ndarray,
+    labels: np.ndarray,
+    total_f: np.ndarray,
+    ri: np.ndarray,
+    ci: np.ndarray,
+    c_range: tuple[float, float],
+    radius: int = 2,
+) -> np.ndarray:
     """Contrast of each depth component of pixels that see several (NaN where it cannot be told).
 
     Components of one pixel usually come from different grains, whose spots have different energies,
@@ -394,7 +430,9 @@ def _component_contrasts(h: np.ndarray, labels: np.ndarray, total_f: np.ndarray,
     lo, hi = 1.0 / c_range[1], 1.0 / max(c_range[0], 1e-6)
     for p in np.flatnonzero(labels.max(axis=1) >= 2):
         labs = np.unique(labels[p][labels[p] > 0])
-        near = grid[max(ri[p] - radius, 0): ri[p] + radius + 1, max(ci[p] - radius, 0): ci[p] + radius + 1].ravel()
+        near = grid[
+            max(ri[p] - radius, 0) : ri[p] + radius + 1, max(ci[p] - radius, 0) : ci[p] + radius + 1
+        ].ravel()
         near = near[near >= 0]
         masks = labels[p][None, :] == labs[:, None]  # (C, K)
         a = h[near] @ masks.T  # (Q, C): each neighbour's modulation within this pixel's components
@@ -416,7 +454,9 @@ def _nearest_level(mu):
     return np.abs(np.log(np.asarray(mu, float))[..., None] - np.log(_MU_LEVELS)).argmin(axis=-1)
 
 
-def _trace_contrast(y: np.ndarray, background: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _trace_contrast(
+    y: np.ndarray, background: np.ndarray, sigma: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Contrast straight from the traces: (high - low) / (high - background), from robust quantiles
     of the 3-frame running mean; reliable where the signal stands well above the noise."""
     sm = (y[:, :-2] + y[:, 1:-1] + y[:, 2:]) / 3
@@ -446,8 +486,11 @@ def _neighbourhood(values: np.ndarray, ri: np.ndarray, ci: np.ndarray, radius: i
     shape = (h + 2 * radius, w + 2 * radius) + values.shape[1:]
     grid = np.zeros(shape, bool) if how == "any" else np.full(shape, np.nan)
     grid[ri + radius, ci + radius] = values
-    stack = [grid[radius + dr + ri, radius + dc + ci] for dr in range(-radius, radius + 1)
-             for dc in range(-radius, radius + 1)]
+    stack = [
+        grid[radius + dr + ri, radius + dc + ci]
+        for dr in range(-radius, radius + 1)
+        for dc in range(-radius, radius + 1)
+    ]
     if how == "any":
         return np.logical_or.reduce(stack)
     with np.errstate(all="ignore"):
@@ -519,7 +562,9 @@ def decode(traces, rows, cols, frames, setup: Setup, cfg: Config, selected=None)
         c_trace, reliable = _trace_contrast(y, background, sigma)
         ok = reliable & (c_trace >= c_lo) & (c_trace <= c_hi)
         c_near = _neighbourhood(np.where(ok, c_trace, np.nan), ri, ci, 2, "median")
-        level1 = np.where(np.isfinite(c_near), _nearest_level(-np.log1p(-np.clip(c_near, 0, 1 - 1e-6))), level1)
+        level1 = np.where(
+            np.isfinite(c_near), _nearest_level(-np.log1p(-np.clip(c_near, 0, 1 - 1e-6))), level1
+        )
     levels = {lev: _Level(dct, _MU_LEVELS[lev], cfg, dtype) for lev in np.unique(level1)}
 
     # pass 1: sparse, smooth fit over the whole grid, for pixels whose traces show modulation; keep
@@ -540,11 +585,11 @@ def decode(traces, rows, cols, frames, setup: Setup, cfg: Config, selected=None)
     keep = gain >= cfg.recon.significance
     keep[:, 0] = False
     # a component already significant in a neighbouring pixel at the same depth (same spot, same
-    # grain) needs only a third of the chi-square gain
+    # grain) needs only a fraction of the chi-square gain
     near = _neighbourhood(np.take_along_axis(keep, labels, axis=1), ri, ci, 1, "any")
     seen = np.zeros_like(keep)
     np.logical_or.at(seen, (np.repeat(np.arange(out.size), k), labels.ravel()), near.ravel())
-    keep |= seen & (gain >= cfg.recon.significance / 3)
+    keep |= seen & (gain >= cfg.recon.significance * _NEIGHBOUR_FRACTION)
     keep[:, 0] = False
     own = _grow(np.take_along_axis(keep, labels, axis=1), max(1, band // 4))
 
@@ -575,13 +620,20 @@ def decode(traces, rows, cols, frames, setup: Setup, cfg: Config, selected=None)
         profiles_w = h_counts / c_nominal[:, None]
         background = level_f - profiles_w.sum(axis=1)
         c_final = np.full(out.size, np.nan)
+        c_sigma = np.full(out.size, np.nan)
     else:
         # pass 3: background pinned, exact transmission; the attenuation of each pixel chosen by chi-square
         # among the levels next to its estimate.  A spot has one energy, so the estimate and the depth
         # support of faint pixels come from their neighbours.
-        strong = (gain[:, 1:].max(axis=1, initial=0) >= 4 * cfg.recon.significance) & (c_fit >= c_lo) & (c_fit <= c_hi)
+        strong = (
+            (gain[:, 1:].max(axis=1, initial=0) >= 4 * cfg.recon.significance)
+            & (c_fit >= c_lo)
+            & (c_fit <= c_hi)
+        )
         c_near = _neighbourhood(np.where(strong, c_fit, np.nan), ri, ci, 2, "median")
-        c_px = np.where(np.isfinite(c_near), c_near, np.where((c_fit >= c_lo) & (c_fit <= c_hi), c_fit, c_nominal))
+        c_px = np.where(
+            np.isfinite(c_near), c_near, np.where((c_fit >= c_lo) & (c_fit <= c_hi), c_fit, c_nominal)
+        )
         mu_px = -np.log1p(-np.clip(c_px, 1e-6, 1 - 1e-6))
         allowed = _fill_gaps(own, 2 * band)
         lone = ~own.any(axis=1)
@@ -589,9 +641,10 @@ def decode(traces, rows, cols, frames, setup: Setup, cfg: Config, selected=None)
         allowed[~has_signal] = False
         e = (y - background[:, None]) / sigma[:, None]
         centre = np.abs(np.log(mu_px)[:, None] - np.log(_MU_LEVELS)[None, :]).argmin(axis=1)
+        centre = np.clip(centre, 1, len(_MU_LEVELS) - 2)
+        chis = np.full((out.size, len(_MU_LEVELS)), np.inf)
         best = np.full(out.size, np.inf)
         hw = np.zeros_like(h)
-        c_final = c_px.copy()
         for lev in range(len(_MU_LEVELS)):
             idx = np.flatnonzero((np.abs(centre - lev) <= 1) & has_signal)
             if idx.size == 0:
@@ -599,11 +652,16 @@ def decode(traces, rows, cols, frames, setup: Setup, cfg: Config, selected=None)
             level = _Level(dct, _MU_LEVELS[lev], cfg, dtype, centred=False)
             c_lev = -np.expm1(-_MU_LEVELS[lev])
             hl, chil = level.on_support(e[idx], allowed[idx], weak, init=h[idx] / c_lev)
+            chis[idx, lev] = chil
             better = chil < best[idx]
-            sel_ = idx[better]
-            best[sel_], hw[sel_], c_final[sel_] = chil[better], hl[better], c_lev
+            best[idx[better]], hw[idx[better]] = chil[better], hl[better]
         profiles_w = hw * sigma[:, None]
         chi = np.where(np.isfinite(best), best, chi)
+        # attenuation refined between levels: a parabola through chi-square at the three levels around
+        # the estimate, in log(mu); its curvature gives the 1-sigma (delta chi-square = 1) uncertainty
+        mu_fit, mu_sig = _refine_attenuation(chis, centre)
+        c_final = np.where(np.isfinite(mu_fit), -np.expm1(-mu_fit), c_px)
+        c_sigma = np.where(np.isfinite(mu_fit), np.exp(-mu_fit) * mu_fit * mu_sig, np.nan)
         # pixels seeing several grains: each depth component with its own contrast, when the
         # neighbourhood tells them apart (the pinned fit above assumes one energy per pixel)
         runs = _components(own.astype(float), rel=0.5, gap=0)
@@ -612,8 +670,9 @@ def decode(traces, rows, cols, frames, setup: Setup, cfg: Config, selected=None)
         if multi.any():
             # the pinned fit's shapes, each component rescaled from the pixel's contrast to its own
             per_bin = np.take_along_axis(cc[multi], runs[multi], axis=1)
-            scale = np.where(np.isfinite(per_bin), c_final[multi, None] / np.where(np.isfinite(per_bin), per_bin, 1.0),
-                             1.0)
+            scale = np.where(
+                np.isfinite(per_bin), c_final[multi, None] / np.where(np.isfinite(per_bin), per_bin, 1.0), 1.0
+            )
             profiles_w[multi] = profiles_w[multi] * scale
         total_f = profiles_w.sum(axis=1)
     chi2 = chi / max(n_f - 1, 1)
@@ -628,14 +687,20 @@ def decode(traces, rows, cols, frames, setup: Setup, cfg: Config, selected=None)
     energy = np.full(out.size, np.nan)
     energy_sigma = np.full(out.size, np.nan)
     if cfg.recon.estimate_energy and bg_all is not None:
-        energy, energy_sigma, ambiguous = estimate_energy(setup, cfg, rows[out], cols[out], c_final, total_h,
-                                                          total_f, sigma, n_f, plausible)
+        energy, energy_sigma, ambiguous = estimate_energy(
+            setup, cfg, rows[out], cols[out], c_final, c_sigma, ~no_signal & np.isfinite(c_sigma)
+        )
         quality[ambiguous & ~no_signal] |= ENERGY_AMBIGUOUS
     return Decoded(
-        rows=rows[out].astype(np.int32), cols=cols[out].astype(np.int32),
-        profiles=profiles.astype(np.float32), background=background.astype(np.float32),
-        residual=chi2.astype(np.float32), quality=quality, energy=energy.astype(np.float32),
-        energy_sigma=energy_sigma.astype(np.float32))
+        rows=rows[out].astype(np.int32),
+        cols=cols[out].astype(np.int32),
+        profiles=profiles.astype(np.float32),
+        background=background.astype(np.float32),
+        residual=chi2.astype(np.float32),
+        quality=quality,
+        energy=energy.astype(np.float32),
+        energy_sigma=energy_sigma.astype(np.float32),
+    )
 
 
 _ENERGY_GRID = np.linspace(4.0, 80.0, 761)
@@ -643,40 +708,54 @@ _ENERGY_GRID = np.linspace(4.0, 80.0, 761)
 
 def _contrast_range(setup: Setup, cfg: Config, path_factor: np.ndarray) -> tuple[float, float]:
     """Lowest and highest contrast any energy of ``recon.energy_range`` gives (with 10 % slack)."""
-    e = _ENERGY_GRID[(_ENERGY_GRID >= cfg.recon.energy_range[0]) & (_ENERGY_GRID <= cfg.recon.energy_range[1])]
+    e = _ENERGY_GRID[
+        (_ENERGY_GRID >= cfg.recon.energy_range[0]) & (_ENERGY_GRID <= cfg.recon.energy_range[1])
+    ]
     c = -np.expm1(-np.multiply.outer(path_factor, mu_thickness(e, setup.geo.thickness)))
     return float(c.min() * 0.9), float(min(c.max() * 1.1, 1.0))
 
 
-def estimate_energy(setup: Setup, cfg: Config, rows, cols, c_fit, total_h, total_f, sigma, n_frames,
-                    plausible) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _refine_attenuation(chis: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """mu at the minimum of a parabola through chi-square at levels centre-1, centre, centre+1 (in
+    log mu), and its 1-sigma uncertainty in log mu; NaN where the three are not all finite or the
+    parabola opens downwards.  A minimum outside the bracket is clipped to it."""
+    rows = np.arange(chis.shape[0])
+    lo, mid, hi = chis[rows, centre - 1], chis[rows, centre], chis[rows, centre + 1]
+    step = np.log(_MU_LEVELS[1] / _MU_LEVELS[0])
+    with np.errstate(all="ignore"):  # pixels not fitted have infinite chi-square
+        curv = (lo - 2 * mid + hi) / step**2
+        offset = np.clip(step * (lo - hi) / (2 * (lo - 2 * mid + hi)), -step, step)
+        ok = np.isfinite(lo) & np.isfinite(mid) & np.isfinite(hi) & (curv > 0)
+        mu = np.where(ok, np.exp(np.log(_MU_LEVELS[centre]) + offset), np.nan)
+        sig = np.where(ok, np.sqrt(2.0 / curv), np.nan)
+    return mu, sig
+
+
+def estimate_energy(
+    setup: Setup, cfg: Config, rows, cols, c, c_sigma, usable
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Energy from the fitted contrast, only where it is unambiguous.
 
     The contrast c = 1 - exp(-mu(E) t / cos) is not monotonic in E across the Au L edges, so a
-    contrast with its uncertainty maps to a set of energies; a single connected set gives the
-    energy (its middle) and uncertainty (half its width); several sets are reported as ambiguous."""
+    contrast with its uncertainty (2 sigma, plus 2 % for the model) maps to a set of energies; a single
+    connected set gives the energy (its middle) and uncertainty (half its width); several sets, or one
+    spanning more than half the range, are reported as ambiguous."""
     lo_e, hi_e = cfg.recon.energy_range
     e = _ENERGY_GRID[(_ENERGY_GRID >= lo_e) & (_ENERGY_GRID <= hi_e)]
     pix = G.pixel_centres(setup.geo, rows, cols)
     pf = G.pixel_optics(setup.geo, pix).path_factor
-    c_of_e = 1.0 - np.exp(-np.multiply.outer(pf, mu_thickness(e, setup.geo.thickness)))  # (P, E)
-    # uncertainty of c = H / F: relative errors of the modulation total and of the level add
-    rel_h = sigma * np.sqrt(n_frames) / np.maximum(total_h, 1e-9) / np.sqrt(n_frames) * 3.0
-    rel_f = sigma / np.sqrt(n_frames) / np.maximum(total_f, 1e-9)
-    c_sig = np.abs(c_fit) * np.sqrt(rel_h**2 + rel_f**2) + 0.02
+    c_of_e = -np.expm1(-np.multiply.outer(pf, mu_thickness(e, setup.geo.thickness)))  # (P, E)
+    tol = 2 * np.nan_to_num(c_sigma, nan=1.0) + 0.02
     energy = np.full(len(rows), np.nan)
     esig = np.full(len(rows), np.nan)
     ambiguous = np.zeros(len(rows), bool)
-    for i in np.flatnonzero(plausible):
-        ok = np.abs(c_of_e[i] - c_fit[i]) <= 2 * c_sig[i]
+    for i in np.flatnonzero(usable):
+        ok = np.abs(c_of_e[i] - c[i]) <= tol[i]
         if not ok.any():
             continue
         runs = np.flatnonzero(np.diff(np.concatenate([[0], ok.astype(int), [0]])) != 0).reshape(-1, 2)
-        if len(runs) > 1:
-            ambiguous[i] = True
-            continue
-        a, b = e[runs[0, 0]], e[runs[0, 1] - 1]
-        if b - a > 0.5 * (hi_e - lo_e):
+        a, b = e[runs[0, 0]], e[runs[-1, 1] - 1]
+        if len(runs) > 1 or b - a > 0.5 * (hi_e - lo_e):
             ambiguous[i] = True
             continue
         energy[i], esig[i] = (a + b) / 2, max((b - a) / 2, e[1] - e[0])

@@ -28,8 +28,18 @@ class Truth:
 
     def for_point(self, k: int) -> Truth:
         m = self.point == k
-        return Truth(self.pixels[m], self.depth, self.profiles[m], self.grain[m], self.second_grain[m],
-                     self.energy[m], self.point[m], self.grain_top, self.grain_thickness, self.grain_decay)
+        return Truth(
+            self.pixels[m],
+            self.depth,
+            self.profiles[m],
+            self.grain[m],
+            self.second_grain[m],
+            self.energy[m],
+            self.point[m],
+            self.grain_top,
+            self.grain_thickness,
+            self.grain_decay,
+        )
 
 
 def load_truth(path: str | Path) -> Truth:
@@ -37,8 +47,18 @@ def load_truth(path: str | Path) -> Truth:
     with h5py.File(path, "r") as f:
         t = f["truth"]
         g = t["grains"]
-        return Truth(t["pixels"][()], t["depth"][()], t["profiles"][()], t["grain"][()], t["second_grain"][()],
-                     t["energy"][()], t["point"][()], g["top_um"][()], g["thickness_um"][()], g["decay_um"][()])
+        return Truth(
+            t["pixels"][()],
+            t["depth"][()],
+            t["profiles"][()],
+            t["grain"][()],
+            t["second_grain"][()],
+            t["energy"][()],
+            t["point"][()],
+            g["top_um"][()],
+            g["thickness_um"][()],
+            g["decay_um"][()],
+        )
 
 
 @dataclass
@@ -58,9 +78,11 @@ class Scores:
         return asdict(self)
 
     def summary(self) -> str:
-        s = (f"{self.spot_pixels} spot pixels, covered {self.covered:.1%}, centroid error median "
-             f"{self.centroid_median:.2f} um, within 2 um {self.within_2um:.1%}, correlation "
-             f"{self.correlation_mean:.3f}")
+        s = (
+            f"{self.spot_pixels} spot pixels, covered {self.covered:.1%}, centroid error median "
+            f"{self.centroid_median:.2f} um, within 2 um {self.within_2um:.1%}, correlation "
+            f"{self.correlation_mean:.3f}"
+        )
         if self.two_grain_pixels:
             s += f", both peaks found in {self.both_peaks:.1%} of {self.two_grain_pixels} two-grain pixels"
         return s + f", phantom {self.phantom:.3%}"
@@ -78,7 +100,9 @@ def correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, (a * b).sum(axis=1) / np.where(den > 0, den, 1), 0.0)
 
 
-def peak_found(profile: np.ndarray, depth: np.ndarray, at: float, frac: float = 0.2, tol: float = 5.0) -> bool:
+def peak_found(
+    profile: np.ndarray, depth: np.ndarray, at: float, frac: float = 0.2, tol: float = 5.0
+) -> bool:
     """A local maximum of at least ``frac`` of the profile maximum within ``tol`` um of ``at``."""
     p = profile
     if p.max() <= 0:
@@ -116,9 +140,14 @@ def score(truth: Truth, rows: np.ndarray, cols: np.ndarray, profiles: np.ndarray
     spot_mean = float(np.mean([profiles[key[k]].sum() for k in spot])) if spot else 0.0
     phantom = float(profiles[bg].sum(axis=1).mean() / spot_mean) if bg and spot_mean > 0 else 0.0
     return Scores(
-        spot_pixels=len(truth.pixels), covered=float(have.mean()) if have.size else 0.0,
+        spot_pixels=len(truth.pixels),
+        covered=float(have.mean()) if have.size else 0.0,
         centroid_median=float(np.median(err)) if err.size else float("nan"),
         within_2um=float((err <= 2.0).mean()) if err.size else 0.0,
         correlation_mean=float(corr.mean()) if corr.size else 0.0,
-        two_grain_pixels=len(two), both_peaks=float(np.mean(found)) if found else 0.0,
-        background_pixels=len(bg), phantom=phantom, finite=bool(np.isfinite(profiles).all()))
+        two_grain_pixels=len(two),
+        both_peaks=float(np.mean(found)) if found else 0.0,
+        background_pixels=len(bg),
+        phantom=phantom,
+        finite=bool(np.isfinite(profiles).all()),
+    )

@@ -33,6 +33,10 @@ GEOMETRIES = {
 DETECTOR_KEY = "/entry1/data/data"
 _SUB_OFFSETS = (np.arange(4) + 0.5) / 4 - 0.5  # sub-sample positions within a depth bin, in bins
 SATURATED = 65535
+OVERLAP_GAP = 40.0  # um: the overlap preset's pixels see two grains at least this far apart
+MIN_REGION = 8  # pixels, side of the simulated region
+MIN_FRAMES = 8  # frames per scan point
+DETECTOR_SIDE = 2048  # pixels, the built-in detector (default_config_dict)
 
 
 def default_config_dict(geometry: str = "tilted", frames: int = 261, region: int = 64) -> dict:
@@ -40,7 +44,7 @@ def default_config_dict(geometry: str = "tilted", frames: int = 261, region: int
     if geometry not in GEOMETRIES:
         raise ValueError(f"unknown geometry {geometry!r}; choose one of {', '.join(GEOMETRIES)}")
     g = GEOMETRIES[geometry]
-    r0 = 1024 - region // 2
+    r0 = DETECTOR_SIDE // 2 - region // 2
     return {
         "file": {"path": ".", "stacked": True, "ext": "h5", "h5": {"key": DETECTOR_KEY},
                  "range": [0, frames, 1], "threshold": 0, "frame": [r0, r0 + region, r0, r0 + region]},
@@ -50,8 +54,8 @@ def default_config_dict(geometry: str = "tilted", frames: int = 261, region: int
                      "focus": {"cenx": 0.0, "dist": 1.0, "anglez": g["anglez"], "angley": 0.0,
                                "anglex": 0.0, "cenz": 0.0}},
             "scanner": {"step": g["step"], "rot": [0.0, 0.0, 0.0], "axis": g["axis"]},
-            "detector": {"shape": [2048, 2048], "size": [409.6, 409.6], "rot": [-1.20, -1.21, -1.22],
-                         "pos": [28.8, 2.7, 513.0]},
+            "detector": {"shape": [DETECTOR_SIDE, DETECTOR_SIDE], "size": [409.6, 409.6],
+                         "rot": [-1.20, -1.21, -1.22], "pos": [28.8, 2.7, 513.0]},
             "source": {"offset": 0.0, "grid": [-0.15, 0.2, 0.001]},
         },
     }
@@ -64,13 +68,15 @@ class Grain:
     top: float  # um, start of the grain along the beam
     thickness: float  # um
     decay: float = 0.0  # um; > 0 gives an exponentially decaying profile (absorption)
-    spots: list[tuple[float, float, float, float, float]] = field(default_factory=list)  # r, c, sigma, amp, keV
+    # r, c, sigma, amp, keV
+    spots: list[tuple[float, float, float, float, float]] = field(default_factory=list)
 
     def profile(self, depth_um: np.ndarray) -> np.ndarray:
         """Unit-sum profile on the depth grid: bin overlap with [top, top + thickness], times decay."""
         step = depth_um[1] - depth_um[0] if depth_um.size > 1 else 1.0
         lo, hi = depth_um - step / 2, depth_um + step / 2
-        overlap = np.clip(np.minimum(hi, self.top + self.thickness) - np.maximum(lo, self.top), 0, None) / step
+        overlap = np.clip(np.minimum(hi, self.top + self.thickness) - np.maximum(lo, self.top), 0, None)
+        overlap = overlap / step
         if self.decay > 0:
             overlap = overlap * np.exp(-np.clip(depth_um - self.top, 0, None) / self.decay)
         return overlap / overlap.sum()
@@ -107,28 +113,49 @@ def _grains(preset: str, rng: np.random.Generator, region: tuple[int, int, int, 
         for t in tops:
             grains.append(Grain(top=t, thickness=rng.uniform(30, 60), decay=rng.uniform(20, 50)))
     elif preset == "overlap":
-        n_pairs = 2
-        for _ in range(n_pairs):
-            a = rng.uniform(lo_d, hi_d - 60)
-            b = a + rng.uniform(45, min(120, hi_d - a))
-            grains.append(Grain(top=a, thickness=rng.uniform(6, 12)))
-            grains.append(Grain(top=b, thickness=rng.uniform(6, 12)))
+        # two pairs, each of two grains 45+ um apart; where the depth grid allows, every grain is also
+        # 40+ um from the grains of the other pair (their spots are kept apart besides, below)
+        for _ in range(1000):
+            tops = []
+            for _ in range(2):
+                a = rng.uniform(lo_d, hi_d - 60)
+                tops += [a, a + rng.uniform(45, min(120, hi_d - a))]
+            if np.diff(np.sort(tops)).min() >= OVERLAP_GAP:
+                break
+        for t in tops:
+            grains.append(Grain(top=t, thickness=rng.uniform(6, 12)))
     else:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+
+    def apart(new: list[tuple], placed: list[tuple]) -> bool:
+        """Whether every spot in `new` keeps clear of every placed one: centres 4 (sigma1 + sigma2) apart."""
+        return all(np.hypot(s[0] - q[0], s[1] - q[1]) >= 4 * (s[2] + q[2]) for s in new for q in placed)
+
     if preset == "overlap":
-        # each pair shares spot positions (within a pixel): those pixels see both grains
-        for i in range(0, len(grains), 2):
-            for _ in range(max(2, n_spots // 2)):
-                s = spot()
+        # each pair shares spot positions (within a pixel): those pixels see both grains; the spots of
+        # different pairs keep apart, so that no pixel sees grains of both pairs
+        placed_by_pair: list[list[tuple]] = [[] for _ in range(len(grains) // 2)]
+        for _ in range(max(2, n_spots // 2)):
+            for p in range(len(placed_by_pair)):
+                i = 2 * p
+                others = [q for j, qs in enumerate(placed_by_pair) if j != p for q in qs]
+                for _ in range(200):
+                    s = spot()
+                    s2 = spot(s[0] + rng.uniform(-0.7, 0.7), s[1] + rng.uniform(-0.7, 0.7))
+                    if apart([s, s2], others):
+                        break
+                else:
+                    continue  # region too crowded for another separate spot
+                placed_by_pair[p] += [s, s2]
                 grains[i].spots.append(s)
-                grains[i + 1].spots.append(spot(s[0] + rng.uniform(-0.7, 0.7), s[1] + rng.uniform(-0.7, 0.7)))
+                grains[i + 1].spots.append(s2)
     else:
         # spots of single-grain presets keep apart, so that each pixel sees one grain
         placed: list[tuple] = []
         for k in range(n_spots):
             for _ in range(200):
                 s = spot()
-                if all(np.hypot(s[0] - q[0], s[1] - q[1]) >= 4 * (s[2] + q[2]) for q in placed):
+                if apart([s], placed):
                     break
             else:
                 continue  # region too crowded for another separate spot
@@ -171,8 +198,14 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    # arguments are checked before anything is written
     if points < 1:
-        raise ValueError("points must be >= 1")
+        raise ValueError(f"points must be >= 1, got {points}")
+    if config is None and not MIN_REGION <= region <= DETECTOR_SIDE:
+        raise ValueError(f"region must be between {MIN_REGION} and {DETECTOR_SIDE} pixels (the detector's "
+                         f"side), got {region}")
+    if frames is not None and frames < MIN_FRAMES:
+        raise ValueError(f"frames must be >= {MIN_FRAMES} per scan point, got {frames}")
     if preset == "multipoint":
         points = max(points, 3)
     out = Path(out_dir)
@@ -184,7 +217,11 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
         code = load_code(user.resolve(user.geo.mask.path)) if user.geo.mask.path else debruijn(8)
         data = copy.deepcopy(data)
         data.setdefault("file", {})
-        data["file"].update({"path": ".", "stacked": not single_file})
+        # the frames are written as <prefix>_<n>.h5 with the data at DETECTOR_KEY: say so
+        h5 = data["file"].get("h5")
+        h5 = dict(h5) if isinstance(h5, dict) else {}
+        h5["key"] = DETECTOR_KEY
+        data["file"].update({"path": ".", "stacked": not single_file, "ext": "h5", "h5": h5})
         data.setdefault("geo", {}).setdefault("mask", {})["path"] = "mask.npy"
         if frames is not None:
             data["file"]["range"] = [0, frames, 1]
@@ -196,6 +233,14 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
     n_frames = len(range(*data["file"].get("range", [0, 261, 1])))
     if data["file"].get("range", [0])[0] != 0 or data["file"].get("range", [0, 0, 1])[2] != 1:
         data["file"]["range"] = [0, n_frames, 1]
+    if config is not None:  # frames and region from the given configuration
+        if n_frames < MIN_FRAMES:
+            raise ValueError(f"frames must be >= {MIN_FRAMES} per scan point, got {n_frames} "
+                             f"(file.range of {config})")
+        fr0, fr1, fc0, fc1 = user.file.frame
+        if min(fr1 - fr0, fc1 - fc0) < MIN_REGION:
+            raise ValueError(f"region must be at least {MIN_REGION} x {MIN_REGION} pixels, got "
+                             f"{fr1 - fr0} x {fc1 - fc0} (file.frame of {config})")
 
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "mask.npy", code)
@@ -302,7 +347,8 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
         t["point"] = np.concatenate(truth["point"]).astype(np.int32)
         gr = np.asarray(grain_rows, dtype=np.float64).reshape(-1, 4)
         g = t.create_group("grains")
-        g["point"], g["top_um"], g["thickness_um"], g["decay_um"] = gr[:, 0].astype(int), gr[:, 1], gr[:, 2], gr[:, 3]
+        g["point"], g["top_um"] = gr[:, 0].astype(int), gr[:, 1]
+        g["thickness_um"], g["decay_um"] = gr[:, 2], gr[:, 3]
         t.attrs.update({"preset": preset, "seed": seed, "noise": noise, "points": points,
                         "frames_per_point": n_frames, "background": background,
                         "laueflow_version": __version__})

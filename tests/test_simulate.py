@@ -273,26 +273,30 @@ def test_overlap_preset(root: Path) -> None:
     assert two.size >= 10
     assert len(t.grain_top) == info["grains"] >= 2
     gap = np.abs(t.grain_top[t.grain[two]] - t.grain_top[t.second_grain[two]])
-    two = two[gap >= 40]  # all of them should be (see the xfail below); some must be
-    assert two.size >= 10
+    assert gap.min() >= 40
     for i in two:
         p = t.profiles[i]
         a, b = p[bins_of(t, t.grain[i])].sum(), p[bins_of(t, t.second_grain[i])].sum()
         assert b >= 0.1 * a > 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "simulate.py bug: in the overlap preset the spots of different grain pairs are not kept apart, so "
-    "pixels also see grains of the other pair; /truth/second_grain then names a grain only 1-30 um "
-    "from the first (seed 2: 13.6 um; also at region 64, e.g. seed 3: 1.3 um)"))
-def test_overlap_second_grain_always_40um_apart(root: Path) -> None:
-    """Every pixel the truth marks as two-grain sees two grains 40+ um apart."""
-    out, _ = sim(root, "overlap_bug", preset="overlap", seed=2, region=24, frames=8, noise=False)
+@pytest.mark.parametrize("seed", [2, 3, 7])
+def test_overlap_second_grain_always_40um_apart(root: Path, seed: int) -> None:
+    """Every pixel the truth marks as two-grain sees two grains 40+ um apart, and no pixel sees grains
+    of both pairs: the spots of different pairs keep apart, and all grains are 40+ um apart in depth.
+
+    (Seeds 2 and 3 once gave second grains 13.6 and 1.3 um from the first: spots of both pairs met.)"""
+    out, _ = sim(root, f"overlap_apart_{seed}", preset="overlap", seed=seed, region=24, frames=8, noise=False)
     t = load_truth(out / "truth.h5")
     two = np.flatnonzero(t.second_grain >= 0)
-    assert two.size > 0
+    assert two.size >= 10
     gap = np.abs(t.grain_top[t.grain[two]] - t.grain_top[t.second_grain[two]])
     assert gap.min() >= 40
+    assert (t.grain[two] // 2 == t.second_grain[two] // 2).all(), "both grains of one pair"
+    assert np.diff(np.sort(t.grain_top)).min() >= 40
+    for i in range(len(t.pixels)):
+        other = [g for g in range(len(t.grain_top)) if g // 2 != t.grain[i] // 2]
+        assert t.profiles[i, np.concatenate([bins_of(t, g) for g in other])].sum() == 0
 
 
 def test_multipoint_preset(multipoint: tuple[Path, dict]) -> None:
@@ -478,17 +482,28 @@ def test_geometry_from_config(root: Path) -> None:
 
 @pytest.mark.skipif(not PRODUCTION_MASK.is_file(), reason="production mask codes not available")
 @pytest.mark.parametrize("file", [{"h5": {"key": "/entry1/image"}}, {"ext": "hdf5"}], ids=["h5_key", "ext"])
-@pytest.mark.xfail(strict=True, reason=(
-    "simulate.py bug: with --config the written config.yaml keeps the given file.h5.key and file.ext, "
-    "but the frames are always written as <prefix>_<n>.h5 at /entry1/data/data, so the config does not "
-    "describe the scan and open_scan fails"))
 def test_config_with_other_key_or_ext_describes_scan(root: Path, file: dict) -> None:
     """The written config must describe the written frames whatever the given file.h5.key / file.ext."""
     src = _flat_config(root / f"given_{next(iter(file))}", **file)
     out = root / f"from_config_{next(iter(file))}"
     simulate(out, config=src, frames=8, noise=False)
-    scan = open_scan(cfg_of(out))
+    cfg = cfg_of(out)
+    assert (cfg.file.ext, cfg.file.h5_key) == ("h5", KEY)
+    scan = open_scan(cfg)
     assert scan.n_frames == 8
+
+
+@pytest.mark.skipif(not PRODUCTION_MASK.is_file(), reason="production mask codes not available")
+@pytest.mark.parametrize(("file", "word"), [({"range": [0, 4, 1]}, "frames"),
+                                            ({"frame": [1020, 1026, 1020, 1040]}, "region")],
+                         ids=["frames", "region"])
+def test_config_too_small_refused(root: Path, file: dict, word: str) -> None:
+    """A given configuration with under 8 frames or a region under 8 pixels is refused; nothing written."""
+    src = _flat_config(root / f"given_small_{word}", **file)
+    out = root / f"from_config_small_{word}"
+    with pytest.raises(ValueError, match=f"{word} must be .*8.*file\\.(range|frame)"):
+        simulate(out, config=src)
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,27 +534,34 @@ def test_cli_bad_preset(tmp_path: Path) -> None:
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "simulate.py bug: regions under 6 pixels (the CLI accepts --region >= 1) fail inside _grains with "
-    "'error: high - low < 0' from numpy, naming neither the option nor the limit, after config.yaml and "
-    "mask.npy were already written"))
-def test_cli_small_region_is_simulated_or_clearly_refused(tmp_path: Path) -> None:
-    """--region 4 either simulates or exits non-zero with a message about the region, writing nothing."""
+@pytest.mark.parametrize(("args", "word"), [(["--region", "4", "--frames", "8"], "region"),
+                                            (["--region", "4000", "--frames", "8"], "region"),
+                                            (["--region", "8", "--frames", "4"], "frames")],
+                         ids=["region_4", "region_4000", "frames_4"])
+def test_cli_small_region_or_frames_refused(tmp_path: Path, args: list[str], word: str) -> None:
+    """A region under 8 pixels (or wider than the detector) or fewer than 8 frames: one error line naming
+    the argument and the limit, exit status 2, nothing written."""
     out = tmp_path / "scan"
-    r = CliRunner().invoke(main, ["simulate", str(out), "--region", "4", "--frames", "4", "--no-noise"])
-    if r.exit_code == 0:
-        assert len(list(out.glob("scan_*.h5"))) == 4
-    else:
-        assert "region" in r.output and not out.exists()
+    r = CliRunner().invoke(main, ["simulate", str(out), *args, "--no-noise"])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith(f"error: {word} must be") and "8" in r.output
+    assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "simulate.py bug: simulate(frames=0) silently writes the default 261 frames ('frames or 261') "
-    "instead of refusing an empty scan"))
-def test_zero_frames_refused(tmp_path: Path) -> None:
-    """frames=0 is refused with a ValueError."""
-    with pytest.raises(ValueError, match="frames"):
-        simulate(tmp_path / "scan", frames=0, region=8, noise=False)
+def test_smallest_region_and_frames_simulate(root: Path) -> None:
+    """region 8 and 8 frames (the limits) simulate, for every preset."""
+    for preset in ("thin", "extended", "overlap", "multipoint"):
+        out, info = sim(root, f"small_{preset}", preset=preset, region=8, frames=8, noise=False)
+        assert info["region"] == [1020, 1028, 1020, 1028] and info["frames_per_point"] == 8
+        assert open_scan(cfg_of(out)).n_frames == 8
+
+
+@pytest.mark.parametrize("frames", [0, 7, -1])
+def test_too_few_frames_refused(tmp_path: Path, frames: int) -> None:
+    """frames below 8 (0 included: no silent default) is refused with a ValueError; nothing written."""
+    with pytest.raises(ValueError, match="frames must be >= 8"):
+        simulate(tmp_path / "scan", frames=frames, region=8, noise=False)
+    assert not (tmp_path / "scan").exists()
 
 
 # ----------------------------------------------------------------------------------------------
