@@ -138,7 +138,7 @@ class ReconConfig:
     smoothness: float = 10.0  # first-difference weight, relative to the noise-normalised data
     significance: float = 25.0  # chi-square a support component must explain to be kept
     refit_sparsity: float = 0.25  # L1 weight of the refit on the kept support, relative to sparsity
-    iterations: int = 300
+    iterations: int = 150
     dtype: str = "float32"
     block_pixels: int = 4096
     oversample: int = 1  # code-coordinate samples per depth bin

@@ -24,7 +24,7 @@ one jit-compiled function per block shape, vmapped over pixels.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -706,12 +706,17 @@ def decode(traces, rows, cols, frames, setup: Setup, cfg: Config, selected=None)
 _ENERGY_GRID = np.linspace(4.0, 80.0, 761)
 
 
+@lru_cache(maxsize=16)
+def _grid_mu(thickness: float, low: float, high: float) -> tuple[np.ndarray, np.ndarray]:
+    """Energies of the grid within [low, high] keV and mu t of gold at each (cached: xraydb is slow)."""
+    e = _ENERGY_GRID[(_ENERGY_GRID >= low) & (_ENERGY_GRID <= high)]
+    return e, mu_thickness(e, thickness)
+
+
 def _contrast_range(setup: Setup, cfg: Config, path_factor: np.ndarray) -> tuple[float, float]:
     """Lowest and highest contrast any energy of ``recon.energy_range`` gives (with 10 % slack)."""
-    e = _ENERGY_GRID[
-        (_ENERGY_GRID >= cfg.recon.energy_range[0]) & (_ENERGY_GRID <= cfg.recon.energy_range[1])
-    ]
-    c = -np.expm1(-np.multiply.outer(path_factor, mu_thickness(e, setup.geo.thickness)))
+    _, mu = _grid_mu(setup.geo.thickness, *cfg.recon.energy_range)
+    c = -np.expm1(-np.multiply.outer(path_factor, mu))
     return float(c.min() * 0.9), float(min(c.max() * 1.1, 1.0))
 
 
@@ -741,10 +746,9 @@ def estimate_energy(
     connected set gives the energy (its middle) and uncertainty (half its width); several sets, or one
     spanning more than half the range, are reported as ambiguous."""
     lo_e, hi_e = cfg.recon.energy_range
-    e = _ENERGY_GRID[(_ENERGY_GRID >= lo_e) & (_ENERGY_GRID <= hi_e)]
-    pix = G.pixel_centres(setup.geo, rows, cols)
-    pf = G.pixel_optics(setup.geo, pix).path_factor
-    c_of_e = -np.expm1(-np.multiply.outer(pf, mu_thickness(e, setup.geo.thickness)))  # (P, E)
+    e, mu = _grid_mu(setup.geo.thickness, lo_e, hi_e)
+    pf = G.pixel_optics(setup.geo, G.pixel_centres(setup.geo, rows, cols)).path_factor
+    c_of_e = -np.expm1(-np.multiply.outer(pf, mu))  # (P, E)
     tol = 2 * np.nan_to_num(c_sigma, nan=1.0) + 0.02
     energy = np.full(len(rows), np.nan)
     esig = np.full(len(rows), np.nan)
