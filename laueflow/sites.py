@@ -45,7 +45,9 @@ def list_sites() -> list[tuple[str, str]]:
     folder = sites_dir()
     if not folder.is_dir():
         return []
-    return [(p.stem, _summary(p)) for p in sorted(folder.glob("*.py")) if not p.name.startswith("_")]
+    # A file name's underscores read as dashes: configs/in_job.py is the site "in-job".
+    return [(p.stem.replace("_", "-"), _summary(p)) for p in sorted(folder.glob("*.py"))
+            if not p.name.startswith("_")]
 
 
 def find_site(site: str | os.PathLike) -> Path:
@@ -57,6 +59,8 @@ def find_site(site: str | os.PathLike) -> Path:
             raise SiteError(f"site file {path} does not exist")
         return path.resolve()
     named = sites_dir() / f"{text}.py"
+    if not named.is_file():
+        named = sites_dir() / f"{text.replace('-', '_')}.py"
     if not named.is_file():
         names = ", ".join(n for n, _ in list_sites()) or "none"
         raise SiteError(f"unknown site {text!r} (known: {names}; or give a path to a site file)")
@@ -88,6 +92,10 @@ def site_config(site: str | os.PathLike, workers: int | None = None, run_dir: st
         cfg = module.config(workers=workers, run_dir=str(run_dir), **options)
     except TypeError as exc:
         raise SiteError(f"{module.__file__}: config(...) rejected its arguments: {exc}") from exc
+    except SiteError:
+        raise
+    except ValueError as exc:  # a missing or bad site option (e.g. the polaris account): an input error
+        raise SiteError(str(exc)) from exc
     labels = {getattr(ex, "label", None) for ex in getattr(cfg, "executors", ())}
     missing = [label for label in LABELS if label not in labels]
     if missing:

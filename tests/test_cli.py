@@ -113,9 +113,12 @@ def test_sites_listing():
     assert "HighThroughputExecutor" in local
 
 
-def test_site_files_define_both_labels():
+def test_site_files_define_both_labels(monkeypatch):
+    """Every site, given what it requires (an account, a job's node list), has both labels."""
     from laueflow import sites
 
+    monkeypatch.setenv("LAUEFLOW_POLARIS_ACCOUNT", "TEST")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "nid[001-002]")
     for name, _ in sites.list_sites():
         cfg = sites.site_config(name, workers=1)
         assert {"decode", "stitch"} <= {ex.label for ex in cfg.executors}

@@ -1,0 +1,118 @@
+"""ALCF Polaris: PBS Pro jobs of 4-GPU nodes (one decode worker per A100), stitching in the driver.
+
+Options (keyword, else ``LAUEFLOW_POLARIS_<OPTION>``, else the default): see ``laueflow sites show polaris``.
+``account`` is required.  Run the driver on a login node (it submits PBS jobs) or use the ``in-job`` site
+from inside an allocation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from parsl.addresses import address_by_interface
+from parsl.config import Config
+from parsl.executors import HighThroughputExecutor, ThreadPoolExecutor
+from parsl.launchers import MpiExecLauncher
+from parsl.providers import PBSProProvider
+
+SITE = "polaris"
+QUEUES = ("debug", "debug-scaling", "prod", "preemptable", "demand")
+# ALCF's binding of the 4 GPUs of a Polaris node to the CPU cores (and hyperthreads) nearest to each.
+CPU_AFFINITY = "list:24-31,56-63:16-23,48-55:8-15,40-47:0-7,32-39"
+
+# name: (default, type, help); None with "required" in the help means there is no default.
+OPTIONS: dict[str, tuple[Any, type, str]] = {
+    "account": (None, str, "PBS project to charge (#PBS -A); required"),
+    "queue": ("debug", str, "PBS queue: " + ", ".join(QUEUES)),
+    "walltime": ("01:00:00", str, "walltime of each block (HH:MM:SS)"),
+    "nodes_per_block": (1, int, "nodes per PBS job"),
+    "max_blocks": (1, int, "most PBS jobs at once"),
+    "gpus_per_node": (4, int, "GPUs per node (one decode worker each)"),
+    "cpu_affinity": ("", str, "worker CPU binding (default: ALCF's per-GPU list, else block-reverse)"),
+    "filesystems": ("home:eagle", str, "#PBS -l filesystems=..."),
+    "worker_init": ("", str, "shell lines run before the workers start (e.g. activate an environment)"),
+    "interface": ("bond0", str, "network interface the workers reach the driver on"),
+    "address": ("", str, "driver address for the workers (default: the address of `interface`)"),
+    "retries": (2, int, "Parsl retries of a failed task"),
+    "stitch_threads": (2, int, "stitching/writing threads in the driver"),
+}
+
+
+def env_var(name: str) -> str:
+    return f"LAUEFLOW_{SITE.upper().replace('-', '_')}_{name.upper()}"
+
+
+def _options(options: dict) -> dict:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"{SITE} site: unknown options {unknown} (known: {sorted(OPTIONS)})")
+    values = {}
+    for name, (default, kind, _) in OPTIONS.items():
+        value = options.get(name, os.environ.get(env_var(name), default))
+        if value is None:
+            raise ValueError(f"{SITE} site: option {name!r} is required: pass {name}=... "
+                             f"or set {env_var(name)}")
+        try:
+            values[name] = kind(value)
+        except ValueError:
+            raise ValueError(f"{SITE} site: option {name!r} (or {env_var(name)}) must be "
+                             f"{kind.__name__}, not {value!r}") from None
+    return values
+
+
+def _address(opts: dict) -> str | None:
+    if opts["address"]:
+        return opts["address"]
+    try:
+        return address_by_interface(opts["interface"])
+    except OSError:  # not on a Polaris node (e.g. building the configuration offline): let Parsl probe
+        logging.getLogger(__name__).warning("no interface %s; Parsl will probe the address",
+                                            opts["interface"])
+        return None
+
+
+def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> Config:
+    """A Parsl configuration for Polaris; ``workers``: decode workers per node (default one per GPU)."""
+    opts = _options(options)
+    if opts["queue"] not in QUEUES:
+        raise ValueError(f"{SITE} site: queue {opts['queue']!r} is not one of {', '.join(QUEUES)} "
+                         f"(option queue, {env_var('queue')})")
+    gpus = opts["gpus_per_node"]
+    workers = workers or gpus
+    affinity = opts["cpu_affinity"] or (CPU_AFFINITY if workers == 4 == gpus else "block-reverse")
+    bin_dir = Path(sys.executable).parent
+    init = [f'export PATH="{bin_dir}:$PATH"', "export XLA_PYTHON_CLIENT_PREALLOCATE=false",
+            "export TMPDIR=/tmp"]
+    if opts["worker_init"]:
+        init.append(opts["worker_init"])
+    provider = PBSProProvider(
+        account=opts["account"],
+        queue=opts["queue"],
+        walltime=opts["walltime"],
+        nodes_per_block=opts["nodes_per_block"],
+        init_blocks=1,
+        min_blocks=0,
+        max_blocks=opts["max_blocks"],
+        cpus_per_node=64,
+        select_options=f"ngpus={gpus}",
+        # Parsl passes -A and -q to qsub; the same lines in the script keep it submittable by hand.
+        scheduler_options=(f"#PBS -l filesystems={opts['filesystems']}\n#PBS -A {opts['account']}\n"
+                           f"#PBS -q {opts['queue']}"),
+        worker_init="\n".join(init),
+        launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--depth=64 --ppn 1"),
+    )
+    decode = HighThroughputExecutor(
+        label="decode",
+        address=_address(opts),
+        max_workers_per_node=workers,
+        available_accelerators=gpus,
+        cpu_affinity=affinity,
+        provider=provider,
+    )
+    stitch = ThreadPoolExecutor(label="stitch", max_threads=opts["stitch_threads"])
+    return Config(executors=[decode, stitch], run_dir=run_dir, retries=opts["retries"], strategy="simple",
+                  usage_tracking=0)

@@ -1,0 +1,96 @@
+"""Slurm clusters (e.g. NERSC Perlmutter): sbatch jobs launched with srun, stitching in the driver.
+
+Options (keyword, else ``LAUEFLOW_SLURM_<OPTION>``, else the default): see ``laueflow sites show slurm``.
+With ``gpus_per_node`` > 0 each node gets that many decode workers, one per GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from parsl.config import Config
+from parsl.executors import HighThroughputExecutor, ThreadPoolExecutor
+from parsl.launchers import SrunLauncher
+from parsl.providers import SlurmProvider
+
+SITE = "slurm"
+
+# name: (default, type, help)
+OPTIONS: dict[str, tuple[Any, type, str]] = {
+    "partition": ("", str, "#SBATCH --partition (empty: the cluster's default)"),
+    "account": ("", str, "#SBATCH --account (empty: your default account)"),
+    "qos": ("", str, "#SBATCH --qos (e.g. debug, regular on Perlmutter)"),
+    "constraint": ("", str, "#SBATCH --constraint (e.g. gpu on Perlmutter)"),
+    "walltime": ("01:00:00", str, "walltime of each block (HH:MM:SS)"),
+    "nodes_per_block": (1, int, "nodes per Slurm job"),
+    "max_blocks": (1, int, "most Slurm jobs at once"),
+    "cores_per_node": (0, int, "cores per node for the workers (0: all)"),
+    "gpus_per_node": (0, int, "GPUs per node: #SBATCH --gpus-per-node and one decode worker per GPU"),
+    "scheduler_options": ("", str, "extra #SBATCH lines"),
+    "worker_init": ("", str, "shell lines run before the workers start (e.g. activate an environment)"),
+    "address": ("", str, "driver address for the workers (default: Parsl probes)"),
+    "retries": (2, int, "Parsl retries of a failed task"),
+    "stitch_threads": (2, int, "stitching/writing threads in the driver"),
+}
+
+
+def env_var(name: str) -> str:
+    return f"LAUEFLOW_{SITE.upper().replace('-', '_')}_{name.upper()}"
+
+
+def _options(options: dict) -> dict:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"{SITE} site: unknown options {unknown} (known: {sorted(OPTIONS)})")
+    values = {}
+    for name, (default, kind, _) in OPTIONS.items():
+        value = options.get(name, os.environ.get(env_var(name), default))
+        if value is None:
+            raise ValueError(f"{SITE} site: option {name!r} is required: pass {name}=... "
+                             f"or set {env_var(name)}")
+        try:
+            values[name] = kind(value)
+        except ValueError:
+            raise ValueError(f"{SITE} site: option {name!r} (or {env_var(name)}) must be "
+                             f"{kind.__name__}, not {value!r}") from None
+    return values
+
+
+def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> Config:
+    """A Parsl configuration for a Slurm cluster; ``workers``: decode workers per node."""
+    opts = _options(options)
+    gpus = opts["gpus_per_node"]
+    bin_dir = Path(sys.executable).parent
+    init = [f'export PATH="{bin_dir}:$PATH"', "export XLA_PYTHON_CLIENT_PREALLOCATE=false"]
+    if opts["worker_init"]:
+        init.append(opts["worker_init"])
+    provider = SlurmProvider(
+        partition=opts["partition"] or None,
+        account=opts["account"] or None,
+        qos=opts["qos"] or None,
+        constraint=opts["constraint"] or None,
+        walltime=opts["walltime"],
+        nodes_per_block=opts["nodes_per_block"],
+        cores_per_node=opts["cores_per_node"] or None,
+        gpus_per_node=gpus or None,
+        init_blocks=1,
+        min_blocks=0,
+        max_blocks=opts["max_blocks"],
+        scheduler_options=opts["scheduler_options"],
+        worker_init="\n".join(init),
+        launcher=SrunLauncher(),
+    )
+    decode = HighThroughputExecutor(
+        label="decode",
+        address=opts["address"] or None,
+        max_workers_per_node=workers or gpus or None,
+        available_accelerators=gpus or (),
+        cpu_affinity="block" if gpus else "none",
+        provider=provider,
+    )
+    stitch = ThreadPoolExecutor(label="stitch", max_threads=opts["stitch_threads"])
+    return Config(executors=[decode, stitch], run_dir=run_dir, retries=opts["retries"], strategy="simple",
+                  usage_tracking=0)
