@@ -17,6 +17,8 @@ from parsl.executors import HighThroughputExecutor, ThreadPoolExecutor
 from parsl.launchers import MpiExecLauncher, SrunLauncher
 from parsl.providers import LocalProvider
 
+from laueflow.sites import option_env_var, resolve_options
+
 SITE = "in-job"
 
 # name: (default, type, help)
@@ -33,25 +35,11 @@ OPTIONS: dict[str, tuple[Any, type, str]] = {
 
 
 def env_var(name: str) -> str:
-    return f"LAUEFLOW_{SITE.upper().replace('-', '_')}_{name.upper()}"
+    return option_env_var(SITE, name)
 
 
 def _options(options: dict) -> dict:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise TypeError(f"{SITE} site: unknown options {unknown} (known: {sorted(OPTIONS)})")
-    values = {}
-    for name, (default, kind, _) in OPTIONS.items():
-        value = options.get(name, os.environ.get(env_var(name), default))
-        if value is None:
-            raise ValueError(f"{SITE} site: option {name!r} is required: pass {name}=... "
-                             f"or set {env_var(name)}")
-        try:
-            values[name] = kind(value)
-        except ValueError:
-            raise ValueError(f"{SITE} site: option {name!r} (or {env_var(name)}) must be "
-                             f"{kind.__name__}, not {value!r}") from None
-    return values
+    return resolve_options(SITE, OPTIONS, options)
 
 
 def expand_nodelist(text: str) -> list[str]:

@@ -8,7 +8,6 @@ from inside an allocation.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ from parsl.config import Config
 from parsl.executors import HighThroughputExecutor, ThreadPoolExecutor
 from parsl.launchers import MpiExecLauncher
 from parsl.providers import PBSProProvider
+
+from laueflow.sites import option_env_var, resolve_options
 
 SITE = "polaris"
 QUEUES = ("debug", "debug-scaling", "prod", "preemptable", "demand")
@@ -43,25 +44,11 @@ OPTIONS: dict[str, tuple[Any, type, str]] = {
 
 
 def env_var(name: str) -> str:
-    return f"LAUEFLOW_{SITE.upper().replace('-', '_')}_{name.upper()}"
+    return option_env_var(SITE, name)
 
 
 def _options(options: dict) -> dict:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise TypeError(f"{SITE} site: unknown options {unknown} (known: {sorted(OPTIONS)})")
-    values = {}
-    for name, (default, kind, _) in OPTIONS.items():
-        value = options.get(name, os.environ.get(env_var(name), default))
-        if value is None:
-            raise ValueError(f"{SITE} site: option {name!r} is required: pass {name}=... "
-                             f"or set {env_var(name)}")
-        try:
-            values[name] = kind(value)
-        except ValueError:
-            raise ValueError(f"{SITE} site: option {name!r} (or {env_var(name)}) must be "
-                             f"{kind.__name__}, not {value!r}") from None
-    return values
+    return resolve_options(SITE, OPTIONS, options)
 
 
 def _address(opts: dict) -> str | None:

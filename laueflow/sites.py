@@ -102,3 +102,28 @@ def site_config(site: str | os.PathLike, workers: int | None = None, run_dir: st
         raise SiteError(f"{module.__file__}: the Parsl configuration has no executor labelled "
                         + " or ".join(repr(m) for m in missing) + f" (found {sorted(map(str, labels))})")
     return cfg
+
+
+def option_env_var(site: str, name: str) -> str:
+    """The environment variable that sets a site option: LAUEFLOW_<SITE>_<OPTION>."""
+    return f"LAUEFLOW_{site.upper().replace('-', '_')}_{name.upper()}"
+
+
+def resolve_options(site: str, table: dict, options: dict) -> dict:
+    """A site's option values: a keyword option wins, then LAUEFLOW_<SITE>_<OPTION>, then the default
+    of ``table`` (name -> (default, type, help); a None default means the option is required)."""
+    unknown = sorted(set(options) - set(table))
+    if unknown:
+        raise TypeError(f"{site} site: unknown options {unknown} (known: {sorted(table)})")
+    values = {}
+    for name, (default, kind, _) in table.items():
+        var = option_env_var(site, name)
+        value = options.get(name, os.environ.get(var, default))
+        if value is None:
+            raise ValueError(f"{site} site: option {name!r} is required: pass {name}=... or set {var}")
+        try:
+            values[name] = kind(value)
+        except ValueError:
+            raise ValueError(f"{site} site: option {name!r} (or {var}) must be {kind.__name__}, "
+                             f"not {value!r}") from None
+    return values

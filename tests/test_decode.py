@@ -72,6 +72,22 @@ def _pooled(parts) -> E.Scores:
     return E.score(cat, np.concatenate(rows), np.concatenate(cols), np.concatenate(profiles))
 
 
+def assert_targets(preset: str, s: E.Scores) -> None:
+    """The reconstruction issue's figures for a preset."""
+    assert s.finite
+    assert s.covered >= 0.99, s.summary()
+    if preset == "thin":
+        assert s.centroid_median <= 0.3, s.summary()
+        assert s.within_2um >= 0.99, s.summary()
+        assert s.correlation_mean >= 0.9, s.summary()
+        assert s.phantom < 0.01, s.summary()
+    elif preset == "extended":
+        assert s.centroid_median <= 2.0, s.summary()
+        assert s.correlation_mean >= 0.9, s.summary()
+    elif preset == "overlap":
+        assert s.both_peaks >= 0.9, s.summary()
+
+
 @pytest.fixture(scope="module")
 def scores(tmp_path_factory):
     """Accuracy of a preset on a geometry, pooled over scans of the given seeds, computed once."""
@@ -90,13 +106,7 @@ def scores(tmp_path_factory):
 
 @pytest.mark.parametrize("geometry", ["tilted", "flat"])
 def test_thin_grains(scores, geometry):
-    s = scores("thin", geometry)
-    assert s.finite
-    assert s.covered >= 0.99, s.summary()
-    assert s.centroid_median <= 0.3, s.summary()
-    assert s.within_2um >= 0.99, s.summary()
-    assert s.correlation_mean >= 0.9, s.summary()
-    assert s.phantom < 0.01, s.summary()
+    assert_targets("thin", scores("thin", geometry))
 
 
 @pytest.mark.parametrize(
@@ -118,21 +128,15 @@ def test_thin_grains(scores, geometry):
     ],
 )
 def test_extended_grains(scores, geometry):
-    s = scores("extended", geometry)
-    assert s.finite
-    assert s.covered >= 0.99, s.summary()
-    assert s.centroid_median <= 2.0, s.summary()
-    assert s.correlation_mean >= 0.9, s.summary()
+    assert_targets("extended", scores("extended", geometry))
 
 
 @pytest.mark.parametrize("geometry", ["tilted", "flat"])
 def test_two_grain_pixels(scores, geometry):
     # per scan this figure ranges 86-96 % with the arrangement of spots; the target is on the pool
     s = scores("overlap", geometry, seeds=(11, 12, 13), region=64)
-    assert s.finite
-    assert s.covered >= 0.99, s.summary()
     assert s.two_grain_pixels > 20
-    assert s.both_peaks >= 0.9, s.summary()
+    assert_targets("overlap", s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,10 +303,6 @@ def test_accuracy_over_many_scans(scores, preset, geometry):
     """The issue's figures pooled over five full 64 x 64 scans (make test-slow)."""
     s = scores(preset, geometry, seeds=(21, 22, 23, 24, 25), region=64)
     print(preset, geometry, s.summary())
-    assert s.finite and s.covered >= 0.99, s.summary()
-    if preset == "thin":
-        assert s.centroid_median <= 0.3 and s.within_2um >= 0.99 and s.correlation_mean >= 0.9, s.summary()
-    elif preset == "extended" and geometry == "tilted":
-        assert s.centroid_median <= 2.0 and s.correlation_mean >= 0.9, s.summary()
-    elif preset == "overlap":
-        assert s.both_peaks >= 0.9, s.summary()
+    if preset == "extended" and geometry == "flat":
+        pytest.xfail("extended grains in the flat geometry: known gap (see test_extended_grains)")
+    assert_targets(preset, s)
