@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from parsl.config import Config
-from parsl.executors import HighThroughputExecutor, ThreadPoolExecutor
+from parsl.executors import HighThroughputExecutor
 from parsl.launchers import MpiExecLauncher, SrunLauncher
 from parsl.providers import LocalProvider
 
-from laueflow.sites import option_env_var, resolve_options
+from laueflow.sites import COMMON_OPTIONS, assemble, option_env_var, resolve_options
 
 SITE = "in-job"
 
@@ -27,10 +27,8 @@ OPTIONS: dict[str, tuple[Any, type, str]] = {
     "cpu_affinity": ("none", str, "worker CPU binding (none, block, block-reverse, alternating, list:...)"),
     "mpiexec_overrides": ("--depth=64 --ppn 1", str, "extra mpiexec arguments (PBS allocations)"),
     "srun_overrides": ("", str, "extra srun arguments (Slurm allocations)"),
-    "worker_init": ("", str, "shell lines run before the workers start (e.g. activate an environment)"),
     "address": ("", str, "driver address for the workers (default: Parsl probes)"),
-    "retries": (2, int, "Parsl retries of a failed task"),
-    "stitch_threads": (2, int, "stitching/writing threads in the driver"),
+    **COMMON_OPTIONS,
 }
 
 
@@ -98,6 +96,4 @@ def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> C
         cpu_affinity=opts["cpu_affinity"],
         provider=provider,
     )
-    stitch = ThreadPoolExecutor(label="stitch", max_threads=opts["stitch_threads"])
-    return Config(executors=[decode, stitch], run_dir=run_dir, retries=opts["retries"], strategy="simple",
-                  usage_tracking=0)
+    return assemble(decode, run_dir, opts["stitch_threads"], opts["retries"])

@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 from parsl.config import Config
-from parsl.executors import HighThroughputExecutor, ThreadPoolExecutor
+from parsl.executors import HighThroughputExecutor
 from parsl.providers import LocalProvider
+
+from laueflow.sites import assemble
 
 
 def _bin_dir() -> Path:
@@ -48,5 +50,4 @@ def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> C
         provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1, worker_init="; ".join(init)),
         **options,
     )
-    stitch = ThreadPoolExecutor(label="stitch", max_threads=stitch_threads)
-    return Config(executors=[decode, stitch], run_dir=run_dir, strategy="simple", usage_tracking=0)
+    return assemble(decode, run_dir, stitch_threads)

@@ -14,11 +14,11 @@ from typing import Any
 
 from parsl.addresses import address_by_interface
 from parsl.config import Config
-from parsl.executors import HighThroughputExecutor, ThreadPoolExecutor
+from parsl.executors import HighThroughputExecutor
 from parsl.launchers import MpiExecLauncher
 from parsl.providers import PBSProProvider
 
-from laueflow.sites import option_env_var, resolve_options
+from laueflow.sites import COMMON_OPTIONS, assemble, option_env_var, resolve_options
 
 SITE = "polaris"
 QUEUES = ("debug", "debug-scaling", "prod", "preemptable", "demand")
@@ -35,11 +35,9 @@ OPTIONS: dict[str, tuple[Any, type, str]] = {
     "gpus_per_node": (4, int, "GPUs per node (one decode worker each)"),
     "cpu_affinity": ("", str, "worker CPU binding (default: ALCF's per-GPU list, else block-reverse)"),
     "filesystems": ("home:eagle", str, "#PBS -l filesystems=..."),
-    "worker_init": ("", str, "shell lines run before the workers start (e.g. activate an environment)"),
     "interface": ("bond0", str, "network interface the workers reach the driver on"),
     "address": ("", str, "driver address for the workers (default: the address of `interface`)"),
-    "retries": (2, int, "Parsl retries of a failed task"),
-    "stitch_threads": (2, int, "stitching/writing threads in the driver"),
+    **COMMON_OPTIONS,
 }
 
 
@@ -100,6 +98,4 @@ def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> C
         cpu_affinity=affinity,
         provider=provider,
     )
-    stitch = ThreadPoolExecutor(label="stitch", max_threads=opts["stitch_threads"])
-    return Config(executors=[decode, stitch], run_dir=run_dir, retries=opts["retries"], strategy="simple",
-                  usage_tracking=0)
+    return assemble(decode, run_dir, opts["stitch_threads"], opts["retries"])

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from parsl.config import Config
-from parsl.executors import HighThroughputExecutor, ThreadPoolExecutor
+from parsl.executors import HighThroughputExecutor
 from parsl.launchers import SrunLauncher
 from parsl.providers import SlurmProvider
 
-from laueflow.sites import option_env_var, resolve_options
+from laueflow.sites import COMMON_OPTIONS, assemble, option_env_var, resolve_options
 
 SITE = "slurm"
 
@@ -31,10 +31,8 @@ OPTIONS: dict[str, tuple[Any, type, str]] = {
     "cores_per_node": (0, int, "cores per node for the workers (0: all)"),
     "gpus_per_node": (0, int, "GPUs per node: #SBATCH --gpus-per-node and one decode worker per GPU"),
     "scheduler_options": ("", str, "extra #SBATCH lines"),
-    "worker_init": ("", str, "shell lines run before the workers start (e.g. activate an environment)"),
     "address": ("", str, "driver address for the workers (default: Parsl probes)"),
-    "retries": (2, int, "Parsl retries of a failed task"),
-    "stitch_threads": (2, int, "stitching/writing threads in the driver"),
+    **COMMON_OPTIONS,
 }
 
 
@@ -78,6 +76,4 @@ def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> C
         cpu_affinity="block" if gpus else "none",
         provider=provider,
     )
-    stitch = ThreadPoolExecutor(label="stitch", max_threads=opts["stitch_threads"])
-    return Config(executors=[decode, stitch], run_dir=run_dir, retries=opts["retries"], strategy="simple",
-                  usage_tracking=0)
+    return assemble(decode, run_dir, opts["stitch_threads"], opts["retries"])

@@ -127,3 +127,22 @@ def resolve_options(site: str, table: dict, options: dict) -> dict:
             raise ValueError(f"{site} site: option {name!r} (or {var}) must be {kind.__name__}, "
                              f"not {value!r}") from None
     return values
+
+
+# options every cluster site has, in the (default, type, help) form of the sites' OPTIONS tables
+COMMON_OPTIONS: dict = {
+    "worker_init": ("", str, "shell lines run before the workers start (e.g. activate an environment)"),
+    "retries": (2, int, "Parsl retries of a failed task"),
+    "stitch_threads": (2, int, "stitching/writing threads in the driver"),
+}
+
+
+def assemble(decode, run_dir: str, stitch_threads: int, retries: int = 0):
+    """A site's parsl.Config: its ``decode`` executor plus stitching threads in the driver, under the
+    two labels every site shares, so that the same task graph runs everywhere."""
+    from parsl.config import Config
+    from parsl.executors import ThreadPoolExecutor
+
+    stitch = ThreadPoolExecutor(label="stitch", max_threads=stitch_threads)
+    return Config(executors=[decode, stitch], run_dir=run_dir, retries=retries, strategy="simple",
+                  usage_tracking=0)
