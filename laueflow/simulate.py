@@ -9,11 +9,11 @@ compress to almost nothing.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import yaml
 
@@ -21,6 +21,7 @@ from . import __version__
 from . import config as C
 from . import geometry as G
 from .forward import Setup, traces
+from .io.results import atomic_h5
 from .mask import debruijn, load_code
 
 PRESETS = ("thin", "extended", "overlap", "multipoint")
@@ -173,8 +174,7 @@ def _write_frame(path: Path, image: np.ndarray, region: tuple[int, int, int, int
                  i0: float) -> None:
     """One detector frame in the beamline layout; only the region's chunks are stored."""
     r0, r1, c0, c1 = region
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_h5(path) as f:
         d = f.create_dataset(DETECTOR_KEY, shape=shape, dtype="uint16", chunks=(256, 256),
                              compression="gzip", compression_opts=1, shuffle=True, fillvalue=0)
         d[r0:r1, c0:c1] = image
@@ -183,7 +183,6 @@ def _write_frame(path: Path, image: np.ndarray, region: tuple[int, int, int, int
                           "starty": 0, "endy": shape[0] - 1, "binx": 1, "biny": 1})
         f["entry1/monitor/I0"] = np.float64(i0)
         f["entry1/sample"] = "laueflow synthetic sample"
-    tmp.replace(path)
 
 
 def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: int | None = None,
@@ -263,76 +262,76 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
 
     truth = {"pixels": [], "profiles": [], "grain": [], "grain2": [], "energy": [], "point": []}
     grain_rows = []
-    stack = None
-    if single_file:
-        stack = h5py.File(out / f"{prefix}.h5.tmp", "w")
-        dset = stack.create_dataset(DETECTOR_KEY, shape=(points * n_frames, *shape), dtype="uint16",
-                                    chunks=(1, 256, 256), compression="gzip", compression_opts=1,
-                                    shuffle=True, fillvalue=0)
-        i0_all = np.empty(points * n_frames)
-    n_written = 0
-    for k in range(points):
-        grains = _grains("thin" if preset == "multipoint" else preset, rng, reg, depth_um)
-        signal = np.zeros((h * w, n_frames))
-        prof_total = np.zeros((h * w, depth_um.size))
-        contrib = np.zeros((h * w, len(grains)))  # each grain's total counts per frame in each pixel
-        energy = np.full(h * w, np.nan)
-        for gi, grain in enumerate(grains):
-            shape_z = grain.profile(depth_um)
-            grain_rows.append((k, grain.top, grain.thickness, grain.decay))
-            # a grain is continuous in depth: each bin's share is spread over SUBSAMPLES points
-            # inside the bin (only over the grain's bins, which also keeps this fast)
-            on = np.flatnonzero(shape_z > 0)
-            sub_z = (depths_mm[on][:, None] + dz_mm * _SUB_OFFSETS[None, :]).ravel()
-            sub_f = np.repeat(shape_z[on] / _SUB_OFFSETS.size, _SUB_OFFSETS.size)
-            for s in grain.spots:
-                wgt = _spot_weights(s, rows, cols)
-                near = np.flatnonzero(wgt >= 0.5)  # pixels receiving at least half a count per frame
-                if near.size == 0:
-                    continue
-                signal[near] += traces(setup, centres[near], wgt[near, None] * sub_f[None, :], sub_z,
-                                       frame_idx, s[4])
-                prof_total[near] += wgt[near, None] * shape_z[None, :]
-                # the pixel's energy is that of its strongest spot
-                energy[near] = np.where(wgt[near] > contrib[near].max(1, initial=0), s[4], energy[near])
-                contrib[near, gi] += wgt[near]
-        order = np.argsort(-contrib, axis=1)
-        first = order[:, 0] + len(grain_rows) - len(grains)
-        top2 = np.take_along_axis(contrib, order[:, :2], 1) if len(grains) > 1 else np.zeros((h * w, 2))
-        second = np.where(top2[:, 1] >= 0.2 * top2[:, 0], order[:, min(1, len(grains) - 1)]
-                          + len(grain_rows) - len(grains), -1)
-        # background: smooth across the region, drifting with the incident intensity (the monitor)
-        ramp = 1.0 + 0.1 * ((rows - r0) / max(h - 1, 1) - 0.5) + 0.05 * ((cols - c0) / max(w - 1, 1) - 0.5)
-        drift = 1.0 + 0.03 * np.sin(2 * np.pi * np.arange(n_frames) / max(n_frames, 2) * 1.7 + k)
-        expected = (background * ramp[:, None] + signal) * drift[None, :]
-        counts = rng.poisson(expected) if noise else np.rint(expected)
-        counts = np.minimum(counts, SATURATED).astype(np.uint16)
-        free = np.flatnonzero(prof_total.sum(1) == 0)
-        hot = rng.choice(free, size=min(3, free.size), replace=False)
-        counts[hot] = SATURATED
-        images = counts.reshape(h, w, n_frames).transpose(2, 0, 1)
-        i0 = 1.0e5 * drift
-        for n in range(n_frames):
-            idx = k * n_frames + n
-            if single_file:
-                dset[idx, r0:r1, c0:c1] = images[n]
-                i0_all[idx] = i0[n]
-            else:
-                _write_frame(out / f"{prefix}_{idx}.h5", images[n], reg, shape, i0[n])
-            n_written += 1
-        spot_px = np.flatnonzero(prof_total.sum(1) >= 4 * np.sqrt(background))
-        truth["pixels"].append(np.stack([rows[spot_px], cols[spot_px]], 1))
-        truth["profiles"].append(prof_total[spot_px])
-        truth["grain"].append(first[spot_px])
-        truth["grain2"].append(second[spot_px])
-        truth["energy"].append(energy[spot_px])
-        truth["point"].append(np.full(spot_px.size, k))
-    if single_file:
-        stack["entry1/monitor/I0"] = i0_all
-        stack.close()
-        (out / f"{prefix}.h5.tmp").replace(out / f"{prefix}.h5")
+    with contextlib.ExitStack() as files:  # the stack file appears only once complete
+        stack = None
+        if single_file:
+            stack = files.enter_context(atomic_h5(out / f"{prefix}.h5"))
+            dset = stack.create_dataset(DETECTOR_KEY, shape=(points * n_frames, *shape), dtype="uint16",
+                                        chunks=(1, 256, 256), compression="gzip", compression_opts=1,
+                                        shuffle=True, fillvalue=0)
+            i0_all = np.empty(points * n_frames)
+        n_written = 0
+        for k in range(points):
+            grains = _grains("thin" if preset == "multipoint" else preset, rng, reg, depth_um)
+            signal = np.zeros((h * w, n_frames))
+            prof_total = np.zeros((h * w, depth_um.size))
+            contrib = np.zeros((h * w, len(grains)))  # each grain's total counts per frame in each pixel
+            energy = np.full(h * w, np.nan)
+            for gi, grain in enumerate(grains):
+                shape_z = grain.profile(depth_um)
+                grain_rows.append((k, grain.top, grain.thickness, grain.decay))
+                # a grain is continuous in depth: each bin's share is spread over SUBSAMPLES points
+                # inside the bin (only over the grain's bins, which also keeps this fast)
+                on = np.flatnonzero(shape_z > 0)
+                sub_z = (depths_mm[on][:, None] + dz_mm * _SUB_OFFSETS[None, :]).ravel()
+                sub_f = np.repeat(shape_z[on] / _SUB_OFFSETS.size, _SUB_OFFSETS.size)
+                for s in grain.spots:
+                    wgt = _spot_weights(s, rows, cols)
+                    near = np.flatnonzero(wgt >= 0.5)  # pixels receiving at least half a count per frame
+                    if near.size == 0:
+                        continue
+                    signal[near] += traces(setup, centres[near], wgt[near, None] * sub_f[None, :], sub_z,
+                                           frame_idx, s[4])
+                    prof_total[near] += wgt[near, None] * shape_z[None, :]
+                    # the pixel's energy is that of its strongest spot
+                    energy[near] = np.where(wgt[near] > contrib[near].max(1, initial=0), s[4], energy[near])
+                    contrib[near, gi] += wgt[near]
+            order = np.argsort(-contrib, axis=1)
+            first = order[:, 0] + len(grain_rows) - len(grains)
+            top2 = np.take_along_axis(contrib, order[:, :2], 1) if len(grains) > 1 else np.zeros((h * w, 2))
+            second = np.where(top2[:, 1] >= 0.2 * top2[:, 0], order[:, min(1, len(grains) - 1)]
+                              + len(grain_rows) - len(grains), -1)
+            # background: smooth across the region, drifting with the incident intensity (the monitor)
+            ramp = (1.0 + 0.1 * ((rows - r0) / max(h - 1, 1) - 0.5)
+                    + 0.05 * ((cols - c0) / max(w - 1, 1) - 0.5))
+            drift = 1.0 + 0.03 * np.sin(2 * np.pi * np.arange(n_frames) / max(n_frames, 2) * 1.7 + k)
+            expected = (background * ramp[:, None] + signal) * drift[None, :]
+            counts = rng.poisson(expected) if noise else np.rint(expected)
+            counts = np.minimum(counts, SATURATED).astype(np.uint16)
+            free = np.flatnonzero(prof_total.sum(1) == 0)
+            hot = rng.choice(free, size=min(3, free.size), replace=False)
+            counts[hot] = SATURATED
+            images = counts.reshape(h, w, n_frames).transpose(2, 0, 1)
+            i0 = 1.0e5 * drift
+            for n in range(n_frames):
+                idx = k * n_frames + n
+                if single_file:
+                    dset[idx, r0:r1, c0:c1] = images[n]
+                    i0_all[idx] = i0[n]
+                else:
+                    _write_frame(out / f"{prefix}_{idx}.h5", images[n], reg, shape, i0[n])
+                n_written += 1
+            spot_px = np.flatnonzero(prof_total.sum(1) >= 4 * np.sqrt(background))
+            truth["pixels"].append(np.stack([rows[spot_px], cols[spot_px]], 1))
+            truth["profiles"].append(prof_total[spot_px])
+            truth["grain"].append(first[spot_px])
+            truth["grain2"].append(second[spot_px])
+            truth["energy"].append(energy[spot_px])
+            truth["point"].append(np.full(spot_px.size, k))
+        if single_file:
+            stack["entry1/monitor/I0"] = i0_all
 
-    with h5py.File(out / "truth.h5.tmp", "w") as f:
+    with atomic_h5(out / "truth.h5") as f:
         t = f.create_group("truth")
         t["pixels"] = np.concatenate(truth["pixels"]).astype(np.int32)
         t["depth"] = depth_um
@@ -352,7 +351,6 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
         t.attrs.update({"preset": preset, "seed": seed, "noise": noise, "points": points,
                         "frames_per_point": n_frames, "background": background,
                         "laueflow_version": __version__})
-    (out / "truth.h5.tmp").replace(out / "truth.h5")
     n_truth = int(sum(len(p) for p in truth["pixels"]))
     return {"out_dir": str(out), "config": str(out / "config.yaml"), "truth": str(out / "truth.h5"),
             "frames": n_written, "points": points, "frames_per_point": n_frames, "region": list(reg),
