@@ -23,7 +23,7 @@ one jit-compiled function per block shape, vmapped over pixels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache, partial
 
 import jax
@@ -33,7 +33,7 @@ import numpy as np
 from . import geometry as G
 from .config import Config
 from .forward import Setup
-from .mask import gold_fraction_np, mu_thickness
+from .mask import contrast, gold_fraction_np, mu_thickness
 
 # quality flag bits
 NO_SIGNAL = 1  # no modulation above noise: a background pixel (profile is zero)
@@ -75,9 +75,6 @@ class Decoded:
             z,
             z,
         )
-
-    def take(self, idx) -> Decoded:
-        return Decoded(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
 
 @dataclass(frozen=True)
@@ -607,8 +604,7 @@ def decode(traces, rows, cols, frames, setup: Setup, cfg: Config, selected=None)
     level_f = mean + (h_counts * mean_pattern).sum(axis=1)  # the trace's constant: sum f + background
     total_f = level_f - np.nan_to_num(background, nan=0.0)
     c_fit = np.where(total_f > 0, total_h / np.maximum(total_f, 1e-12), np.nan)
-    mu_nom_px = float(mu_thickness(cfg.recon.energy, thick)[0]) * dct.path_factor
-    c_nominal = -np.expm1(-mu_nom_px)
+    c_nominal = contrast(cfg.recon.energy, thick, dct.path_factor)
     bg0 = np.nan_to_num(background, nan=0.0)
     excess_tol = 4 * np.sqrt(np.maximum(bg0, 1.0) / n_f) + 0.01 * bg0
     has_signal = (total_f > excess_tol) | own.any(axis=1) if bg_all is not None else own.any(axis=1)

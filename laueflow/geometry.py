@@ -165,12 +165,3 @@ def pixel_optics(geo: Geometry, pixels) -> PixelOptics:
     phi = np.arctan(p[..., 0] / p[..., 1])
     cos_pa = np.cos(phi + geo.anglez)
     return PixelOptics(blur=blur, path_factor=1.0 / cos_pa, kappa=np.cos(phi) / cos_pa, phi=phi)
-
-
-def depth_reach(geo: Geometry, pixels, depths, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each depth, the fraction of pixels whose rays cross the code [0, L] in at least one frame,
-    and the per-pixel code-coordinate span covered; used to say which depths the mask can resolve."""
-    u = np.asarray(code_coordinates(geo, pixels, depths, np.array([0, max(n_frames - 1, 0)])))
-    lo, hi = np.minimum(u[:, 0], u[:, 1]), np.maximum(u[:, 0], u[:, 1])  # (P, J)
-    crosses = (hi > 0) & (lo < geo.code_length)
-    return crosses.mean(axis=0), hi - lo
