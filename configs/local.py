@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from parsl.config import Config
 from parsl.executors import HighThroughputExecutor
 from parsl.providers import LocalProvider
 
-from laueflow.sites import assemble
+from laueflow.sites import COMMON_OPTIONS, assemble, option_env_var, resolve_options
+
+SITE = "local"
 
 
 def _bin_dir() -> Path:
@@ -22,32 +25,39 @@ def _bin_dir() -> Path:
     return Path(sys.executable).parent
 
 
-def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> Config:
-    """A Parsl configuration for one machine.
+# name: (default, type, help)
+OPTIONS: dict[str, tuple[Any, type, str]] = {
+    "cores_per_worker": (1.0, float, "cores each decode worker may use"),
+    **COMMON_OPTIONS,
+}
 
-    ``workers``: decode worker processes (default: one per core).  ``options``: ``stitch_threads``
-    (default 2), ``worker_init`` (shell lines run before the workers start), and anything else is
-    passed on to the HighThroughputExecutor (e.g. ``available_accelerators``).
-    """
+
+def env_var(name: str) -> str:
+    return option_env_var(SITE, name)
+
+
+def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> Config:
+    """A Parsl configuration for one machine; ``workers``: decode worker processes (default: one per
+    core); options as in ``OPTIONS`` (keyword, else LAUEFLOW_LOCAL_<OPTION>, else the default)."""
+    opts = resolve_options(SITE, OPTIONS, options)
     workers = workers or os.cpu_count() or 1
-    stitch_threads = int(options.pop("stitch_threads", 2))
     # Workers and the interchange are console scripts of this environment: make them findable even
     # when the environment was not activated (e.g. `.venv/bin/laueflow run ...`).
     bin_dir = _bin_dir()
     init = [f'export PATH="{bin_dir}:$PATH"', "export XLA_PYTHON_CLIENT_PREALLOCATE=false"]
-    extra_init = options.pop("worker_init", "")
-    if extra_init:
-        init.append(extra_init)
+    if opts["worker_init"]:
+        init.append(opts["worker_init"])
+    extra = {}
     interchange = bin_dir / "interchange.py"
     if interchange.exists():
-        options.setdefault("interchange_launch_cmd", [sys.executable, str(interchange)])
+        extra["interchange_launch_cmd"] = [sys.executable, str(interchange)]
     decode = HighThroughputExecutor(
         label="decode",
         address="127.0.0.1",
         loopback_address="127.0.0.1",
         max_workers_per_node=workers,
-        cores_per_worker=1,
+        cores_per_worker=opts["cores_per_worker"],
         provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1, worker_init="; ".join(init)),
-        **options,
+        **extra,
     )
-    return assemble(decode, run_dir, stitch_threads)
+    return assemble(decode, run_dir, opts["stitch_threads"], opts["retries"])

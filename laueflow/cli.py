@@ -10,6 +10,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -87,80 +88,81 @@ def _scan_location(scan_dir: Path, cfg: Any) -> Path:
     return scan_dir
 
 
-def _reporter(console: Any, interactive: bool) -> tuple[Callable[[Any], None], Callable[[], None]]:
-    """A progress callback (rich bar on a terminal, plain lines otherwise) and a function closing it."""
-    if not interactive:
-        def plain(event: Any) -> None:
-            if event.kind == "start":
-                click.echo(f"{_plural(event.points_total, 'point')}, {_plural(event.blocks_total, 'block')} "
-                           "to decode")
-            elif event.kind == "point":
-                click.echo(event.result.line())
-
-        return plain, lambda: None
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("[bold]decoding"), BarColumn(), MofNCompleteColumn(), TextColumn("blocks"),
-                   TimeElapsedColumn(), TextColumn("{task.fields[points]}"), console=console)
-    task: list[Any] = []
-    finished = [0]
-
-    def fancy(event: Any) -> None:
-        if event.kind == "start":
-            bar.start()
-            task.append(bar.add_task("decode", total=max(event.blocks_total, 1),
-                                     points=f"0/{event.points_total} points"))
-        elif event.kind == "block":
-            bar.update(task[0], completed=event.blocks_done)
-        elif event.kind == "point":
-            finished[0] += 1
-            style = "" if event.result.ok else "[red]"
-            bar.console.print(style + event.result.line(), markup=bool(style), highlight=False)
-            bar.update(task[0], points=f"{finished[0]}/{event.points_total} points")
-
-    return fancy, bar.stop
+def _site_options(pairs: tuple[str, ...], endpoint: str | None) -> dict[str, str]:
+    """``KEY=VALUE`` site options from the command line (``--endpoint`` is the option ``endpoint``)."""
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--site-option {pair!r}: expected KEY=VALUE (see `laueflow sites show SITE`)")
+        options[key.strip().replace("-", "_")] = value
+    if endpoint:
+        options["endpoint"] = endpoint
+    return options
 
 
-@main.command()
-@click.argument("scan_dir", type=click.Path(exists=True, path_type=Path))
-@click.option("--config", "config_file", type=click.Path(path_type=Path),
-              help="Beamline configuration (default: SCAN_DIR/config.yaml).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder (default: <scan>_recon beside SCAN_DIR).")
-@click.option("--points", help="Scan points: 5, 0,2,4, 3:7 (end exclusive) or all (default).")
-@click.option("--block-pixels", type=click.IntRange(min=1),
-              help="Pixels per task (default: recon.block_pixels).")
-@click.option("--site", default="local", show_default=True,
-              help="Site name (see `laueflow sites`) or site file.")
-@click.option("--workers", type=click.IntRange(min=1), help="Decode workers (default: the site's choice).")
-def run(scan_dir: Path, config_file: Path | None, out_dir: Path | None, points: str | None,
-        block_pixels: int | None, site: str, workers: int | None) -> None:
-    """Reconstruct the scan in SCAN_DIR into one HDF5 file per scan point."""
+def run_options(func: Callable) -> Callable:
+    """The options `laueflow run` and `laueflow watch` share."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(path_type=Path),
+                     help="Beamline configuration (default: SCAN_DIR/config.yaml)."),
+        click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+                     help="Output folder (default: <scan>_recon beside SCAN_DIR)."),
+        click.option("--block-pixels", type=click.IntRange(min=1),
+                     help="Pixels per task (default: recon.block_pixels)."),
+        click.option("--site", default="local", show_default=True,
+                     help="Site name (see `laueflow sites`) or site file."),
+        click.option("--site-option", "site_option", multiple=True, metavar="KEY=VALUE",
+                     help="A site option (repeatable), e.g. account=MyProject; "
+                          "see `laueflow sites show SITE`."),
+        click.option("--endpoint", metavar="UUID", help="Globus Compute endpoint (site globus-compute)."),
+        click.option("--workers", type=click.IntRange(min=1),
+                     help="Decode workers (default: the site's choice)."),
+        click.option("--force", is_flag=True,
+                     help="Recompute everything, even up-to-date points and blocks."),
+        click.option("--per-depth-files", is_flag=True,
+                     help="Also write one image file per depth (entry1/data/data, entry1/depth) per point."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@dataclass
+class RunSetup:
+    """What `run` and `watch` resolve from their common options before the work starts."""
+
+    cfg: Any
+    config_file: Path
+    location: Path
+    out_dir: Path
+    site_config: Any
+    console: Any
+
+
+def prepare_run(scan_dir: Path, config_file: Path | None, out_dir: Path | None, site: str,
+                site_option: tuple[str, ...], endpoint: str | None, workers: int | None) -> RunSetup:
+    """Load the configuration and the site and print where things are (errors exit with status 2)."""
     from rich.console import Console
 
-    from . import provenance, sites
-    from .workflow import dag
+    from . import sites
 
     config_file = config_file or (scan_dir if scan_dir.is_dir() else scan_dir.parent) / "config.yaml"
     cfg = _load_config(config_file)
     location = _scan_location(scan_dir, cfg)
     out_dir = (out_dir or default_out_dir(scan_dir)).resolve()
+    options = _site_options(site_option, endpoint)
     with _input_errors():
-        parsl_config = sites.site_config(site, workers=workers, run_dir=str(out_dir / ".runinfo"))
-        console = Console()
-        report, close = _reporter(console, console.is_terminal)
-        click.echo(f"scan:   {location}")
-        click.echo(f"config: {Path(config_file).resolve()} (fingerprint {cfg.fingerprint()})")
-        click.echo(f"output: {out_dir}/point_<k>.h5 (site {site}, Parsl logs in {out_dir / '.runinfo'})")
-        try:
-            result = dag.run(location, cfg, out_dir, points=points, block_pixels=block_pixels,
-                             site_config=parsl_config, progress=report,
-                             command_line=provenance.command_line())
-        except KeyboardInterrupt:
-            result = None
-        finally:
-            close()
+        parsl_config = sites.site_config(site, workers=workers, run_dir=str(out_dir / ".runinfo"), **options)
+    click.echo(f"scan:   {location}")
+    click.echo(f"config: {Path(config_file).resolve()} (fingerprint {cfg.fingerprint()})")
+    click.echo(f"output: {out_dir}/point_<k>.h5 (site {site}, Parsl logs in {out_dir / '.runinfo'}, "
+               f"progress in {out_dir / 'status.json'})")
+    return RunSetup(cfg, Path(config_file), location, out_dir, parsl_config, Console())
+
+
+def finish_run(result: Any, console: Any) -> NoReturn:
+    """Print the summary (and again the points that need attention) and exit with the run's status."""
     if result is None:
         click.echo("interrupted: finished points and blocks are kept; run again to resume", err=True)
         sys.exit(130)
@@ -170,6 +172,37 @@ def run(scan_dir: Path, config_file: Path | None, out_dir: Path | None, points: 
                 click.echo(p.line(), err=True)
     click.echo(result.summary())
     sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("scan_dir", type=click.Path(exists=True, path_type=Path))
+@click.option("--points", help="Scan points: 5, 0,2,4, 3:7 (end exclusive) or all (default).")
+@run_options
+def run(scan_dir: Path, points: str | None, config_file: Path | None, out_dir: Path | None,
+        block_pixels: int | None, site: str, site_option: tuple[str, ...], endpoint: str | None,
+        workers: int | None, force: bool, per_depth_files: bool) -> None:
+    """Reconstruct the scan in SCAN_DIR into one HDF5 file per scan point.
+
+    A rerun keeps the points and blocks that are up to date and computes the rest; progress is in
+    OUT/status.json while it runs.
+    """
+    from . import provenance
+    from .progress import reporter
+    from .workflow import dag
+
+    setup = prepare_run(scan_dir, config_file, out_dir, site, site_option, endpoint, workers)
+    report, close = reporter(setup.console)
+    with _input_errors():
+        try:
+            result = dag.run(setup.location, setup.cfg, setup.out_dir, points=points,
+                             block_pixels=block_pixels, site_config=setup.site_config, progress=report,
+                             command_line=provenance.command_line(), force=force,
+                             per_depth_files=per_depth_files)
+        except KeyboardInterrupt:
+            result = None
+        finally:
+            close()
+    finish_run(result, setup.console)
 
 
 # ----------------------------------------------------------------------------------------------

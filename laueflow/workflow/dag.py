@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from .. import provenance
 from ..config import Config, ConfigWarning, load
 from ..io import results
 from ..io.scan import Scan, ScanError, open_scan, select_points
+from .status import RunLock, RunLocked, StatusFile
 
 BLOCKS_DIR = ".blocks"
 OK_STATUSES = ("done", "resumed")
@@ -99,14 +100,17 @@ class RunResult:
 
 @dataclass
 class ProgressEvent:
-    """Sent to the ``progress`` callback: ``start`` (totals known), ``block`` (one block finished) and
-    ``point`` (one point finished, with its result)."""
+    """Sent to the ``progress`` callback: ``start`` (totals known), ``block`` (one block finished, with
+    its point and pixel count) and ``point`` (one point finished, with its result).  Totals grow when
+    points are added while the run goes on."""
 
     kind: str
     blocks_done: int
     blocks_total: int
     points_total: int
     result: PointResult | None = None
+    point: int | None = None
+    n_pixels: int = 0
 
 
 @dataclass
@@ -234,16 +238,32 @@ def _root_cause(futures: Sequence[Future]) -> str:
     return ""
 
 
+class PointFeed(Protocol):
+    """Points that become ready while a run goes on (``laueflow watch``): ``poll`` returns the points
+    that became ready since the last call; ``done`` is True once no more will come."""
+
+    def poll(self) -> Sequence[int]: ...
+
+    @property
+    def done(self) -> bool: ...
+
+
 def run(scan_path: str | Path, cfg: Config, out_dir: str | Path, points: str | Sequence[int] | None = None,
         block_pixels: int | None = None, site_config: Any = None,
         progress: Callable[[ProgressEvent], None] | None = None, command_line: str | None = None,
-        max_points_in_flight: int = 64, max_blocks_in_flight: int = 4096) -> RunResult:
+        max_points_in_flight: int = 64, max_blocks_in_flight: int = 4096, force: bool = False,
+        per_depth_files: bool = False, feed: PointFeed | None = None,
+        tick: Callable[[], None] | None = None, status_extra: Callable[[], dict] | None = None,
+        poll_interval: float = 1.0) -> RunResult:
     """Reconstruct the chosen points of a scan into ``out_dir``; returns what happened to each point.
 
     ``site_config`` is a ``parsl.Config`` with executors labelled ``decode`` and ``stitch`` (see
     :mod:`laueflow.sites`; default: the threads site).  Raises ScanError or RunError, before
-    writing anything, when the run cannot start.  Existing complete point files whose
-    configuration and input fingerprints match are kept; finished block files are reused.
+    writing anything, when the run cannot start, and RunError when another run holds ``out_dir``.
+    Existing complete point files whose configuration and input fingerprints match are kept and
+    finished block files are reused, unless ``force``.  ``per_depth_files`` also writes one image
+    file per depth for the indexing chain.  ``feed`` adds points while the run goes on; ``tick`` is
+    called about every ``poll_interval`` seconds; ``status_extra`` adds entries to ``status.json``.
     """
     import parsl
 
@@ -264,6 +284,27 @@ def run(scan_path: str | Path, cfg: Config, out_dir: str | Path, points: str | S
                        "call parsl.dfk().cleanup() first (laueflow loads its site itself)")
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out_dir)
+    try:
+        lock.acquire()
+    except RunLocked as exc:
+        raise RunError(str(exc)) from None
+    try:
+        return _drive(plan, scan_path, cfg, out_dir, site_config, emit, command_line, start_time, t_start,
+                      max_points_in_flight, max_blocks_in_flight, force, per_depth_files, feed, tick,
+                      status_extra, poll_interval, reconstruct_block, stitch_point)
+    finally:
+        lock.release()
+
+
+def _drive(plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_config: Any,
+           emit: Callable[[ProgressEvent], None], command_line: str | None, start_time: str, t_start: float,
+           max_points_in_flight: int, max_blocks_in_flight: int, force: bool, per_depth_files: bool,
+           feed: PointFeed | None, tick: Callable[[], None] | None, status_extra: Callable[[], dict] | None,
+           poll_interval: float, reconstruct_block: Any, stitch_point: Any) -> RunResult:
+    """The body of :func:`run`, once the output folder is locked."""
+    import parsl
+
     if site_config is None:
         from .. import sites
 
@@ -271,91 +312,142 @@ def run(scan_path: str | Path, cfg: Config, out_dir: str | Path, points: str | S
     cfg_path, worker_fp = _worker_config(cfg, out_dir)
     source = Path(cfg.source_file) if cfg.source_file else None
     source_text = source.read_text() if source is not None and source.is_file() else None
+    command = command_line if command_line is not None else provenance.command_line()
     meta_common = {
         "scan_path": str(scan_path), "cfg_path": cfg_path, "frame": [int(v) for v in cfg.file.frame],
         "depths_mm": [float(z) for z in cfg.geo.source.depths], "config_yaml": cfg.to_yaml(),
         "config_fingerprint": cfg.fingerprint(), "start_time": start_time,
-        "command_line": command_line if command_line is not None else provenance.command_line(),
-        "host": socket.gethostname(), "config_file": cfg.source_file or "", "config_source": source_text,
+        "command_line": command, "host": socket.gethostname(), "config_file": cfg.source_file or "",
+        "config_source": source_text, "per_depth_files": per_depth_files,
     }
-
+    status = StatusFile(out_dir, scan=str(scan_path), command=command, extra=status_extra)
     outcome = RunResult(out_dir=str(out_dir))
-    done_results: dict[int, PointResult] = {}
-    todo: list[int] = []
-    for k in plan.points:
-        resumed = _resumable(plan.scan, cfg, k, out_dir / results.point_name(k), _block_dir(out_dir, k))
-        if resumed is not None:
-            done_results[k] = resumed
-        else:
-            todo.append(k)
     n_tiles = len(plan.tiles)
-    blocks_total, blocks_done = len(todo) * n_tiles, 0
-    emit(ProgressEvent("start", 0, blocks_total, len(plan.points)))
-    for k in plan.points:
+    done_results: dict[int, PointResult] = {}
+    order: list[int] = []
+    queue: deque[int] = deque()
+    counts = {"blocks_total": 0, "blocks_done": 0}
+
+    def event(kind: str, result: PointResult | None = None, point: int | None = None,
+              n_pixels: int = 0) -> ProgressEvent:
+        return ProgressEvent(kind, counts["blocks_done"], counts["blocks_total"], len(order), result,
+                             point=point, n_pixels=n_pixels)
+
+    def add_points(new: Sequence[int]) -> None:
+        """Queue points (skipping those already in the run); points with up-to-date files are done."""
+        for k in new:
+            if k in done_results or k in queue or k in order:
+                continue
+            if k >= plan.scan.n_points:  # a scan that grows while it is watched
+                plan.scan = open_scan(cfg, scan_path, check=False)
+            order.append(k)
+            status.add_point(k, n_tiles)
+            resumed = None if force else _resumable(plan.scan, cfg, k, out_dir / results.point_name(k),
+                                                     _block_dir(out_dir, k))
+            if resumed is not None:
+                if per_depth_files:
+                    from ..io.export import export_point
+
+                    export_point(resumed.file)
+                done_results[k] = resumed
+                status.point_finished(resumed)
+                emit(event("point", resumed))
+            else:
+                if force:
+                    shutil.rmtree(_block_dir(out_dir, k), ignore_errors=True)
+                queue.append(k)
+                counts["blocks_total"] += n_tiles
+
+    add_points(plan.points)
+    emit(event("start"))
+    for k in order:
         if k in done_results:
-            emit(ProgressEvent("point", 0, blocks_total, len(plan.points), done_results[k]))
+            emit(event("point", done_results[k]))
+    status.write(force=True)
 
-    if todo:
-        with warnings.catch_warnings(), parsl.load(site_config):
-            # JAX warns on every fork; Parsl's providers fork only to exec shell commands, which is safe
-            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-            queue: deque[int] = deque(todo)
-            live: dict[Future, tuple[str, int]] = {}
-            active: dict[int, _Point] = {}
-            blocks_live = 0
+    final_state = "failed"
+    try:
+        if queue or (feed is not None and not feed.done):
+            with warnings.catch_warnings(), parsl.load(site_config):
+                # JAX warns on every fork; Parsl's providers fork only to exec shell commands, which is safe
+                warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+                live: dict[Future, tuple[str, int]] = {}
+                active: dict[int, _Point] = {}
+                blocks_live = 0
+                last_tick = time.monotonic()
 
-            def submit(k: int) -> int:
-                """Submit one point's blocks and its stitching; returns the number of block tasks."""
-                block_dir = _block_dir(out_dir, k)
-                state = _Point(point=k, t0=time.perf_counter())
-                deps: list[Any] = []
-                files: list[str] = []
-                for tile in plan.tiles:
-                    box = (tile.r0, tile.r1, tile.c0, tile.c1)
-                    bf = block_dir / f"block_r{tile.r0:05d}_c{tile.c0:05d}.npz"
-                    files.append(str(bf))
-                    reused = _reusable_block(bf, k, box, worker_fp)
-                    if reused is not None:
-                        deps.append(reused)
-                        continue
-                    fut = reconstruct_block(str(scan_path), cfg_path, k, tile, str(bf))
-                    live[fut] = ("block", k)
-                    state.block_futures.append(fut)
-                    deps.append(fut)
-                meta = {**meta_common, "point": k}
-                stitch = stitch_point(files, str(out_dir / results.point_name(k)), meta, inputs=deps)
-                live[stitch] = ("point", k)
-                active[k] = state
-                return len(state.block_futures)
+                def submit(k: int) -> int:
+                    """Submit one point's blocks and its stitching; returns the number of block tasks."""
+                    block_dir = _block_dir(out_dir, k)
+                    state = _Point(point=k, t0=time.perf_counter())
+                    deps: list[Any] = []
+                    files: list[str] = []
+                    for tile in plan.tiles:
+                        box = (tile.r0, tile.r1, tile.c0, tile.c1)
+                        bf = block_dir / f"block_r{tile.r0:05d}_c{tile.c0:05d}.npz"
+                        files.append(str(bf))
+                        reused = _reusable_block(bf, k, box, worker_fp)
+                        if reused is not None:
+                            deps.append(reused)
+                            continue
+                        fut = reconstruct_block(str(scan_path), cfg_path, k, tile, str(bf))
+                        live[fut] = ("block", k)
+                        state.block_futures.append(fut)
+                        deps.append(fut)
+                    meta = {**meta_common, "point": k}
+                    stitch = stitch_point(files, str(out_dir / results.point_name(k)), meta, inputs=deps)
+                    live[stitch] = ("point", k)
+                    active[k] = state
+                    return len(state.block_futures)
 
-            while queue or live:
-                while queue and len(active) < max_points_in_flight and (
-                        blocks_live < max_blocks_in_flight or not active):
-                    k = queue.popleft()
-                    n_new = submit(k)
-                    blocks_live += n_new
-                    reused = n_tiles - n_new
-                    if reused:
-                        blocks_done += reused
-                        emit(ProgressEvent("block", blocks_done, blocks_total, len(plan.points)))
-                finished, _ = wait(list(live), return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    kind, k = live.pop(fut)
-                    if kind == "block":
-                        blocks_live -= 1
-                        blocks_done += 1
-                        emit(ProgressEvent("block", blocks_done, blocks_total, len(plan.points)))
-                        continue
-                    state = active.pop(k)
-                    result = _point_result(k, fut, state)
-                    if result.status == "done":
-                        shutil.rmtree(_block_dir(out_dir, k), ignore_errors=True)
-                    done_results[k] = result
-                    emit(ProgressEvent("point", blocks_done, blocks_total, len(plan.points), result))
-    blocks_root = out_dir / BLOCKS_DIR
-    if blocks_root.is_dir() and not any(p.is_dir() for p in blocks_root.iterdir()):
-        shutil.rmtree(blocks_root, ignore_errors=True)
-    outcome.points = [done_results[k] for k in plan.points]
+                while True:
+                    if feed is not None and not feed.done:
+                        add_points(feed.poll())
+                    while queue and len(active) < max_points_in_flight and (
+                            blocks_live < max_blocks_in_flight or not active):
+                        k = queue.popleft()
+                        n_new = submit(k)
+                        blocks_live += n_new
+                        reused = n_tiles - n_new
+                        status.point_running(k, reused_blocks=reused)
+                        if reused:
+                            counts["blocks_done"] += reused
+                            emit(event("block", point=k))
+                    if not live and not queue and (feed is None or feed.done):
+                        break
+                    if tick is not None and time.monotonic() - last_tick >= poll_interval:
+                        tick()
+                        last_tick = time.monotonic()
+                    finished, _ = wait(list(live), timeout=poll_interval, return_when=FIRST_COMPLETED)
+                    if not finished:
+                        status.write()
+                    for fut in finished:
+                        kind, k = live.pop(fut)
+                        if kind == "block":
+                            blocks_live -= 1
+                            counts["blocks_done"] += 1
+                            info = fut.result() if fut.exception() is None else {"error": "task failed"}
+                            n_pixels = int(info.get("n_pixels", 0))
+                            status.block_done(k, n_pixels=n_pixels, failed=bool(info.get("error")))
+                            emit(event("block", point=k, n_pixels=n_pixels))
+                            continue
+                        state = active.pop(k)
+                        result = _point_result(k, fut, state)
+                        if result.status == "done":
+                            shutil.rmtree(_block_dir(out_dir, k), ignore_errors=True)
+                        done_results[k] = result
+                        status.point_finished(result)
+                        emit(event("point", result))
+        final_state = "finished"
+    except KeyboardInterrupt:
+        final_state = "interrupted"
+        raise
+    finally:
+        blocks_root = out_dir / BLOCKS_DIR
+        if blocks_root.is_dir() and not any(p.is_dir() for p in blocks_root.iterdir()):
+            shutil.rmtree(blocks_root, ignore_errors=True)
+        status.finish(final_state)
+    outcome.points = [done_results[k] for k in order]
     outcome.seconds = time.perf_counter() - t_start
     return outcome
 

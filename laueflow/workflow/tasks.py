@@ -37,13 +37,14 @@ def cached_config(cfg_path: str | Path) -> Any:
         return _CONFIGS[key]
 
 
-def cached_scan(scan_path: str | Path, cfg: Any) -> Any:
-    """The scan, opened once per process (file headers are checked lazily, point by point)."""
+def cached_scan(scan_path: str | Path, cfg: Any, point: int = 0) -> Any:
+    """The scan, opened once per process (file headers are checked lazily, point by point), and opened
+    again when ``point`` lies beyond it (a scan that grows while it is watched)."""
     from laueflow.io.scan import open_scan
 
     key = (str(scan_path), cfg.fingerprint())
     with _LOCK:
-        if key not in _SCANS:
+        if key not in _SCANS or point >= _SCANS[key].n_points:
             _SCANS[key] = open_scan(cfg, scan_path, check=False)
         return _SCANS[key]
 
@@ -84,7 +85,7 @@ def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any,
     cfg = cached_config(cfg_path)
     n_depths = len(cfg.geo.source.depths)
     try:
-        scan = cached_scan(scan_path, cfg)
+        scan = cached_scan(scan_path, cfg, point)
         block = scan.read_block(point, tile)
     except ScanError as exc:
         return block_summary(point, box, error=str(exc), seconds=time.perf_counter() - t0)
@@ -134,7 +135,7 @@ def stitch_point(block_files: Sequence[str], out_file: str, meta: Mapping[str, A
         if not errors:
             return {**base, "status": "skipped", "reason": "; ".join(reasons)}
     cfg = cached_config(meta["cfg_path"])
-    scan = cached_scan(meta["scan_path"], cfg)
+    scan = cached_scan(meta["scan_path"], cfg, point)
     inputs = scan.fingerprints(point)
     hosts = sorted({str(b.get("host", "")) for b in blocks if b.get("host")})
     record = provenance.build(
@@ -145,6 +146,10 @@ def stitch_point(block_files: Sequence[str], out_file: str, meta: Mapping[str, A
         failed_blocks=len(errors))
     summary = write_point(out_file, written, frame=meta["frame"], depths_mm=meta["depths_mm"],
                           provenance=record, complete=not errors)
+    if meta.get("per_depth_files"):
+        from laueflow.io.export import export_point
+
+        summary["depth_files"] = len(export_point(out_file))
     status = "partial" if errors else "done"
     reason = f"{len(errors)} of {len(blocks)} blocks failed: {errors[0]}" if errors else ""
     return {**base, **summary, "status": status, "reason": reason, "stitch_seconds": time.perf_counter() - t0,

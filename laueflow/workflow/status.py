@@ -1,0 +1,189 @@
+"""What a run is doing, for other processes: ``OUT/status.json`` and the lock on the output folder.
+
+The status file is rewritten atomically (temporary name, then rename) at most about once a second
+while blocks finish, at every point event and at the end, so a notebook or a monitoring script can
+read it at any time.  Its format (``laueflow-status/1``)::
+
+    {"format", "laueflow_version", "state": running | finished | interrupted | failed,
+     "scan", "out_dir", "command", "host", "pid", "started", "updated", "finished",
+     "totals": {"points", "points_done", "points_failed", "blocks", "blocks_done", "pixels_done",
+                "pixels_per_second", "eta_seconds"},
+     "points": {"<k>": {"state": pending | running | done | resumed | partial | skipped | failed,
+                        "file", "blocks_total", "blocks_done", "blocks_failed", "blocks_reused", "n_pixels",
+                        "started", "finished", "seconds", "reason"}},
+     "transfers": {...}}          # only when results are sent with Globus Transfer
+
+The lock (``OUT/.lock``, an exclusive ``flock`` held for the whole run) refuses a second run on the
+same output folder; the operating system drops it when the process dies, so a crashed run never
+leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .. import __version__, provenance
+
+STATUS_FILE = "status.json"
+LOCK_FILE = ".lock"
+FORMAT = "laueflow-status/1"
+FINAL_STATES = ("done", "resumed", "partial", "skipped", "failed")
+
+
+class RunLocked(RuntimeError):
+    """Another run holds the output folder."""
+
+
+class RunLock:
+    """An exclusive lock on an output folder, held from ``acquire`` to ``release``."""
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.path = Path(out_dir) / LOCK_FILE
+        self._fh: Any = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")  # noqa: SIM115 (held open for the life of the run)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise RunLocked(f"output folder {self.path.parent} is in use by {holder}; wait for that run "
+                                "to end (or stop it) before starting another on the same folder") from None
+            raise
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"laueflow pid {os.getpid()} on {socket.gethostname()} since {provenance.now()}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fh, self._fh = self._fh, None
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def read_status(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The status file of a run folder, or None when there is none (or it cannot be parsed)."""
+    try:
+        return json.loads((Path(out_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class StatusFile:
+    """Keeps the state of every point of a run and writes it to ``OUT/status.json``.
+
+    ``extra`` is called at each write and its dictionary merged in (e.g. ``{"transfers": ...}``).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, scan: str, command: str,
+                 extra: Callable[[], dict[str, Any]] | None = None, min_interval: float = 1.0) -> None:
+        self.path = Path(out_dir) / STATUS_FILE
+        self.extra = extra
+        self.min_interval = min_interval
+        self._last_write = 0.0
+        self._t0 = time.monotonic()
+        self._pixels_at_start = 0
+        self.data: dict[str, Any] = {
+            "format": FORMAT, "laueflow_version": __version__, "state": "running",
+            "scan": str(scan), "out_dir": str(Path(out_dir)), "command": command,
+            "host": socket.gethostname(), "pid": os.getpid(),
+            "started": provenance.now(), "updated": provenance.now(), "finished": None,
+            "totals": {"points": 0, "points_done": 0, "points_failed": 0, "blocks": 0, "blocks_done": 0,
+                       "pixels_done": 0, "pixels_per_second": 0.0, "eta_seconds": None},
+            "points": {},
+        }
+
+    # -- changes ------------------------------------------------------------------------------
+
+    def add_point(self, point: int, blocks_total: int) -> None:
+        """A point joins the run (pending)."""
+        self.data["points"][str(point)] = {
+            "state": "pending", "file": None, "blocks_total": int(blocks_total), "blocks_done": 0,
+            "blocks_failed": 0, "blocks_reused": 0, "n_pixels": 0, "started": None, "finished": None,
+            "seconds": None, "reason": ""}
+
+    def point_running(self, point: int, reused_blocks: int = 0) -> None:
+        """The point's tasks are submitted; ``reused_blocks`` finished blocks of an earlier run are kept."""
+        entry = self.data["points"][str(point)]
+        entry.update(state="running", started=provenance.now(), blocks_done=int(reused_blocks),
+                     blocks_reused=int(reused_blocks))
+        self.write()
+
+    def block_done(self, point: int, n_pixels: int = 0, failed: bool = False) -> None:
+        entry = self.data["points"][str(point)]
+        entry["blocks_done"] += 1
+        entry["blocks_failed"] += int(failed)
+        entry["n_pixels"] += int(n_pixels)
+        self.write()
+
+    def point_finished(self, result: Any) -> None:
+        """``result`` is a :class:`laueflow.workflow.dag.PointResult`."""
+        entry = self.data["points"][str(result.point)]
+        entry.update(state=result.status, file=Path(result.file).name if result.file else None,
+                     n_pixels=int(result.n_pixels), finished=provenance.now(), reason=result.reason,
+                     seconds=round(float(result.seconds), 3) if result.status != "resumed" else None)
+        if result.status == "resumed":
+            entry["blocks_done"] = entry["blocks_total"]
+        entry["blocks_failed"] = max(entry["blocks_failed"], int(result.failed_blocks))
+        self.write(force=True)
+
+    def finish(self, state: str) -> None:
+        self.data["state"] = state
+        self.data["finished"] = provenance.now()
+        self.write(force=True)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def _totals(self) -> dict[str, Any]:
+        points = self.data["points"].values()
+        done = [p for p in points if p["state"] in FINAL_STATES]
+        blocks = sum(p["blocks_total"] for p in points)
+        blocks_done = sum(p["blocks_total"] if p["state"] in FINAL_STATES else p["blocks_done"]
+                          for p in points)
+        pixels = sum(p["n_pixels"] for p in points if p["state"] != "resumed")
+        elapsed = max(time.monotonic() - self._t0, 1e-6)
+        rate = pixels / elapsed
+        remaining = blocks - blocks_done
+        fresh = sum(p["blocks_done"] for p in points if p["state"] not in ("resumed",))
+        eta = remaining * elapsed / fresh if fresh and remaining else (0.0 if not remaining else None)
+        return {"points": len(self.data["points"]), "points_done": len(done),
+                "points_failed": sum(p["state"] == "failed" or p["blocks_failed"] > 0 for p in points),
+                "blocks": blocks, "blocks_done": blocks_done, "pixels_done": pixels,
+                "pixels_per_second": round(rate, 1), "eta_seconds": None if eta is None else round(eta, 1)}
+
+    def write(self, force: bool = False) -> None:
+        """Write the file now if ``force`` or the last write is more than ``min_interval`` old."""
+        now = time.monotonic()
+        if not force and now - self._last_write < self.min_interval:
+            return
+        self._last_write = now
+        self.data["updated"] = provenance.now()
+        self.data["totals"] = self._totals()
+        if self.extra is not None:
+            self.data.update(self.extra())
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
