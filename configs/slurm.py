@@ -48,10 +48,16 @@ def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> C
     """A Parsl configuration for a Slurm cluster; ``workers``: decode workers per node."""
     opts = _options(options)
     gpus = opts["gpus_per_node"]
+    # The workers' and the interchange's console scripts belong to this environment: findable even when
+    # the driver was started without activating it (e.g. `.venv/bin/laueflow run ...`).
     bin_dir = Path(sys.executable).parent
     init = [f'export PATH="{bin_dir}:$PATH"', "export XLA_PYTHON_CLIENT_PREALLOCATE=false"]
     if opts["worker_init"]:
         init.append(opts["worker_init"])
+    extra = {}
+    interchange = bin_dir / "interchange.py"
+    if interchange.exists():
+        extra["interchange_launch_cmd"] = [sys.executable, str(interchange)]
     provider = SlurmProvider(
         partition=opts["partition"] or None,
         account=opts["account"] or None,
@@ -75,5 +81,6 @@ def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> C
         available_accelerators=gpus or (),
         cpu_affinity="block" if gpus else "none",
         provider=provider,
+        **extra,
     )
     return assemble(decode, run_dir, opts["stitch_threads"], opts["retries"])
