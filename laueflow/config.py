@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import math
+import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -144,6 +145,31 @@ class ReconConfig:
     oversample: int = 1  # code-coordinate samples per depth bin
 
 
+SYNC_LEVELS = ("exists", "size", "mtime", "checksum")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Globus Transfer of finished results (section ``transfer``, see :mod:`laueflow.transfer`).
+
+    It moves results without changing them, so it is not part of the configuration fingerprint.
+    """
+
+    source: str  # collection UUID of the machine that writes the output folder
+    destination: str  # collection UUID that receives the results
+    destination_path: str  # destination folder: a run's folder OUT arrives as <destination_path>/<OUT name>
+    source_root: str = "/"  # local folder that the source collection's "/" corresponds to
+    sync_level: str = "checksum"  # when a file already at the destination is sent again
+    verify_checksum: bool = True  # compare checksums after each file is copied
+    batch_files: int = 16  # submit a task once this many files wait ...
+    batch_seconds: float = 30.0  # ... or once the oldest waiting file has waited this long
+    retries: int = 3  # resubmissions of a failed or timed-out task (and of a failed submission)
+    timeout: float = 3600.0  # seconds a task may take before it is cancelled and resubmitted
+    remove_local: bool = False  # delete a local file once its transfer has succeeded
+    client_id: str | None = None  # Globus native-app client ID for user logins
+    data_access: tuple[str, ...] = ()  # mapped collections that need data_access consent
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole, validated configuration."""
@@ -155,6 +181,7 @@ class Config:
     algo: dict = field(default_factory=dict)
     source_file: str | None = None
     unknown: tuple[str, ...] = ()
+    transfer: TransferConfig | None = None
 
     def to_dict(self) -> dict:
         """The resolved configuration in the beamline schema (what ``config show`` prints)."""
@@ -162,6 +189,8 @@ class Config:
         f = d["file"]
         f["h5"] = {"key": f.pop("h5_key")}
         out = {"file": f, "comp": d["comp"], "geo": d["geo"], "algo": d["algo"], "recon": d["recon"]}
+        if self.transfer is not None:
+            out["transfer"] = d["transfer"]
         return _plain(out)
 
     def to_yaml(self) -> str:
@@ -172,6 +201,7 @@ class Config:
         d = self.to_dict()
         d["file"] = {k: v for k, v in d["file"].items() if k != "path"}
         d.pop("comp", None)
+        d.pop("transfer", None)  # where results are sent does not change them
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def resolve(self, relative: str | None) -> Path | None:
@@ -300,7 +330,7 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
             f"{source}: expected a YAML mapping with sections file / geo, got {type(data).__name__}"
         )
     r = _Reader(data, source)
-    for sec in ("file", "geo", "recon", "comp", "algo"):
+    for sec in ("file", "geo", "recon", "comp", "algo", "transfer"):
         r.section(sec)
     num, integer, boolean, string = r.number, r.integer, r.boolean, r.string
     d = FileConfig(path="")
@@ -433,6 +463,8 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
         oversample=oversample,
     )
 
+    transfer = _transfer(r) if r.section("transfer") else None
+
     comp = copy.deepcopy(dict(r.section("comp")))
     algo = copy.deepcopy(dict(r.section("algo")))
     unknown = [k for k in r.unknown_keys() if k.split(".")[0] not in _UNUSED_SECTIONS]
@@ -446,6 +478,7 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
         algo=algo,
         source_file=None if source.startswith("<") else source,
         unknown=tuple(unknown + unused),
+        transfer=transfer,
     )
     if check_files and mask.path is not None:
         p = cfg.resolve(mask.path)
@@ -461,6 +494,70 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
             )
         warnings.warn(f"{source}: " + "; ".join(parts), ConfigWarning, stacklevel=2)
     return cfg
+
+
+def _uuid(r: _Reader, value: Any, key: str, what: str = "collection") -> str:
+    try:
+        return str(uuid.UUID(r.string(value, key)))
+    except ValueError:
+        raise r.fail(key, f"expected a Globus {what} UUID, got {value!r}") from None
+
+
+def _transfer(r: _Reader) -> TransferConfig:
+    """The ``transfer`` section (read only when present)."""
+    d = TransferConfig(source="", destination="", destination_path="")
+
+    def collection(value: Any, key: str) -> str:
+        return _uuid(r, value, key)
+
+    def client(value: Any, key: str) -> str:
+        return _uuid(r, value, key, "client")
+
+    def collections(value: Any, key: str) -> tuple[str, ...]:
+        items = value if isinstance(value, list | tuple) else [value]
+        return tuple(_uuid(r, v, f"{key}[{i}]") for i, v in enumerate(items))
+
+    dest_path = r.get("transfer.destination_path", r.string)
+    if not dest_path.startswith(("/", "~")):
+        raise r.fail("transfer.destination_path", f"must be an absolute path on the destination collection "
+                     f"(starting with / or ~), got {dest_path!r}")
+    root = r.get("transfer.source_root", r.string, d.source_root)
+    if not Path(root).expanduser().is_absolute():
+        raise r.fail("transfer.source_root", f"must be an absolute local path, got {root!r}")
+    sync = r.get("transfer.sync_level", r.string, d.sync_level)
+    if sync not in SYNC_LEVELS:
+        raise r.fail("transfer.sync_level", f"must be one of {', '.join(SYNC_LEVELS)}, got {sync!r}")
+    settings = TransferConfig(
+        source=r.get("transfer.source", collection),
+        destination=r.get("transfer.destination", collection),
+        destination_path=dest_path,
+        source_root=root,
+        sync_level=sync,
+        verify_checksum=r.get("transfer.verify_checksum", r.boolean, d.verify_checksum),
+        batch_files=r.get("transfer.batch_files", r.integer, d.batch_files),
+        batch_seconds=_positive(r, "transfer.batch_seconds",
+                                r.get("transfer.batch_seconds", r.number, d.batch_seconds), allow_zero=True),
+        retries=r.get("transfer.retries", r.integer, d.retries),
+        timeout=_positive(r, "transfer.timeout", r.get("transfer.timeout", r.number, d.timeout)),
+        remove_local=r.get("transfer.remove_local", r.boolean, d.remove_local),
+        client_id=r.get("transfer.client_id", client, None),
+        data_access=r.get("transfer.data_access", collections, d.data_access),
+    )
+    if settings.batch_files < 1:
+        raise r.fail("transfer.batch_files", f"must be >= 1, got {settings.batch_files}")
+    if settings.retries < 0:
+        raise r.fail("transfer.retries", f"must be >= 0, got {settings.retries}")
+    return settings
+
+
+def transfer_settings(section: Mapping, source: str = "<transfer settings>") -> TransferConfig:
+    """Validate a ``transfer`` section on its own (settings given on the command line, say)."""
+    r = _Reader({"transfer": section}, source)
+    settings = _transfer(r)
+    unknown = r.unknown_keys()
+    if unknown:
+        raise ConfigError(f"{source}: unknown transfer settings: {', '.join(unknown)}")
+    return settings
 
 
 def load(path: str | Path, check_files: bool = True) -> Config:

@@ -120,6 +120,8 @@ def test_site_files_define_both_labels(monkeypatch):
     monkeypatch.setenv("LAUEFLOW_POLARIS_ACCOUNT", "TEST")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "nid[001-002]")
     for name, _ in sites.list_sites():
+        if name == "globus-compute":  # needs an endpoint and a Globus login: see tests/test_globus_compute.py
+            continue
         cfg = sites.site_config(name, workers=1)
         assert {"decode", "stitch"} <= {ex.label for ex in cfg.executors}
 
