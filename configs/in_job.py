@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from parsl.executors import HighThroughputExecutor
 from parsl.launchers import MpiExecLauncher, SrunLauncher
 from parsl.providers import LocalProvider
 
-from laueflow.sites import COMMON_OPTIONS, assemble, option_env_var, resolve_options
+from laueflow.sites import COMMON_OPTIONS, assemble, option_env_var, resolve_options, this_environment
 
 SITE = "in-job"
 
@@ -82,12 +81,9 @@ def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> C
         launcher = MpiExecLauncher(bind_cmd="--cpu-bind", overrides=opts["mpiexec_overrides"])
     else:
         launcher = SrunLauncher(overrides=opts["srun_overrides"])
-    bin_dir = Path(sys.executable).parent
-    init = [f'export PATH="{bin_dir}:$PATH"', "export XLA_PYTHON_CLIENT_PREALLOCATE=false"]
-    if opts["worker_init"]:
-        init.append(opts["worker_init"])
+    init, keywords = this_environment(opts["worker_init"])
     provider = LocalProvider(nodes_per_block=len(nodes), init_blocks=1, min_blocks=0, max_blocks=1,
-                             launcher=launcher, worker_init="\n".join(init))
+                             launcher=launcher, worker_init=init)
     decode = HighThroughputExecutor(
         label="decode",
         address=opts["address"] or None,
@@ -95,5 +91,6 @@ def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> C
         available_accelerators=gpus or (),
         cpu_affinity=opts["cpu_affinity"],
         provider=provider,
+        **keywords,
     )
     return assemble(decode, run_dir, opts["stitch_threads"], opts["retries"])

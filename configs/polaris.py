@@ -8,8 +8,6 @@ from inside an allocation.
 from __future__ import annotations
 
 import logging
-import sys
-from pathlib import Path
 from typing import Any
 
 from parsl.addresses import address_by_interface
@@ -18,7 +16,7 @@ from parsl.executors import HighThroughputExecutor
 from parsl.launchers import MpiExecLauncher
 from parsl.providers import PBSProProvider
 
-from laueflow.sites import COMMON_OPTIONS, assemble, option_env_var, resolve_options
+from laueflow.sites import COMMON_OPTIONS, assemble, option_env_var, resolve_options, this_environment
 
 SITE = "polaris"
 QUEUES = ("debug", "debug-scaling", "prod", "preemptable", "demand")
@@ -69,11 +67,7 @@ def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> C
     gpus = opts["gpus_per_node"]
     workers = workers or gpus
     affinity = opts["cpu_affinity"] or (CPU_AFFINITY if workers == 4 == gpus else "block-reverse")
-    bin_dir = Path(sys.executable).parent
-    init = [f'export PATH="{bin_dir}:$PATH"', "export XLA_PYTHON_CLIENT_PREALLOCATE=false",
-            "export TMPDIR=/tmp"]
-    if opts["worker_init"]:
-        init.append(opts["worker_init"])
+    init, keywords = this_environment("export TMPDIR=/tmp", opts["worker_init"])
     provider = PBSProProvider(
         account=opts["account"],
         queue=opts["queue"],
@@ -87,7 +81,7 @@ def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> C
         # Parsl passes -A and -q to qsub; the same lines in the script keep it submittable by hand.
         scheduler_options=(f"#PBS -l filesystems={opts['filesystems']}\n#PBS -A {opts['account']}\n"
                            f"#PBS -q {opts['queue']}"),
-        worker_init="\n".join(init),
+        worker_init=init,
         launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--depth=64 --ppn 1"),
     )
     decode = HighThroughputExecutor(
@@ -97,5 +91,6 @@ def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> C
         available_accelerators=gpus,
         cpu_affinity=affinity,
         provider=provider,
+        **keywords,
     )
     return assemble(decode, run_dir, opts["stitch_threads"], opts["retries"])

@@ -6,8 +6,6 @@ With ``gpus_per_node`` > 0 each node gets that many decode workers, one per GPU.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 from parsl.config import Config
@@ -15,7 +13,7 @@ from parsl.executors import HighThroughputExecutor
 from parsl.launchers import SrunLauncher
 from parsl.providers import SlurmProvider
 
-from laueflow.sites import COMMON_OPTIONS, assemble, option_env_var, resolve_options
+from laueflow.sites import COMMON_OPTIONS, assemble, option_env_var, resolve_options, this_environment
 
 SITE = "slurm"
 
@@ -48,16 +46,7 @@ def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> C
     """A Parsl configuration for a Slurm cluster; ``workers``: decode workers per node."""
     opts = _options(options)
     gpus = opts["gpus_per_node"]
-    # The workers' and the interchange's console scripts belong to this environment: findable even when
-    # the driver was started without activating it (e.g. `.venv/bin/laueflow run ...`).
-    bin_dir = Path(sys.executable).parent
-    init = [f'export PATH="{bin_dir}:$PATH"', "export XLA_PYTHON_CLIENT_PREALLOCATE=false"]
-    if opts["worker_init"]:
-        init.append(opts["worker_init"])
-    extra = {}
-    interchange = bin_dir / "interchange.py"
-    if interchange.exists():
-        extra["interchange_launch_cmd"] = [sys.executable, str(interchange)]
+    init, keywords = this_environment(opts["worker_init"])
     provider = SlurmProvider(
         partition=opts["partition"] or None,
         account=opts["account"] or None,
@@ -71,7 +60,7 @@ def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> C
         min_blocks=0,
         max_blocks=opts["max_blocks"],
         scheduler_options=opts["scheduler_options"],
-        worker_init="\n".join(init),
+        worker_init=init,
         launcher=SrunLauncher(),
     )
     decode = HighThroughputExecutor(
@@ -81,6 +70,6 @@ def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> C
         available_accelerators=gpus or (),
         cpu_affinity="block" if gpus else "none",
         provider=provider,
-        **extra,
+        **keywords,
     )
     return assemble(decode, run_dir, opts["stitch_threads"], opts["retries"])

@@ -1,4 +1,8 @@
-"""Threads in one process (tests, debugging, small regions): no worker processes to start or stop."""
+"""Threads in one process (tests, debugging, small regions): no worker processes to start or stop.
+
+Reading and writing run in parallel threads; decoding takes one block at a time per process (see
+``laueflow.workflow.tasks``), so use the local site for speed.
+"""
 
 from __future__ import annotations
 

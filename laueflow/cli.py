@@ -161,6 +161,61 @@ def prepare_run(scan_dir: Path, config_file: Path | None, out_dir: Path | None, 
     return RunSetup(cfg, Path(config_file), location, out_dir, parsl_config, Console())
 
 
+@dataclass
+class TransferHooks:
+    """Globus Transfer of a run's results while it goes on (see :mod:`laueflow.transfer`)."""
+
+    transfers: Any
+
+    @classmethod
+    def start(cls, cfg: Any, out_dir: Path) -> TransferHooks | None:
+        """Hooks for the configuration's ``transfer`` section, or None without one; a missing login
+        stops here (exit 2), before anything runs."""
+        if cfg.transfer is None:
+            return None
+        from .transfer import TransferError, Transfers
+
+        try:
+            transfers = Transfers(cfg.transfer, out_dir, report=lambda line: click.echo(line, err=True))
+        except TransferError as exc:
+            _fail(str(exc))
+        click.echo(f"transfer: finished files go to {cfg.transfer.destination}:{transfers.destination_dir}")
+        return cls(transfers)
+
+    def progress(self, report: Callable[[Any], None]) -> Callable[[Any], None]:
+        """``report`` that also queues each written point file (and its per-depth files)."""
+        from .io.export import default_dest
+
+        def forward(event: Any) -> None:
+            report(event)
+            result = event.result
+            if event.kind == "point" and result.file and result.status in ("done", "partial", "resumed"):
+                depth_files = sorted(default_dest(result.file, result.point).glob("*.h5"))
+                self.transfers.add([result.file, *depth_files])
+
+        return forward
+
+    def status(self) -> dict[str, Any]:
+        return {"transfers": self.transfers.snapshot()}
+
+    def finish(self, result: Any) -> Any:
+        """Wait for the last transfers (up to the configured task timeout); a failed transfer makes
+        the command exit non-zero."""
+        from .transfer import record_status
+
+        if result is None:  # interrupted: do not wait; a rerun or `laueflow transfer` sends the rest
+            record_status(self.transfers.out_dir, self.transfers.snapshot())
+            click.echo(f"transfers: {self.transfers.pending} files not sent yet; run again or use "
+                       f"`laueflow transfer {self.transfers.out_dir}`", err=True)
+            return result
+        sent = self.transfers.finish(timeout=self.transfers.settings.timeout)
+        record_status(self.transfers.out_dir, self.transfers.snapshot())
+        click.echo(self.transfers.summary())
+        if result is not None and not sent:
+            result.transfers_failed = True
+        return result
+
+
 def finish_run(result: Any, console: Any) -> NoReturn:
     """Print the summary (and again the points that need attention) and exit with the run's status."""
     if result is None:
@@ -191,17 +246,114 @@ def run(scan_dir: Path, points: str | None, config_file: Path | None, out_dir: P
     from .workflow import dag
 
     setup = prepare_run(scan_dir, config_file, out_dir, site, site_option, endpoint, workers)
+    transfers = TransferHooks.start(setup.cfg, setup.out_dir)
     report, close = reporter(setup.console)
     with _input_errors():
         try:
             result = dag.run(setup.location, setup.cfg, setup.out_dir, points=points,
-                             block_pixels=block_pixels, site_config=setup.site_config, progress=report,
+                             block_pixels=block_pixels, site_config=setup.site_config,
+                             progress=transfers.progress(report) if transfers else report,
                              command_line=provenance.command_line(), force=force,
-                             per_depth_files=per_depth_files)
+                             per_depth_files=per_depth_files,
+                             tick=transfers.transfers.poll if transfers else None,
+                             status_extra=transfers.status if transfers else None)
         except KeyboardInterrupt:
             result = None
         finally:
             close()
+    if transfers is not None:
+        result = transfers.finish(result)
+    finish_run(result, setup.console)
+
+
+# ----------------------------------------------------------------------------------------------
+# watch
+
+
+@main.command()
+@click.argument("scan_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--points", "max_points", type=click.IntRange(min=1), metavar="N",
+              help="Stop once points 0 to N-1 are reconstructed (default: no limit).")
+@click.option("--until-idle", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Stop after SECONDS without new or growing frame files (default: only on Ctrl-C).")
+@click.option("--poll-interval", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
+              metavar="SECONDS", help="Seconds between two listings of the folder.")
+@run_options
+def watch(scan_dir: Path, max_points: int | None, until_idle: float | None, poll_interval: float,
+          config_file: Path | None, out_dir: Path | None, block_pixels: int | None, site: str,
+          site_option: tuple[str, ...], endpoint: str | None, workers: int | None, force: bool,
+          per_depth_files: bool) -> None:
+    """Reconstruct the scan points of SCAN_DIR as their frames arrive.
+
+    A point is taken once all its frame files are complete (size unchanged between two listings, and
+    the file opens with its image dataset).  Sites, options, outputs, resume and OUT/status.json are
+    those of `laueflow run`; each point's lag (from its last frame to its output) is printed and kept
+    in status.json.  Ctrl-C stops it; a restart resumes.
+    """
+    import time
+
+    from . import provenance
+    from .progress import reporter
+    from .watch import LagBook, PointFeed, sigterm_as_interrupt, watch_status
+    from .workflow import dag
+
+    setup = prepare_run(scan_dir, config_file, out_dir, site, site_option, endpoint, workers)
+    with _input_errors():
+        feed = PointFeed(setup.cfg, setup.location, poll_interval=poll_interval, until_idle=until_idle,
+                         max_points=max_points)
+    book = LagBook()
+    click.echo(f"watch:  {feed.describe()}")
+    transfers = TransferHooks.start(setup.cfg, setup.out_dir)
+    report, close = reporter(setup.console)
+    if transfers is not None:
+        report = transfers.progress(report)
+
+    def status_extra() -> dict[str, Any]:
+        return {**watch_status(feed, book), **(transfers.status() if transfers else {})}
+
+    def progress(event: Any) -> None:
+        report(event)
+        r = event.result
+        if event.kind != "point" or feed.arrival(r.point) is None:
+            return
+        if r.status == "resumed":
+            book.keep(r.point)
+            return
+        entry = book.record(r.point, feed.arrival(r.point), feed.ready_at(r.point), time.time(), r.status)
+        click.echo(entry.line())
+        warning = book.falling_behind()
+        if warning:
+            click.echo(f"warning: {warning}", err=True)
+
+    result, interrupted = None, False
+    with _input_errors(), sigterm_as_interrupt():
+        try:
+            first = feed.wait_first()
+            if first:
+                result = dag.run(setup.location, setup.cfg, setup.out_dir, points=first,
+                                 block_pixels=block_pixels, site_config=setup.site_config, progress=progress,
+                                 command_line=provenance.command_line(), force=force,
+                                 per_depth_files=per_depth_files, feed=feed, poll_interval=poll_interval,
+                                 tick=transfers.transfers.poll if transfers else None,
+                                 status_extra=status_extra)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            close()
+    if feed.stop_reason and not interrupted:
+        click.echo(f"watch stopped: {feed.stop_reason}")
+    pending = feed.incomplete()
+    if pending:
+        shown = "; ".join(f"{p.name}: {why}" for p, why in pending[:3])
+        more = f" ... ({len(pending)} in all)" if len(pending) > 3 else ""
+        held = ", ".join(str(k) for k in feed.unfinished_points())
+        click.echo(f"warning: {_plural(len(pending), 'frame file')} not complete when the watch stopped "
+                   f"({shown}{more}); points not taken: {held or 'none'}", err=True)
+    if result is None and not interrupted:
+        click.echo("no scan point became complete; nothing was reconstructed")
+        sys.exit(0)
+    if transfers is not None:
+        result = transfers.finish(result)
     finish_run(result, setup.console)
 
 
@@ -387,6 +539,207 @@ def score_command(run_dir: Path, truth_file: Path, point: int | None) -> None:
         note = "" if k in known else " (no spot pixels in the truth for this point)"
         click.echo(f"point {k:5d}: {score(truth.for_point(k), rows, cols, profiles).summary()}{note}")
     sys.exit(1 if unreadable else 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# transfer
+
+
+@main.command("transfer")
+@click.argument("out_dir", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="Configuration whose transfer section to use (default: the one the run used).")
+@click.option("--source", help="Source collection UUID (where OUT_DIR lies).")
+@click.option("--destination", help="Destination collection UUID.")
+@click.option("--destination-path", help="Destination folder; OUT_DIR arrives as <path>/<OUT_DIR name>.")
+@click.option("--source-root", help="Local folder that the source collection's / corresponds to.")
+@click.option("--sync-level", type=click.Choice(["exists", "size", "mtime", "checksum"]),
+              help="When a file already at the destination is sent again.")
+@click.option("--verify/--no-verify", "verify_checksum", default=None,
+              help="Compare checksums after copying.")
+@click.option("--retries", type=click.IntRange(min=0), help="Resubmissions of a failed or timed-out task.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a task may take before it is cancelled and resent.")
+@click.option("--client-id", help="Globus native-app client ID for logging in.")
+@click.option("--wait", type=click.FloatRange(min=0),
+              help="Seconds to wait for all transfers (default: long enough for every retry).")
+@click.option("--interval", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Seconds between checks of the tasks.")
+@click.option("--login", is_flag=True, help="Log in to Globus first (interactive); OUT_DIR is then optional.")
+def transfer_command(out_dir: Path | None, config_file: Path | None, wait: float | None, interval: float,
+                     login: bool, **options: Any) -> None:
+    """Send (or send again) the finished result files of OUT_DIR with Globus Transfer.
+
+    Point files and per-depth files go to <destination-path>/<OUT_DIR name>/ on the destination
+    collection; settings come from the transfer section of the configuration, options override them.
+    Exit status 0 when every file arrived, 1 when some did not, 2 on bad settings or a missing login."""
+    from .config import ConfigError, transfer_settings
+    from .transfer import TransferError, Transfers, record_status, recorded_settings, run_files, settings_dict
+    from .transfer import transfer_client as make_client
+
+    if out_dir is None and not login:
+        _fail("give OUT_DIR (a run's output folder), or --login to log in only")
+    base = _load_config(config_file).transfer if config_file is not None else (
+        recorded_settings(out_dir) if out_dir is not None else None)
+    section = settings_dict(base) if base is not None else {}
+    section.update({k: v for k, v in options.items() if v is not None})
+    if not {"source", "destination", "destination_path"} <= set(section):
+        _fail("no transfer settings: give --config FILE with a transfer section, or --source, --destination "
+              "and --destination-path")
+    files = run_files(out_dir) if out_dir is not None else []
+    if out_dir is not None and not files:
+        _fail(f"{out_dir}: no finished result files (point_<k>.h5) to transfer")
+    try:
+        settings = transfer_settings(section, "transfer settings")
+        client = make_client(settings, login=login)
+        if login:
+            click.echo("logged in to Globus")
+        if out_dir is None:
+            return
+        transfers = Transfers(settings, out_dir, client, report=click.echo, poll_interval=interval)
+    except (ConfigError, TransferError) as exc:
+        _fail(str(exc))
+    click.echo(f"sending {_plural(len(files), 'file')} from {settings.source}:{transfers.source_dir} to "
+               f"{settings.destination}:{transfers.destination_dir}")
+    transfers.add(files)
+    default_wait = (settings.retries + 1) * (settings.timeout + interval) + 60.0
+    ok = transfers.finish(default_wait if wait is None else wait)
+    if not record_status(out_dir, transfers.snapshot()):
+        click.echo(f"(transfer states not recorded: {out_dir / 'status.json'} is missing or its run is still "
+                   "going)", err=True)
+    click.echo(transfers.summary())
+    sys.exit(0 if ok else 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# show, export
+
+
+@main.command("show")
+@click.argument("point_file", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the PNG files (default: beside POINT_FILE).")
+@click.option("--truth", "use_truth", is_flag=True,
+              help="Overlay the true depths of a simulated scan (truth.h5 beside the scan).")
+@click.option("--truth-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The truth file when it is not beside the scan (implies --truth).")
+@click.option("--slices", type=click.IntRange(1, 48), default=12, show_default=True,
+              help="Panels of the depth-slice montage.")
+def show(point_file: Path, out_dir: Path | None, use_truth: bool, truth_file: Path | None,
+         slices: int) -> None:
+    """Write quick-look PNGs of POINT_FILE and print a summary of it.
+
+    The figures (<point>_<figure>.png): the depth-integrated image (integrated), intensity versus
+    depth (intensity), depth slices where the signal is (slices), and the depth of maximum intensity
+    of each pixel (depthmap)."""
+    from .runs import ResultError, open_point
+
+    if point_file.is_dir():
+        _fail(f"{point_file} is a folder; give a point file, e.g. {point_file / 'point_00000.h5'}")
+    if not point_file.exists():
+        _fail(f"{point_file}: point file does not exist")
+    try:
+        from .quicklook import save_quicklooks
+    except ImportError as exc:
+        _fail(f"laueflow show draws with matplotlib, which cannot be imported ({exc}); "
+              "install it with: pip install 'laueflow[notebooks]'")
+    try:
+        point = open_point(point_file)
+        truth = None
+        if use_truth or truth_file is not None:
+            truth = point.truth(truth_file)
+            if truth is None:
+                _fail(f"{point_file}: no truth.h5 beside its scan ({point.scan_dir}); --truth needs a scan "
+                      "written by `laueflow simulate` (or give --truth-file)")
+        click.echo(point.describe())
+        if truth is not None:
+            click.echo(f"{'truth':<10s}  {point.score(truth).summary()}")
+        written = save_quicklooks(point, out_dir, truth=truth, slices=slices)
+    except ResultError as exc:
+        _fail(str(exc))
+    for name, path in written.items():
+        click.echo(f"wrote {name:<10s}  {path}")
+
+
+def _export_selection(spec: str, known: list[int]) -> list[int]:
+    """Points named by ``--points`` (5, 0,2,4, 3:7 with the end exclusive, or all) among ``known``."""
+    if spec.strip().lower() == "all":
+        return list(known)
+    chosen: list[int] = []
+    for part in (p.strip() for p in spec.split(",")):
+        try:
+            if ":" in part:
+                a, b = part.split(":", 1)
+                lo = int(a) if a.strip() else min(known, default=0)
+                hi = int(b) if b.strip() else max(known, default=-1) + 1
+                chosen += [k for k in known if lo <= k < hi]
+            else:
+                chosen.append(int(part))
+        except ValueError:
+            _fail(f"--points {spec!r}: {part!r} is not a point number or a range a:b")
+    missing = sorted({k for k in chosen if k not in known})
+    if missing:
+        _fail(f"--points {spec!r}: points {missing} are not part of this run "
+              f"(points: {', '.join(map(str, known)) or 'none'})")
+    if not chosen:
+        _fail(f"--points {spec!r} selects no point of this run")
+    return sorted(set(chosen))
+
+
+@main.command("export")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--points", help="Points to export: 5, 0,2,4, 3:7 (end exclusive) or all (default: every "
+              "finished point).")
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the depth files, one sub-folder point_<k>/ per point "
+              "(default: OUT_DIR/depths).")
+@click.option("--force", is_flag=True, help="Rewrite depth files that are up to date.")
+def export_command(out_dir: Path, points: str | None, dest: Path | None, force: bool) -> None:
+    """Write one HDF5 image file per depth of the finished points of the run in OUT_DIR.
+
+    Each file holds entry1/data/data (float32 image over the region, attribute frame = [r0, r1, c0, c1])
+    and entry1/depth (um), the layout the indexing chain reads.  Files that are up to date are kept.
+    Exit status 0 when every selected point was exported, 1 when some could not be (not finished,
+    unreadable), 2 on bad input."""
+    from .io.export import DEPTHS_DIR, ExportError, export_point_detailed
+    from .runs import ResultError, open_run
+
+    try:
+        run_ = open_run(out_dir)
+    except ResultError as exc:
+        _fail(str(exc))
+    if not run_.points:
+        _fail(f"{out_dir}: no scan points here (no point_<k>.h5 files and no status.json)")
+    chosen = _export_selection(points, list(run_.points)) if points else list(run_.points)
+    root = (dest if dest is not None else out_dir / DEPTHS_DIR).resolve()
+    exported, waiting, failed, written, kept = 0, [], 0, 0, 0
+    for k in chosen:
+        info = run_.points[k]
+        if info.file is None:
+            waiting.append(k)
+            if points:
+                click.echo(f"point {k:5d}: not exported, no result file (state {info.state})", err=True)
+            continue
+        try:
+            r = export_point_detailed(info.file, root / f"point_{k:05d}", force=force)
+        except ExportError as exc:
+            click.echo(f"point {k:5d}: not exported: {exc}", err=True)
+            failed += 1
+            continue
+        exported += 1
+        written, kept = written + r.written, kept + r.kept
+        extra = f", {r.removed} of an older depth grid removed" if r.removed else ""
+        click.echo(f"point {k:5d}: {_plural(len(r.files), 'depth file')} in {r.dest} ({r.written} written, "
+                   f"{r.kept} up to date{extra})")
+    tail = ""
+    if waiting:
+        tail = f"; {_plural(len(waiting), 'point')} not finished yet ({', '.join(map(str, waiting[:10]))}"
+        tail += " ...)" if len(waiting) > 10 else ")"
+    if failed:
+        tail += f"; {failed} failed"
+    click.echo(f"exported {_plural(exported, 'point')} into {root}: {written} files written, "
+               f"{kept} up to date{tail}")
+    sys.exit(1 if failed or (points and waiting) or exported == 0 else 0)
 
 
 if __name__ == "__main__":

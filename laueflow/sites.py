@@ -137,6 +137,23 @@ COMMON_OPTIONS: dict = {
 }
 
 
+def this_environment(*extra_init: str, sep: str = "\n") -> tuple[str, dict[str, Any]]:
+    """Worker initialisation and HighThroughputExecutor keywords that run the workers and the
+    interchange from this interpreter's environment, even when it was not activated (e.g.
+    ``.venv/bin/laueflow run ...``): its bin folder goes first on PATH and the interchange is launched
+    with this interpreter.  ``extra_init``: further shell lines (empty ones are dropped)."""
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    init = [f'export PATH="{bin_dir}:$PATH"', "export XLA_PYTHON_CLIENT_PREALLOCATE=false",
+            *(line for line in extra_init if line)]
+    keywords: dict[str, Any] = {}
+    interchange = bin_dir / "interchange.py"
+    if interchange.exists():
+        keywords["interchange_launch_cmd"] = [sys.executable, str(interchange)]
+    return sep.join(init), keywords
+
+
 def assemble(decode, run_dir: str, stitch_threads: int, retries: int = 0):
     """A site's parsl.Config: its ``decode`` executor plus stitching threads in the driver, under the
     two labels every site shares, so that the same task graph runs everywhere."""

@@ -39,9 +39,12 @@ def point_name(point: int) -> str:
     return f"point_{point:05d}.h5"
 
 
+TMP_MARK = ".tmp-"
+
+
 def tmp_name(path: Path) -> Path:
     """The temporary name a file is written under before it is moved into place."""
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
 
 
 @contextlib.contextmanager

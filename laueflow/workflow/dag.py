@@ -80,10 +80,11 @@ class RunResult:
     out_dir: str
     points: list[PointResult] = field(default_factory=list)
     seconds: float = 0.0
+    transfers_failed: bool = False  # results were written but not all reached their Globus destination
 
     @property
     def exit_code(self) -> int:
-        return 0 if all(p.ok for p in self.points) else 1
+        return 0 if all(p.ok for p in self.points) and not self.transfers_failed else 1
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -126,6 +127,7 @@ class _Point:
     point: int
     t0: float
     block_futures: list[Future] = field(default_factory=list)
+    block_tiles: list[tuple[int, ...]] = field(default_factory=list)
 
 
 def _corner_pixels(frame: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -230,11 +232,12 @@ def _reusable_block(block_file: Path, point: int, box: tuple[int, ...], fingerpr
                          skipped=meta["skipped"], block_file=str(block_file), host=meta["host"], reused=True)
 
 
-def _root_cause(futures: Sequence[Future]) -> str:
-    for f in futures:
+def _root_cause(state: _Point) -> str:
+    """The first failed block of a point, named by its tile [r0, r1, c0, c1], with its exception."""
+    for f, box in zip(state.block_futures, state.block_tiles, strict=True):
         if f.done() and f.exception() is not None:
             exc = f.exception()
-            return f"{type(exc).__name__}: {exc}"
+            return f"block {list(box)}: {type(exc).__name__}: {exc}"
     return ""
 
 
@@ -320,6 +323,7 @@ def _drive(plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_config
         "command_line": command, "host": socket.gethostname(), "config_file": cfg.source_file or "",
         "config_source": source_text, "per_depth_files": per_depth_files,
     }
+    _remove_stale_temporaries(out_dir)
     status = StatusFile(out_dir, scan=str(scan_path), command=command, extra=status_extra)
     outcome = RunResult(out_dir=str(out_dir))
     n_tiles = len(plan.tiles)
@@ -351,14 +355,17 @@ def _drive(plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_config
                     export_point(resumed.file)
                 done_results[k] = resumed
                 status.point_finished(resumed)
-                emit(event("point", resumed))
+                if started:  # points of the initial selection are announced after "start"
+                    emit(event("point", resumed))
             else:
                 if force:
                     shutil.rmtree(_block_dir(out_dir, k), ignore_errors=True)
                 queue.append(k)
                 counts["blocks_total"] += n_tiles
 
+    started = False
     add_points(plan.points)
+    started = True
     emit(event("start"))
     for k in order:
         if k in done_results:
@@ -393,6 +400,7 @@ def _drive(plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_config
                         fut = reconstruct_block(str(scan_path), cfg_path, k, tile, str(bf))
                         live[fut] = ("block", k)
                         state.block_futures.append(fut)
+                        state.block_tiles.append(box)
                         deps.append(fut)
                     meta = {**meta_common, "point": k}
                     stitch = stitch_point(files, str(out_dir / results.point_name(k)), meta, inputs=deps)
@@ -418,7 +426,11 @@ def _drive(plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_config
                     if tick is not None and time.monotonic() - last_tick >= poll_interval:
                         tick()
                         last_tick = time.monotonic()
-                    finished, _ = wait(list(live), timeout=poll_interval, return_when=FIRST_COMPLETED)
+                    if live:
+                        finished, _ = wait(list(live), timeout=poll_interval, return_when=FIRST_COMPLETED)
+                    else:  # waiting for the feed: wait() on no futures would return at once (a busy loop)
+                        finished = set()
+                        time.sleep(poll_interval)
                     if not finished:
                         status.write()
                     for fut in finished:
@@ -452,6 +464,14 @@ def _drive(plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_config
     return outcome
 
 
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Remove files an interrupted run left half-written under their temporary names (safe: this run
+    holds the folder's lock, so no other run is writing there)."""
+    for folder in (out_dir, *out_dir.joinpath(BLOCKS_DIR).glob("point_*")):
+        for tmp in folder.glob(f"*{results.TMP_MARK}*"):
+            tmp.unlink(missing_ok=True)
+
+
 def _block_dir(out_dir: Path, point: int) -> Path:
     return out_dir / BLOCKS_DIR / f"point_{point:05d}"
 
@@ -461,7 +481,7 @@ def _point_result(k: int, fut: Future, state: _Point) -> PointResult:
     seconds = time.perf_counter() - state.t0
     exc = fut.exception()
     if exc is not None:
-        cause = _root_cause(state.block_futures) or f"{type(exc).__name__}: {exc}"
+        cause = _root_cause(state) or f"{type(exc).__name__}: {exc}"
         failed = sum(1 for f in state.block_futures if f.exception() is not None)
         return PointResult(point=k, status="failed", seconds=seconds, failed_blocks=max(failed, 1),
                            reason=cause)

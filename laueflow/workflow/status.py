@@ -20,6 +20,7 @@ leaves a stale lock behind.
 
 from __future__ import annotations
 
+import datetime as _dt
 import errno
 import fcntl
 import json
@@ -36,6 +37,9 @@ STATUS_FILE = "status.json"
 LOCK_FILE = ".lock"
 FORMAT = "laueflow-status/1"
 FINAL_STATES = ("done", "resumed", "partial", "skipped", "failed")
+# a driver that has not rewritten status.json for this long is taken to be gone (while it runs it
+# rewrites the file at least every few seconds)
+STALE_AFTER_S = 600.0
 
 
 class RunLocked(RuntimeError):
@@ -90,6 +94,40 @@ def read_status(out_dir: str | os.PathLike) -> dict[str, Any] | None:
         return json.loads((Path(out_dir) / STATUS_FILE).read_text())
     except (OSError, ValueError):
         return None
+
+
+def age_seconds(stamp: Any) -> float | None:
+    """Seconds since an ISO 8601 time stamp (None when missing or unreadable)."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        t = _dt.datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.astimezone()
+    return (_dt.datetime.now(_dt.UTC) - t).total_seconds()
+
+
+def driver_alive(status: dict[str, Any] | None) -> bool | None:
+    """Whether the driver of a status that says ``running`` still runs: by its pid on this host, by the
+    age of the last update elsewhere; False when the status is not ``running``; None when it cannot
+    be told."""
+    if not status or status.get("state") != "running":
+        return False
+    age = age_seconds(status.get("updated"))
+    if age is not None and age > STALE_AFTER_S:
+        return False
+    pid = status.get("pid")
+    if status.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # someone else's process: it exists
+            return True
+        return True
+    return None if age is None else True
 
 
 class StatusFile:

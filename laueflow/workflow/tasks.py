@@ -21,6 +21,11 @@ _LOCK = threading.Lock()
 _CONFIGS: dict[tuple[str, int], Any] = {}
 _SCANS: dict[tuple[str, str], Any] = {}
 _SETUPS: dict[str, Any] = {}
+# XLA's CPU runtime can wedge when two threads of one process run computations at once: its intra-op
+# thread pool is shared, and some operations block a pool thread while waiting for work queued behind
+# the other computation.  So one block is decoded at a time per process (the threads site); the worker
+# processes of every other site run one task at a time anyway.
+_DECODE_LOCK = threading.Lock()
 
 
 def cached_config(cfg_path: str | Path) -> Any:
@@ -88,7 +93,7 @@ def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any,
         scan = cached_scan(scan_path, cfg, point)
         block = scan.read_block(point, tile)
     except ScanError as exc:
-        return block_summary(point, box, error=str(exc), seconds=time.perf_counter() - t0)
+        return block_summary(point, box, error=f"tile {list(box)}: {exc}", seconds=time.perf_counter() - t0)
     selected = np.asarray(block.selected, dtype=bool)
     decoded, skipped = None, ""
     if not selected.any():
@@ -97,8 +102,10 @@ def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any,
         skipped = "all traces are zero"
     else:
         try:
-            decoded = decode(block.traces, block.rows, block.cols, block.frames, cached_setup(cfg), cfg,
-                             selected=selected)
+            setup = cached_setup(cfg)
+            with _DECODE_LOCK:
+                decoded = decode(block.traces, block.rows, block.cols, block.frames, setup, cfg,
+                                 selected=selected)
         except DecodeError as exc:
             return block_summary(point, box, error=f"tile {list(box)}: {exc}",
                                  seconds=time.perf_counter() - t0)

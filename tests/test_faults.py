@@ -1,0 +1,222 @@
+"""Faults and operations of a run: the status file, the lock, --force, site options from the command line,
+a driver killed mid-run and resumed, a worker killed mid-block."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import psutil
+import pytest
+from click.testing import CliRunner
+
+from laueflow import sites
+from laueflow.cli import main
+from laueflow.config import load
+from laueflow.simulate import simulate
+from laueflow.workflow import RunError, run
+from laueflow.workflow import tasks as T
+from laueflow.workflow.status import RunLock, read_status
+
+REGION = 16
+BLOCK = 64  # 4 tiles per point
+LAUEFLOW = [sys.executable, "-m", "laueflow.cli"]
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("faults") / "scan"
+    simulate(folder, preset="multipoint", points=3, region=REGION, seed=5)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(scan, tmp_path_factory) -> Path:
+    """An uninterrupted run of the whole scan."""
+    out = tmp_path_factory.mktemp("reference") / "recon"
+    result = run(scan, load(scan / "config.yaml"), out, block_pixels=BLOCK,
+                 site_config=sites.site_config("threads", workers=2, run_dir=str(out / ".runinfo")))
+    assert result.exit_code == 0, [p.line() for p in result.points]
+    return out
+
+
+def _volume(path: Path) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f["entry/reconstruction/volume"][()]
+
+
+def _same_as_reference(out: Path, reference: Path) -> None:
+    names = sorted(p.name for p in reference.glob("point_*.h5"))
+    assert sorted(p.name for p in out.glob("point_*.h5")) == names
+    for name in names:
+        np.testing.assert_allclose(_volume(out / name), _volume(reference / name), rtol=1e-5, atol=1e-4)
+
+
+def test_status_file_follows_the_run(scan, reference, tmp_path):
+    cfg = load(scan / "config.yaml")
+    out = tmp_path / "recon"
+    seen: list[dict] = []
+
+    def watch(event):
+        if event.kind == "block" and not seen:
+            seen.append(read_status(out))
+
+    result = run(scan, cfg, out, points="0:2", block_pixels=BLOCK, progress=watch,
+                 site_config=sites.site_config("threads", workers=2, run_dir=str(out / ".runinfo")))
+    assert result.exit_code == 0
+    (during,) = seen
+    assert during["format"] == "laueflow-status/1" and during["state"] == "running"
+    assert during["pid"] == os.getpid() and during["scan"] == str(scan.resolve())
+    assert set(during["points"]) == {"0", "1"}
+    assert {p["state"] for p in during["points"].values()} <= {"pending", "running"}
+    after = read_status(out)
+    assert after["state"] == "finished" and after["finished"]
+    assert after["totals"]["points"] == 2 and after["totals"]["points_done"] == 2
+    n_tiles = after["points"]["0"]["blocks_total"]
+    assert n_tiles == len(T.cached_scan(str(scan), cfg).tiles(BLOCK))
+    assert after["totals"]["blocks"] == after["totals"]["blocks_done"] == 2 * n_tiles
+    assert after["totals"]["pixels_done"] == sum(p.n_pixels for p in result.points) > 0
+    for k, p in zip(("0", "1"), result.points, strict=True):
+        entry = after["points"][k]
+        assert entry["state"] == "done" and entry["file"] == f"point_0000{k}.h5"
+        assert entry["blocks_done"] == n_tiles and entry["n_pixels"] == p.n_pixels and entry["seconds"] > 0
+
+    # --force recomputes what a plain rerun keeps
+    mtime = (out / "point_00000.h5").stat().st_mtime_ns
+    kept = run(scan, cfg, out, points="0", block_pixels=BLOCK,
+               site_config=sites.site_config("threads", workers=2, run_dir=str(out / ".runinfo")))
+    assert [p.status for p in kept.points] == ["resumed"]
+    assert read_status(out)["points"]["0"]["state"] == "resumed"
+    forced = run(scan, cfg, out, points="0", block_pixels=BLOCK, force=True,
+                 site_config=sites.site_config("threads", workers=2, run_dir=str(out / ".runinfo")))
+    assert [p.status for p in forced.points] == ["done"]
+    assert (out / "point_00000.h5").stat().st_mtime_ns != mtime
+    np.testing.assert_array_equal(_volume(out / "point_00000.h5"), _volume(reference / "point_00000.h5"))
+
+
+def test_second_run_on_the_same_folder_is_refused(scan, tmp_path):
+    out = tmp_path / "recon"
+    with RunLock(out):
+        r = subprocess.run([*LAUEFLOW, "run", str(scan), "--out", str(out), "--site", "threads"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, r.stderr
+        assert "in use by laueflow pid" in r.stderr and str(os.getpid()) in r.stderr
+        with pytest.raises(RunError, match="in use"):
+            run(scan, load(scan / "config.yaml"), out, site_config=sites.site_config("threads"))
+    assert not list(out.glob("point_*.h5")) and not (out / "status.json").exists()
+    RunLock(out).acquire().release()  # free again once the holder let go
+
+
+def test_site_options_on_the_command_line(scan, tmp_path):
+    out = tmp_path / "recon"
+    runner = CliRunner()
+    base = ["run", str(scan), "--out", str(out), "--site"]
+    r = runner.invoke(main, [*base, "local", "--site-option", "colour"])
+    assert r.exit_code == 2 and "KEY=VALUE" in r.stderr
+    r = runner.invoke(main, [*base, "local", "--site-option", "nodes=2"])
+    assert r.exit_code == 2 and "unknown options ['nodes']" in r.stderr
+    r = runner.invoke(main, [*base, "polaris"])
+    assert r.exit_code == 2 and "account" in r.stderr
+    r = runner.invoke(main, [*base, "local", "--site-option", "retries=many"])
+    assert r.exit_code == 2 and "must be int" in r.stderr
+    assert not out.exists()
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started (a crashed driver with its executor)."""
+    parent = psutil.Process(pid)
+    family = [parent, *parent.children(recursive=True)]
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+
+
+def test_killed_driver_resumes_without_redoing_finished_work(scan, reference, tmp_path):
+    """Kill `laueflow run` (and its workers) mid-run; a rerun completes with the same results and reuses
+    every point file and block file the first run finished."""
+    out = tmp_path / "recon"
+    cmd = [*LAUEFLOW, "run", str(scan), "--out", str(out), "--site", "local", "--workers", "2",
+           "--block-pixels", str(BLOCK)]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            status = read_status(out)
+            if status and status["totals"]["blocks_done"] >= 3:
+                break
+            assert first.poll() is None, first.stdout.read()
+            time.sleep(0.05)
+        else:
+            pytest.fail("the first run finished no block in time")
+    finally:
+        _kill_tree(first.pid)
+    status = read_status(out)
+    assert status["state"] == "running"  # what a crash leaves behind
+    total = status["totals"]["points"]
+    finished = sorted(out.glob("point_*.h5"))
+    blocks = {d.name: len(list(d.glob("block_*.npz"))) for d in (out / ".blocks").glob("point_*")}
+    assert len(finished) < total and (finished or any(blocks.values()))
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout + second.stderr
+    status = read_status(out)
+    assert status["state"] == "finished"
+    for f in finished:
+        assert status["points"][str(int(f.stem.split("_")[1]))]["state"] == "resumed"
+    for name, n in blocks.items():
+        entry = status["points"][str(int(name.split("_")[1]))]
+        if entry["state"] != "resumed":
+            assert entry["blocks_reused"] == n and entry["state"] == "done"
+    n_tiles = status["points"]["0"]["blocks_total"]
+    assert sum(e["blocks_reused"] for e in status["points"].values()) + n_tiles * len(finished) >= 3
+    assert not (out / ".blocks").exists()
+    assert not list(out.rglob("*.tmp-*"))  # what the killed run was writing is cleaned up
+    _same_as_reference(out, reference)
+
+
+def _worker_processes(out: Path) -> list[psutil.Process]:
+    """The decode workers of the local site writing to ``out`` (children of its process_worker_pool)."""
+    workers = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "process_worker_pool" in cmd and str(out) in cmd:
+            workers += p.children()
+    return [w for w in workers if "spawn_main" in " ".join(w.cmdline())]
+
+
+def test_killed_worker_is_retried(scan, reference, tmp_path):
+    """SIGKILL a decode worker while it runs a block: Parsl retries the task and the run completes."""
+    out = tmp_path / "recon"
+    killed: list[int] = []
+
+    def assassin() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            busy = [w for w in _worker_processes(out) if w.cpu_percent(interval=0.2) > 20]
+            if busy:
+                busy[0].kill()
+                killed.append(busy[0].pid)
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=assassin, daemon=True)
+    thread.start()
+    result = run(scan, load(scan / "config.yaml"), out, points="0:2", block_pixels=BLOCK,
+                 site_config=sites.site_config("local", workers=2, run_dir=str(out / ".runinfo")))
+    thread.join(timeout=5)
+    assert killed, "no busy worker was found to kill"
+    assert result.exit_code == 0, [p.line() for p in result.points]
+    assert [p.status for p in result.points] == ["done", "done"]
+    logs = "".join(p.read_text(errors="replace") for p in (out / ".runinfo").rglob("parsl.log"))
+    assert "WorkerLost" in logs or "lost" in logs.lower()
+    for name in ("point_00000.h5", "point_00001.h5"):
+        np.testing.assert_allclose(_volume(out / name), _volume(reference / name), rtol=1e-5, atol=1e-4)
