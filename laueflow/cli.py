@@ -166,6 +166,7 @@ class TransferHooks:
     """Globus Transfer of a run's results while it goes on (see :mod:`laueflow.transfer`)."""
 
     transfers: Any
+    last_poll: float = float("-inf")
 
     @classmethod
     def start(cls, cfg: Any, out_dir: Path) -> TransferHooks | None:
@@ -198,9 +199,19 @@ class TransferHooks:
     def status(self) -> dict[str, Any]:
         return {"transfers": self.transfers.snapshot()}
 
+    def tick(self) -> None:
+        """Called by the driver about every second: talk to Globus every ``poll_interval`` seconds
+        (5 by default), so that following many tasks stays well within Globus's request limits."""
+        import time
+
+        now = time.monotonic()
+        if now - self.last_poll >= self.transfers.poll_interval:
+            self.last_poll = now
+            self.transfers.poll()
+
     def finish(self, result: Any) -> Any:
-        """Wait for the last transfers (up to the configured task timeout); a failed transfer makes
-        the command exit non-zero."""
+        """Wait for the last transfers (long enough for every retry); a failed transfer makes the
+        command exit non-zero."""
         from .transfer import record_status
 
         if result is None:  # interrupted: do not wait; a rerun or `laueflow transfer` sends the rest
@@ -208,7 +219,7 @@ class TransferHooks:
             click.echo(f"transfers: {self.transfers.pending} files not sent yet; run again or use "
                        f"`laueflow transfer {self.transfers.out_dir}`", err=True)
             return result
-        sent = self.transfers.finish(timeout=self.transfers.settings.timeout)
+        sent = self.transfers.finish(timeout=self.transfers.patience())
         record_status(self.transfers.out_dir, self.transfers.snapshot())
         click.echo(self.transfers.summary())
         if result is not None and not sent:
@@ -255,7 +266,7 @@ def run(scan_dir: Path, points: str | None, config_file: Path | None, out_dir: P
                              progress=transfers.progress(report) if transfers else report,
                              command_line=provenance.command_line(), force=force,
                              per_depth_files=per_depth_files,
-                             tick=transfers.transfers.poll if transfers else None,
+                             tick=transfers.tick if transfers else None,
                              status_extra=transfers.status if transfers else None)
         except KeyboardInterrupt:
             result = None
@@ -334,7 +345,7 @@ def watch(scan_dir: Path, max_points: int | None, until_idle: float | None, poll
                                  block_pixels=block_pixels, site_config=setup.site_config, progress=progress,
                                  command_line=provenance.command_line(), force=force,
                                  per_depth_files=per_depth_files, feed=feed, poll_interval=poll_interval,
-                                 tick=transfers.transfers.poll if transfers else None,
+                                 tick=transfers.tick if transfers else None,
                                  status_extra=status_extra)
         except KeyboardInterrupt:
             interrupted = True
@@ -602,8 +613,7 @@ def transfer_command(out_dir: Path | None, config_file: Path | None, wait: float
     click.echo(f"sending {_plural(len(files), 'file')} from {settings.source}:{transfers.source_dir} to "
                f"{settings.destination}:{transfers.destination_dir}")
     transfers.add(files)
-    default_wait = (settings.retries + 1) * (settings.timeout + interval) + 60.0
-    ok = transfers.finish(default_wait if wait is None else wait)
+    ok = transfers.finish(transfers.patience() if wait is None else wait)
     if not record_status(out_dir, transfers.snapshot()):
         click.echo(f"(transfer states not recorded: {out_dir / 'status.json'} is missing or its run is still "
                    "going)", err=True)

@@ -154,11 +154,27 @@ def this_environment(*extra_init: str, sep: str = "\n") -> tuple[str, dict[str, 
     return sep.join(init), keywords
 
 
+# failed blocks in a row after which an executor gives up (see assemble)
+FAILED_BLOCKS_LIMIT = 3
+
+
 def assemble(decode, run_dir: str, stitch_threads: int, retries: int = 0):
     """A site's parsl.Config: its ``decode`` executor plus stitching threads in the driver, under the
-    two labels every site shares, so that the same task graph runs everywhere."""
+    two labels every site shares, so that the same task graph runs everywhere.
+
+    A lost block (a node that failed, a worker pool that died) is replaced by the scaling strategy and
+    its tasks are retried; only ``FAILED_BLOCKS_LIMIT`` failed blocks in a row (a broken worker
+    environment, a rejected submission) stop the executor.  Parsl's default gives up at the first
+    failed block when a site starts one block.
+    """
+    from functools import partial
+
     from parsl.config import Config
     from parsl.executors import ThreadPoolExecutor
+    from parsl.jobs.error_handlers import windowed_error_handler
+
+    if getattr(decode, "provider", None) is not None and hasattr(decode, "block_error_handler"):
+        decode.block_error_handler = partial(windowed_error_handler, threshold=FAILED_BLOCKS_LIMIT)
 
     stitch = ThreadPoolExecutor(label="stitch", max_threads=stitch_threads)
     return Config(executors=[decode, stitch], run_dir=run_dir, retries=retries, strategy="simple",

@@ -240,6 +240,10 @@ class Transfers:
         self._thread = threading.Thread(target=run, name="laueflow-transfers", daemon=True)
         self._thread.start()
 
+    def patience(self) -> float:
+        """Seconds :meth:`finish` should wait so that every retry of a timed-out task can still run."""
+        return (self.settings.retries + 1) * (self.settings.timeout + self.poll_interval) + 60.0
+
     def finish(self, timeout: float) -> bool:
         """Submit everything still queued and wait up to ``timeout`` seconds for every task to end.
 

@@ -94,6 +94,8 @@ class RunResult:
         pixels = sum(p.n_pixels for p in self.points if p.status in ("done", "partial", "resumed"))
         bad = sum(not p.ok for p in self.points)
         tail = f"; {bad} with errors" if bad else ""
+        if self.transfers_failed:
+            tail += "; some results did not reach their Globus destination (see above)"
         n = len(self.points)
         return (f"{n} point{'' if n == 1 else 's'} ({parts}), {pixels} pixels reconstructed in "
                 f"{self.seconds:.1f} s, results in {self.out_dir}{tail}")
