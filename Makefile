@@ -20,10 +20,10 @@ PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow bench lint clean distclean
+.PHONY: help install demo test test-slow bench bench-workflow bench-scale lint clean distclean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## create .venv (if missing) and install laueflow with its dev extras
 
@@ -50,6 +50,12 @@ test-slow: install  ## the slow, large cases (marked slow)
 
 bench: install  ## decoder benchmark: read / decode / write per stage, against a per-pixel NNLS baseline
 	$(BIN)/python benchmarks/bench_decode.py $(BENCH_ARGS)
+
+bench-workflow: install  ## laueflow run, local site, 1 and 2 workers, vs the bare stages; memory per block size
+	$(BIN)/python benchmarks/bench_workflow.py $(BENCH_ARGS)
+
+bench-scale: install  ## a production-size point (201 frames of 2048^2, 1200^2 px): reading, stages, laueflow run
+	$(BIN)/python benchmarks/bench_scale.py $(BENCH_ARGS)
 
 lint: install  ## ruff check
 	$(BIN)/ruff check .

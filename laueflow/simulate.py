@@ -5,12 +5,17 @@ detector; every pixel's trace comes from the forward model with the spot's energ
 that drifts a little from frame to frame (recorded as the monitor ``entry1/monitor/I0``), Poisson
 noise and a few saturated (hot) pixels.  Outside the region frames are zero (not simulated), so they
 compress to almost nothing.
+
+:func:`simulate_large` makes one production-size point (whole detector frames, a 1200 x 1200 region)
+with the same physics in minutes rather than hours: see its docstring for what it does differently.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,11 +176,11 @@ def _spot_weights(spot: tuple, rows: np.ndarray, cols: np.ndarray) -> np.ndarray
 
 
 def _write_frame(path: Path, image: np.ndarray, region: tuple[int, int, int, int], shape: tuple[int, int],
-                 i0: float) -> None:
+                 i0: float, chunks: tuple[int, int] = (256, 256)) -> None:
     """One detector frame in the beamline layout; only the region's chunks are stored."""
     r0, r1, c0, c1 = region
     with atomic_h5(path) as f:
-        d = f.create_dataset(DETECTOR_KEY, shape=shape, dtype="uint16", chunks=(256, 256),
+        d = f.create_dataset(DETECTOR_KEY, shape=shape, dtype="uint16", chunks=chunks,
                              compression="gzip", compression_opts=1, shuffle=True, fillvalue=0)
         d[r0:r1, c0:c1] = image
         det = f.create_group("entry1/detector")
@@ -183,6 +188,29 @@ def _write_frame(path: Path, image: np.ndarray, region: tuple[int, int, int, int
                           "starty": 0, "endy": shape[0] - 1, "binx": 1, "biny": 1})
         f["entry1/monitor/I0"] = np.float64(i0)
         f["entry1/sample"] = "laueflow synthetic sample"
+
+
+def _write_truth(path: Path, truth: dict[str, list[np.ndarray]], grain_rows: list[tuple],
+                 depth_um: np.ndarray, attrs: dict) -> None:
+    """truth.h5: every point's spot pixels with their profiles, grains and energies (laueflow.evaluate)."""
+    with atomic_h5(path) as f:
+        t = f.create_group("truth")
+        t["pixels"] = np.concatenate(truth["pixels"]).astype(np.int32)
+        t["depth"] = depth_um
+        t["depth"].attrs["units"] = "um"
+        t.create_dataset("profiles", data=np.concatenate(truth["profiles"]).astype(np.float32),
+                         compression="gzip")
+        t["profiles"].attrs["units"] = "counts per frame per depth bin"
+        t["grain"] = np.concatenate(truth["grain"]).astype(np.int32)
+        t["second_grain"] = np.concatenate(truth["grain2"]).astype(np.int32)
+        t["energy"] = np.concatenate(truth["energy"]).astype(np.float32)
+        t["energy"].attrs["units"] = "keV"
+        t["point"] = np.concatenate(truth["point"]).astype(np.int32)
+        gr = np.asarray(grain_rows, dtype=np.float64).reshape(-1, 4)
+        g = t.create_group("grains")
+        g["point"], g["top_um"] = gr[:, 0].astype(int), gr[:, 1]
+        g["thickness_um"], g["decay_um"] = gr[:, 2], gr[:, 3]
+        t.attrs.update({**attrs, "laueflow_version": __version__})
 
 
 def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: int | None = None,
@@ -331,28 +359,224 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
         if single_file:
             stack["entry1/monitor/I0"] = i0_all
 
-    with atomic_h5(out / "truth.h5") as f:
-        t = f.create_group("truth")
-        t["pixels"] = np.concatenate(truth["pixels"]).astype(np.int32)
-        t["depth"] = depth_um
-        t["depth"].attrs["units"] = "um"
-        t.create_dataset("profiles", data=np.concatenate(truth["profiles"]).astype(np.float32),
-                         compression="gzip")
-        t["profiles"].attrs["units"] = "counts per frame per depth bin"
-        t["grain"] = np.concatenate(truth["grain"]).astype(np.int32)
-        t["second_grain"] = np.concatenate(truth["grain2"]).astype(np.int32)
-        t["energy"] = np.concatenate(truth["energy"]).astype(np.float32)
-        t["energy"].attrs["units"] = "keV"
-        t["point"] = np.concatenate(truth["point"]).astype(np.int32)
-        gr = np.asarray(grain_rows, dtype=np.float64).reshape(-1, 4)
-        g = t.create_group("grains")
-        g["point"], g["top_um"] = gr[:, 0].astype(int), gr[:, 1]
-        g["thickness_um"], g["decay_um"] = gr[:, 2], gr[:, 3]
-        t.attrs.update({"preset": preset, "seed": seed, "noise": noise, "points": points,
-                        "frames_per_point": n_frames, "background": background,
-                        "laueflow_version": __version__})
+    _write_truth(out / "truth.h5", truth, grain_rows, depth_um,
+                 {"preset": preset, "seed": seed, "noise": noise, "points": points,
+                  "frames_per_point": n_frames, "background": background})
     n_truth = int(sum(len(p) for p in truth["pixels"]))
     return {"out_dir": str(out), "config": str(out / "config.yaml"), "truth": str(out / "truth.h5"),
             "frames": n_written, "points": points, "frames_per_point": n_frames, "region": list(reg),
             "spot_pixels": n_truth, "layout": "stack" if single_file else "frames",
             "grains": len(grain_rows)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Production-size scan points, fast
+
+LARGE_PRESETS = ("thin", "extended")
+SPOT_SEPARATION = 8 * 2.2  # px: 4 (sigma1 + sigma2) for the widest spots, as _grains keeps them apart
+LARGE_CHUNK = 1024  # pixels per forward-model call (one shape, so one compilation per grain)
+
+
+def _layered_grains(preset: str, n: int, rng: np.random.Generator, depth_um: np.ndarray) -> list[Grain]:
+    """``n`` grains at depths drawn uniformly subject to a minimum gap (30 um thin, 80 um extended, less
+    when the depth grid cannot hold that many), within the same margins of the grid as :func:`_grains`."""
+    lo, hi = depth_um[0] + 40, depth_um[-1] - 90
+    gap = min(30.0 if preset == "thin" else 80.0, (hi - lo) / max(n - 1, 1))
+    # uniform among all arrangements with the gap: n sorted draws from a range shortened by the gaps
+    tops = np.sort(rng.uniform(lo, hi - (n - 1) * gap, n)) + gap * np.arange(n)
+    if preset == "thin":
+        return [Grain(top=t, thickness=rng.uniform(5, 12)) for t in tops]
+    return [Grain(top=t, thickness=rng.uniform(30, 60), decay=rng.uniform(20, 50)) for t in tops]
+
+
+def _spot_grid(rng: np.random.Generator, region: tuple[int, int, int, int], fraction: float,
+               threshold: float) -> list[tuple[float, float, float, float, float]]:
+    """Spots (r, c, sigma, amp, keV) drawn as in :func:`_grains` until their truth pixels (summed profile
+    >= ``threshold``) cover about ``fraction`` of the region, one per cell of a square grid in random
+    cells, jittered within the cell so that any two stay 4 (sigma1 + sigma2) apart."""
+    r0, r1, c0, c1 = region
+    h, w = r1 - r0, c1 - c0
+    target = fraction * h * w
+    params: list[tuple[float, float, float]] = []
+    covered = 0.0
+    while covered < target:
+        sigma, amp, kev = rng.uniform(1.2, 2.2), rng.uniform(2000, 8000), rng.uniform(8.0, 30.0)
+        params.append((sigma, amp, kev))
+        covered += 2 * np.pi * sigma**2 * np.log(amp / threshold)  # area where amp e^(-r^2/2s^2) >= threshold
+    n = len(params)
+    cell = int(np.sqrt(h * w / n))
+    while cell >= 1 and (h // cell) * (w // cell) < n:
+        cell -= 1
+    if cell < np.ceil(SPOT_SEPARATION):
+        most = fraction * (h // int(np.ceil(SPOT_SEPARATION))) * (w // int(np.ceil(SPOT_SEPARATION))) / n
+        raise ValueError(f"spot_fraction {fraction:g} does not fit a {h} x {w} region with spots kept apart; "
+                         f"at most about {most:.2f}")
+    n_r, n_c = h // cell, w // cell
+    cells = rng.choice(n_r * n_c, size=n, replace=False)
+    jitter = (cell - SPOT_SEPARATION) / 2
+    spots = []
+    for (sigma, amp, kev), k in zip(params, cells, strict=True):
+        i, j = divmod(int(k), n_c)
+        r = r0 + (i + 0.5) * cell + rng.uniform(-jitter, jitter)
+        c = c0 + (j + 0.5) * cell + rng.uniform(-jitter, jitter)
+        spots.append((r, c, sigma, amp, kev))
+    return spots
+
+
+def simulate_large(out_dir: str | Path, *, region: int = 1200, frames: int = 201, spot_fraction: float = 0.05,
+                   preset: str = "thin", grains: int | None = None, seed: int = 0, geometry: str = "tilted",
+                   background: float = 50.0, noise: bool = True, full_frames: bool = True,
+                   chunks: tuple[int, int] = (256, 256), prefix: str = "scan",
+                   progress: Callable[[str], None] | None = None) -> dict:
+    """One scan point of production size (e.g. 1200 x 1200 pixels, 201 frames of 2048 x 2048), fast.
+
+    The physics is that of :func:`simulate`: every pixel that receives at least half a count per
+    frame from a spot gets its trace from the forward model (:func:`laueflow.forward.traces`) at its
+    own position and the spot's energy, each depth bin integrated over sub-samples; every pixel gets
+    the drifting background, Poisson noise and the monitor; a few hot pixels saturate.  What makes it
+    fast: spots are laid on a jittered grid (no pairwise placement); each grain's spot pixels go
+    through the forward model in calls of one shape (one compilation per grain, not per spot); only
+    those pixels do (the rest of the frame is background); and frames are written one at a time.
+
+    ``spot_fraction`` is the share of the region's pixels that the truth counts as spot pixels (summed
+    profile >= 4 sqrt(background)); spots come from ``grains`` grains of the preset ("thin": 6 by
+    default, "extended": 3).  ``full_frames`` writes whole detector frames (background and noise
+    outside the region too, as the detector does), compressed as :func:`simulate` writes them (gzip
+    level 1 with byte shuffle) in ``chunks``; otherwise only the region's chunks are stored.
+    ``progress`` receives a line now and then.  Returns a summary like :func:`simulate`'s.
+    """
+    if preset not in LARGE_PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for a large scan; "
+                         f"choose one of {', '.join(LARGE_PRESETS)}")
+    if not MIN_REGION <= region <= DETECTOR_SIDE:
+        raise ValueError(f"region must be between {MIN_REGION} and {DETECTOR_SIDE} pixels, got {region}")
+    if frames < MIN_FRAMES:
+        raise ValueError(f"frames must be >= {MIN_FRAMES} per scan point, got {frames}")
+    if not 0 < spot_fraction < 1:
+        raise ValueError(f"spot_fraction must be between 0 and 1, got {spot_fraction}")
+    n_grains = grains if grains is not None else (6 if preset == "thin" else 3)
+    if n_grains < 1:
+        raise ValueError(f"grains must be >= 1, got {n_grains}")
+    if len(chunks) != 2 or min(chunks) < 1:
+        raise ValueError(f"chunks must be two positive sizes (rows, cols), got {chunks}")
+    say = progress or (lambda line: None)
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    data = default_config_dict(geometry, frames, region)
+    threshold = 4 * np.sqrt(background)  # the truth's spot pixels, as in simulate()
+    # spots first: a fraction that does not fit stops before anything is written
+    spots = _spot_grid(rng, tuple(data["file"]["frame"]), spot_fraction, threshold)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "mask.npy", debruijn(8))
+    (out / "config.yaml").write_text(
+        f"# Synthetic scan point written by laueflow.simulate.simulate_large (preset {preset}, seed {seed}, "
+        f"spot fraction {spot_fraction:g})\n" + yaml.safe_dump(data, sort_keys=False))
+    cfg = C.load(out / "config.yaml")
+    setup = Setup.from_config(cfg)
+    r0, r1, c0, c1 = reg = tuple(cfg.file.frame)
+    h, w = r1 - r0, c1 - c0
+    shape = (cfg.geo.detector.shape[1], cfg.geo.detector.shape[0])
+    depths_mm = cfg.geo.source.depths
+    depth_um = depths_mm * 1e3
+    dz_mm = cfg.geo.source.grid[2]
+    frame_idx = np.arange(frames)
+
+    t0 = time.perf_counter()
+    grain_list = _layered_grains(preset, n_grains, rng, depth_um)
+    for k, s in enumerate(spots):
+        grain_list[k % n_grains].spots.append(s)
+
+    # pixels near each spot (>= 0.5 counts per frame), grain by grain, and their traces
+    per_grain = []
+    for gi, grain in enumerate(grain_list):
+        idx, wgt, kev = [], [], []
+        for s in grain.spots:
+            rad = int(np.ceil(s[2] * np.sqrt(2 * np.log(2 * s[3])))) + 1
+            rr, cc = np.mgrid[max(r0, int(s[0]) - rad):min(r1, int(s[0]) + rad + 1),
+                              max(c0, int(s[1]) - rad):min(c1, int(s[1]) + rad + 1)]
+            rr, cc = rr.ravel(), cc.ravel()
+            wt = _spot_weights(s, rr, cc)
+            near = wt >= 0.5
+            idx.append((rr[near] - r0) * w + (cc[near] - c0))
+            wgt.append(wt[near])
+            kev.append(np.full(int(near.sum()), s[4]))
+        idx_g, wgt_g, kev_g = (np.concatenate(a) if a else np.zeros(0) for a in (idx, wgt, kev))
+        idx_g = idx_g.astype(np.int64)
+        shape_z = grain.profile(depth_um)
+        on = np.flatnonzero(shape_z > 0)
+        sub_z = (depths_mm[on][:, None] + dz_mm * _SUB_OFFSETS[None, :]).ravel()
+        sub_f = np.repeat(shape_z[on] / _SUB_OFFSETS.size, _SUB_OFFSETS.size)
+        n_g = idx_g.size
+        signal_g = np.zeros((0, frames))
+        if n_g:
+            pad = -n_g % LARGE_CHUNK  # whole chunks only: one compiled shape
+            take = np.concatenate([np.arange(n_g), np.zeros(pad, np.int64)])
+            centres = G.pixel_centres(setup.geo, idx_g[take] // w + r0, idx_g[take] % w + c0)
+            signal_g = traces(setup, centres, wgt_g[take, None] * sub_f[None, :], sub_z, frame_idx,
+                              kev_g[take], chunk=LARGE_CHUNK)[:n_g]
+        per_grain.append((idx_g, wgt_g, kev_g, shape_z, signal_g))
+        say(f"forward model: grain {gi + 1}/{n_grains}, {n_g} pixels ({time.perf_counter() - t0:.0f} s)")
+
+    # one row per pixel that receives any signal
+    near_idx = np.unique(np.concatenate([g[0] for g in per_grain]))
+    n_near = near_idx.size
+    signal = np.zeros((n_near, frames))
+    prof_total = np.zeros((n_near, depth_um.size))
+    contrib = np.zeros((n_near, n_grains))
+    energy = np.full(n_near, np.nan)
+    strongest = np.zeros(n_near)
+    for gi, (idx_g, wgt_g, kev_g, shape_z, signal_g) in enumerate(per_grain):
+        row = np.searchsorted(near_idx, idx_g)
+        np.add.at(signal, row, signal_g)
+        np.add.at(prof_total, row, wgt_g[:, None] * shape_z[None, :])
+        np.add.at(contrib[:, gi], row, wgt_g)
+        better = wgt_g > strongest[row]  # the pixel's energy is that of its strongest spot
+        energy[row[better]], strongest[row[better]] = kev_g[better], wgt_g[better]
+    del per_grain
+    near_r, near_c = near_idx // w + r0, near_idx % w + c0
+    t_forward = time.perf_counter() - t0
+
+    # frames: background everywhere (drifting with the monitor), signal near the spots, Poisson noise
+    t1 = time.perf_counter()
+    fr0, fr1, fc0, fc1 = (0, shape[0], 0, shape[1]) if full_frames else reg
+    # the ramp of simulate() over the region, level beyond it
+    rr = np.clip((np.arange(fr0, fr1) - r0) / max(h - 1, 1), 0, 1) - 0.5
+    cc = np.clip((np.arange(fc0, fc1) - c0) / max(w - 1, 1), 0, 1) - 0.5
+    base = background * (1.0 + 0.1 * rr[:, None] + 0.05 * cc[None, :])
+    drift = 1.0 + 0.03 * np.sin(2 * np.pi * frame_idx / max(frames, 2) * 1.7)
+    i0 = 1.0e5 * drift
+    in_near = np.zeros(h * w, bool)
+    in_near[near_idx] = True
+    free = np.flatnonzero(~in_near)
+    hot = rng.choice(free, size=min(3, free.size), replace=False)
+    hot_r, hot_c = hot // w + r0 - fr0, hot % w + c0 - fc0
+    nr, nc = near_r - fr0, near_c - fc0
+    for n in range(frames):
+        expected = base * drift[n]
+        expected[nr, nc] += signal[:, n] * drift[n]
+        counts = rng.poisson(expected) if noise else np.rint(expected)
+        image = np.minimum(counts, SATURATED).astype(np.uint16)
+        image[hot_r, hot_c] = SATURATED
+        _write_frame(out / f"{prefix}_{n}.h5", image, (fr0, fr1, fc0, fc1), shape, i0[n], chunks=chunks)
+        if (n + 1) % 20 == 0 or n + 1 == frames:
+            say(f"frames: {n + 1}/{frames} written ({time.perf_counter() - t1:.0f} s)")
+    t_frames = time.perf_counter() - t1
+
+    spot = prof_total.sum(1) >= threshold
+    order = np.argsort(-contrib, axis=1)
+    first = order[:, 0]
+    top2 = np.take_along_axis(contrib, order[:, :2], 1) if n_grains > 1 else np.zeros((n_near, 2))
+    second = np.where(top2[:, 1] >= 0.2 * top2[:, 0], order[:, min(1, n_grains - 1)], -1)
+    truth = {"pixels": [np.stack([near_r[spot], near_c[spot]], 1)], "profiles": [prof_total[spot]],
+             "grain": [first[spot]], "grain2": [second[spot]], "energy": [energy[spot]],
+             "point": [np.zeros(int(spot.sum()), np.int64)]}
+    grain_rows = [(0, g.top, g.thickness, g.decay) for g in grain_list]
+    _write_truth(out / "truth.h5", truth, grain_rows, depth_um,
+                 {"preset": preset, "seed": seed, "noise": noise, "points": 1, "frames_per_point": frames,
+                  "background": background, "spot_fraction": spot_fraction, "method": "simulate_large"})
+    n_spot = int(spot.sum())
+    return {"out_dir": str(out), "config": str(out / "config.yaml"), "truth": str(out / "truth.h5"),
+            "frames": frames, "points": 1, "frames_per_point": frames, "region": list(reg),
+            "spot_pixels": n_spot, "spot_fraction": n_spot / (h * w), "signal_pixels": n_near,
+            "spots": len(spots), "grains": n_grains, "layout": "frames", "full_frames": full_frames,
+            "chunks": list(chunks), "forward_seconds": t_forward, "frames_seconds": t_frames}

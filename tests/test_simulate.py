@@ -20,7 +20,7 @@ from laueflow.evaluate import Truth, load_truth
 from laueflow.forward import Setup, traces
 from laueflow.io.scan import open_scan
 from laueflow.mask import load_code
-from laueflow.simulate import default_config_dict, simulate
+from laueflow.simulate import default_config_dict, simulate, simulate_large
 
 KEY = "/entry1/data/data"
 MONITOR = "/entry1/monitor/I0"
@@ -576,3 +576,120 @@ def test_64x64_region_261_frames_under_a_minute(root: Path) -> None:
     assert info["region"] == [992, 1056, 992, 1056] and info["frames"] == 261
     assert wall < 60, f"took {wall:.1f} s"
     assert (root / "timing" / "scan_260.h5").stat().st_size < 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------
+# production-size points (simulate_large), on small regions
+
+
+@pytest.fixture(scope="module")
+def large_clean(root: Path) -> tuple[Path, dict]:
+    out = root / "large_clean"
+    return out, simulate_large(out, region=48, frames=FRAMES, spot_fraction=0.12, seed=5, noise=False,
+                               full_frames=False)
+
+
+def test_large_spot_fraction_truth_and_spacing(large_clean: tuple[Path, dict]) -> None:
+    """The truth's spot pixels cover about the requested share of the region; the configuration is clean;
+    each truth pixel belongs to one grain, and spots of different grains never share a pixel."""
+    out, info = large_clean
+    cfg = cfg_of(out)
+    r0, r1, c0, c1 = cfg.file.frame
+    assert (r1 - r0, c1 - c0) == (48, 48) and cfg.file.n_frames == FRAMES
+    t = load_truth(out / "truth.h5")
+    assert len(t.pixels) == info["spot_pixels"] and info["spot_fraction"] == len(t.pixels) / 48**2
+    assert 0.06 <= info["spot_fraction"] <= 0.24, "a few spots only: the share is coarse (see the next test)"
+    rows, cols = t.pixels[:, 0], t.pixels[:, 1]
+    assert ((rows >= r0) & (rows < r1) & (cols >= c0) & (cols < c1)).all()
+    assert (t.second_grain == -1).all(), "spots are kept apart: no pixel sees two grains"
+    assert (t.profiles.sum(axis=1) >= 4 * np.sqrt(50)).all(), "spot pixels: summed profile >= 4 sqrt(b)"
+    assert len(np.unique(t.grain)) > 1 and np.isin(t.grain, np.arange(len(t.grain_top))).all()
+    assert np.diff(np.sort(t.grain_top)).min() >= 29.9, "thin grains 30 um apart"
+    assert ((8 <= t.energy) & (t.energy <= 30)).all()
+
+
+def test_large_spot_grid_covers_the_share_and_keeps_spots_apart() -> None:
+    """Over a production-size region the spots' truth pixels cover the requested share within a few
+    percent, and any two spots keep 4 (sigma1 + sigma2) apart, as simulate() keeps them."""
+    from laueflow.simulate import _spot_grid, _spot_weights
+
+    region = (424, 1624, 424, 1624)
+    threshold = 4 * np.sqrt(50.0)
+    for fraction in (0.05, 0.2):
+        spots = _spot_grid(np.random.default_rng(1), region, fraction, threshold)
+        covered = 0
+        for s in spots:
+            rr, cc = np.mgrid[int(s[0]) - 12:int(s[0]) + 13, int(s[1]) - 12:int(s[1]) + 13]
+            covered += int((_spot_weights(s, rr, cc) >= threshold).sum())
+        assert abs(covered / 1200**2 - fraction) < 0.05 * fraction
+        xy = np.array([(s[0], s[1]) for s in spots])
+        sig = np.array([s[2] for s in spots])
+        dist = np.hypot(*(xy[:, None, :] - xy[None, :, :]).transpose(2, 0, 1))
+        np.fill_diagonal(dist, np.inf)
+        assert (dist >= 4 * (sig[:, None] + sig[None, :])).all()
+        assert ((xy >= region[0] + 3) & (xy < region[1] - 3)).all(), "inside the region"
+
+
+def test_large_traces_are_the_forward_model(large_clean: tuple[Path, dict]) -> None:
+    """Without noise, truth pixels hold round((b + G f) * I0 / I0_ref), as simulate() writes them."""
+    out, _ = large_clean
+    cfg = cfg_of(out)
+    t = load_truth(out / "truth.h5")
+    data, i0 = region_stack(out, cfg, FRAMES)
+    r0, _, c0, _ = cfg.file.frame
+    d = data[:, t.pixels[:, 0] - r0, t.pixels[:, 1] - c0].T.astype(float)
+    setup = Setup.from_config(cfg)
+    centres = G.pixel_centres(setup.geo, t.pixels[:, 0], t.pixels[:, 1])
+    sub = (np.arange(8) + 0.5) / 8 - 0.5
+    z = (cfg.geo.source.depths[:, None] + cfg.geo.source.grid[2] * sub[None, :]).ravel()
+    model = traces(setup, centres, np.repeat(t.profiles / sub.size, sub.size, axis=1), z, np.arange(FRAMES),
+                   t.energy)
+    y = d / i0
+    yc, mc = y - y.mean(axis=1, keepdims=True), model - model.mean(axis=1, keepdims=True)
+    k = (yc * mc).sum() / (mc * mc).sum()
+    b = (y - k * model).mean(axis=1, keepdims=True)
+    resid = d - np.rint((b + k * model) * i0)
+    assert 40 <= (b * i0.mean()).min() and (b * i0.mean()).max() <= 60, "background about 50 counts"
+    assert (np.abs(resid) <= 2 + 0.001 * k * model * i0).all()
+    assert (np.abs(resid) <= 1).mean() > 0.99
+
+
+def test_large_full_frames(root: Path) -> None:
+    """Whole detector frames with background and noise everywhere, gzip + shuffle in the chunks asked for."""
+    out = root / "large_full"
+    simulate_large(out, region=48, frames=8, spot_fraction=0.06, seed=2, chunks=(128, 128))
+    assert open_scan(cfg_of(out)).n_points == 1
+    with h5py.File(out / "scan_0.h5", "r") as f:
+        d = f[KEY]
+        assert d.shape == (2048, 2048) and d.chunks == (128, 128) and d.compression == "gzip" and d.shuffle
+        corner = d[:64, :64]
+        assert f[MONITOR][()] > 0
+    assert 40 <= np.median(corner) <= 60 and corner.min() > 0, "background outside the region too"
+
+
+def test_large_point_reconstructs(root: Path, tmp_path: Path) -> None:
+    """A point of 201 frames decodes as simulate()'s do: the truth's spot pixels at their depths."""
+    from laueflow import sites
+    from laueflow.cli import read_point_profiles
+    from laueflow.evaluate import score
+    from laueflow.workflow import run
+
+    out = root / "large_201"
+    info = simulate_large(out, region=48, frames=201, spot_fraction=0.06, seed=2, full_frames=False)
+    site = sites.site_config("threads", workers=1, run_dir=str(tmp_path / "runinfo"))
+    result = run(out, cfg_of(out), tmp_path / "recon", block_pixels=48 * 48, site_config=site)
+    assert result.exit_code == 0
+    rows, cols, profiles = read_point_profiles(tmp_path / "recon" / "point_00000.h5")
+    s = score(load_truth(out / "truth.h5").for_point(0), rows, cols, profiles)
+    assert s.spot_pixels == info["spot_pixels"] and s.covered > 0.95
+    assert s.centroid_median < 0.5 and s.within_2um > 0.9 and s.correlation_mean > 0.9
+
+
+def test_large_arguments_checked(tmp_path: Path) -> None:
+    """Bad arguments stop before anything is written, with the reason."""
+    for kwargs, match in (({"preset": "overlap"}, "unknown preset"), ({"region": 4}, "region"),
+                          ({"frames": 7}, "frames must be >= 8"), ({"spot_fraction": 0}, "spot_fraction"),
+                          ({"spot_fraction": 0.6}, "does not fit"), ({"grains": 0}, "grains")):
+        with pytest.raises(ValueError, match=match):
+            simulate_large(tmp_path / "scan", **{"region": 32, "frames": 8, **kwargs})
+    assert not (tmp_path / "scan").exists()
