@@ -1,0 +1,138 @@
+"""The decoder's solvers: the fits over the whole code grid and over each pixel's support reach the
+optimum of the estimator (checked against an independent bound-constrained solver in float64), and
+decoding holds BLAS to one thread only while it runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import threadpoolctl
+from scipy.optimize import minimize
+
+from laueflow import config as C
+from laueflow import decode as D
+from laueflow import forward as F
+from laueflow import geometry as G
+from laueflow.simulate import default_config_dict
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    d = default_config_dict("tilted", frames=261, region=16)
+    d["geo"]["mask"]["path"] = None
+    return C.from_dict(d, check_files=False)
+
+
+def _level(cfg, seed: int = 0, n: int = 200, k: int = 64) -> D._Level:
+    """A centred dictionary like a block's: shifted copies of one random code of 8-column bits, blurred
+    (neighbouring columns nearly alike, as on the code-coordinate grid)."""
+    rng = np.random.default_rng(seed)
+    bits = np.repeat((rng.random((n + k) // 8 + 1) < 0.5).astype(float), 8)
+    code = np.convolve(bits, np.ones(3) / 3, mode="same")
+    gold = np.stack([code[j : j + n] for j in range(k)], axis=1)
+    mu = 1.2
+    return D._Level(np.exp(-mu * gold), mu, cfg, np.float32)
+
+
+def _traces(level: D._Level, seed: int = 1) -> np.ndarray:
+    """Two noise-normalised traces: a thin grain, and an extended one with a gap."""
+    rng = np.random.default_rng(seed)
+    k = level.a.shape[1]
+    h = np.zeros((2, k))
+    h[0, 20:24] = [2.0, 6.0, 5.0, 1.0]
+    h[1, 30:50] = np.linspace(3.0, 1.0, 20)
+    h[1, 38:41] = 0.0
+    return h @ level.a.T + rng.normal(size=(2, level.a.shape[0]))
+
+
+def _optimum(a, d, l1: float, smooth: float, allowed: np.ndarray) -> np.ndarray:
+    """min 1/2 |d - A h|^2 + l1 sum h + smooth/2 sum (h_i+1 - h_i)^2 over neighbouring allowed columns,
+    h >= 0 and h = 0 elsewhere, in float64 with L-BFGS-B."""
+    cols = np.flatnonzero(allowed)
+    sub = a[:, cols]
+    pairs = np.flatnonzero(np.diff(cols) == 1)
+    diff = np.zeros((pairs.size, cols.size))
+    diff[np.arange(pairs.size), pairs] = -1.0
+    diff[np.arange(pairs.size), pairs + 1] = 1.0
+    q = sub.T @ sub + smooth * diff.T @ diff
+    b = sub.T @ d - l1
+
+    def objective(x):
+        return 0.5 * x @ q @ x - b @ x, q @ x - b
+
+    res = minimize(objective, np.zeros(cols.size), jac=True, method="L-BFGS-B",
+                   bounds=[(0, None)] * cols.size, options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 20000})
+    out = np.zeros(a.shape[1])
+    out[cols] = res.x
+    return out
+
+
+def test_full_fit_reaches_the_optimum(cfg):
+    level = _level(cfg)
+    d = _traces(level)
+    sparsity = cfg.recon.sparsity
+    h = level.full(d, sparsity)
+    everywhere = np.ones(level.a.shape[1], bool)
+    for row in range(2):
+        best = _optimum(level.a, d[row], sparsity * level.unit, cfg.recon.smoothness, everywhere)
+        assert np.linalg.norm(h[row] - best) <= 2e-4 * np.linalg.norm(best), row
+
+
+def test_support_fit_reaches_the_optimum_on_each_support(cfg):
+    """Each row is fitted on its own columns, smoothed only between neighbouring ones (the gap splits
+    the second support in two), warm-started from anything; the misfit is |d - A h|^2 of the result."""
+    level = _level(cfg)
+    d = _traces(level)
+    k = level.a.shape[1]
+    allowed = np.zeros((2, k), bool)
+    allowed[0, 16:28] = True
+    allowed[1, 28:38] = allowed[1, 41:52] = True
+    weak = cfg.recon.sparsity * cfg.recon.refit_sparsity
+    start = np.random.default_rng(2).random((2, k))
+    h, misfit = D._fit_supports([level], np.zeros(2, int), np.arange(2), d, allowed, start, weak)
+    assert (h[~allowed] == 0).all()
+    for row in range(2):
+        best = _optimum(level.a, d[row], weak * level.unit, cfg.recon.smoothness, allowed[row])
+        assert np.linalg.norm(h[row] - best) <= 2e-5 * np.linalg.norm(best), row
+        assert misfit[row] == pytest.approx(np.sum((d[row] - level.a @ h[row]) ** 2), rel=1e-4)
+
+
+def test_rows_without_support_are_left_at_zero(cfg):
+    level = _level(cfg)
+    d = _traces(level)
+    h, misfit = D._fit_supports([level], np.zeros(2, int), np.arange(2), d,
+                                np.zeros((2, level.a.shape[1]), bool), np.ones((2, level.a.shape[1])), 0.1)
+    assert (h == 0).all()
+    assert misfit == pytest.approx((d**2).sum(axis=1))
+
+
+def _blas_threads() -> list[int]:
+    """Threads of each BLAS library loaded in this process."""
+    return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_decoding_holds_blas_to_one_thread_and_restores_it(cfg, monkeypatch):
+    setup = F.Setup.from_config(cfg)
+    rows, cols = (x.ravel() for x in np.mgrid[1000:1008, 1000:1008])
+    z = cfg.geo.source.depths * 1e3
+    profiles = np.zeros((rows.size, z.size))
+    profiles[::2, (z >= 20) & (z < 28)] = 300.0
+    frames = np.arange(cfg.file.n_frames)
+    traces = F.traces(setup, G.pixel_centres(setup.geo, rows, cols), profiles, cfg.geo.source.depths, frames,
+                      20.0, 50.0)
+    traces = np.random.default_rng(0).poisson(traces).astype(float)
+    inside = []
+    original = D._decode
+
+    def watched(*args, **kwargs):
+        inside.append(_blas_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(D, "_decode", watched)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        r = D.decode(traces, rows, cols, frames, setup, cfg)
+        after = _blas_threads()
+    assert r.profiles[::2].sum(axis=1).min() > 0
+    assert inside and inside[0] and set(inside[0]) == {1}
+    assert after == before and max(before) == 2
