@@ -34,6 +34,9 @@ MIB = 1 << 20
 # without it.  Each open file also keeps an HDF5 chunk cache of CHUNK_CACHE_BYTES.
 MAX_OPEN_FILES = 256
 CHUNK_CACHE_BYTES = 4 * MIB
+# Larger chunks (a whole 2048 x 2048 frame is 8 MiB) get a cache that holds one, up to this size, so that
+# the tiles of a frame decompress its chunk once, not once per tile.
+MAX_CHUNK_CACHE_BYTES = 32 * MIB
 
 
 class ScanError(Exception):
@@ -160,6 +163,7 @@ class Scan:
         self._monitor_ref: Path | None = None  # the file that decided whether the monitor exists
         self._handles: OrderedDict[Path, tuple[h5py.File, h5py.Dataset]] = OrderedDict()
         self._lock = threading.RLock()
+        self._chunk_cache = CHUNK_CACHE_BYTES
 
     # pickling: drop open files -------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -171,6 +175,7 @@ class Scan:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
+        self._chunk_cache = CHUNK_CACHE_BYTES
 
     def close(self) -> None:
         """Close the cached HDF5 files (reads re-open them)."""
@@ -301,9 +306,15 @@ class Scan:
         if hit is not None:
             self._handles.move_to_end(file)
             return hit[1]
-        f = _open(file, rdcc_nbytes=CHUNK_CACHE_BYTES)
+        f = _open(file, rdcc_nbytes=self._chunk_cache)
         try:
             dset = _dataset(f, file, self.cfg.file.h5_key)
+            need = _chunk_bytes(dset)
+            if self._chunk_cache < need <= MAX_CHUNK_CACHE_BYTES:
+                self._chunk_cache = need + MIB  # the frames of a scan share their layout: sized once
+                f.close()
+                f = _open(file, rdcc_nbytes=self._chunk_cache)
+                dset = _dataset(f, file, self.cfg.file.h5_key)
         except ScanError:
             f.close()
             raise
@@ -360,7 +371,9 @@ class Scan:
         saturated = (flat == SATURATED).any(axis=0)
         mean = flat.mean(axis=0, dtype=np.float64)
         selected = (mean >= self.cfg.file.threshold) & ~saturated
-        traces = np.ascontiguousarray(flat.T, dtype=np.float32)
+        traces = np.empty((h * w, n), np.float32)
+        for k in range(0, n, 8):  # a few frames at a time: the transpose stays in cache (4x faster)
+            traces[:, k:k + 8] = flat[k:k + 8].T
         if self.has_monitor:
             i0 = self._i0[pos]
             traces *= (i0.mean() / i0).astype(np.float32)[None, :]
@@ -424,6 +437,11 @@ def _open(file: Path, **kwargs: Any) -> h5py.File:
         raise ScanError(f"{file}: file does not exist (removed while reading?)") from None
     except OSError as exc:
         raise ScanError(f"{file}: not a readable HDF5 file (truncated or corrupt?): {exc}") from None
+
+
+def _chunk_bytes(dset: h5py.Dataset) -> int:
+    """Bytes of one chunk of a dataset (0 when it is not chunked)."""
+    return int(np.prod(dset.chunks)) * dset.dtype.itemsize if dset.chunks else 0
 
 
 def _dataset(f: h5py.File, file: Path, key: str) -> h5py.Dataset:
