@@ -46,14 +46,24 @@ def _detector_axes(ax: Any, label_x: bool = True, label_y: bool = True) -> None:
 
 
 def truth_depth_map(point: Point, truth: Any) -> np.ndarray:
-    """Depth (um) of the maximum of each truth pixel's profile over the point's region, NaN elsewhere."""
+    """Depth (um) of the maximum of each truth pixel's profile over the point's region, NaN elsewhere.
+
+    A thin grain's true profile is flat over its thickness, so the maximum is taken as the middle of
+    the first run of bins within 1 % of it (not its first bin, which would put every grain at its top
+    face).
+    """
     r0, r1, c0, c1 = point.frame
     out = np.full((r1 - r0, c1 - c0), np.nan)
     if truth is None or len(truth.pixels) == 0:
         return out
     rows, cols = truth.pixels[:, 0], truth.pixels[:, 1]
     inside = (rows >= r0) & (rows < r1) & (cols >= c0) & (cols < c1) & (truth.profiles.max(axis=1) > 0)
-    out[rows[inside] - r0, cols[inside] - c0] = truth.depth[truth.profiles[inside].argmax(axis=1)]
+    prof = truth.profiles[inside]
+    first = prof.argmax(axis=1)
+    index = np.arange(prof.shape[1])
+    below = (prof < 0.99 * prof.max(axis=1, keepdims=True)) & (index[None, :] > first[:, None])
+    end = np.where(below.any(axis=1), below.argmax(axis=1), prof.shape[1])  # end of the first plateau
+    out[rows[inside] - r0, cols[inside] - c0] = np.interp((first + end - 1) / 2, index, truth.depth)
     return out
 
 
