@@ -17,12 +17,9 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
+from .progress import plural as _plural
 
 INPUT_ERROR = 2
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _fail(message: str) -> NoReturn:
@@ -133,7 +130,6 @@ class RunSetup:
     """What `run` and `watch` resolve from their common options before the work starts."""
 
     cfg: Any
-    config_file: Path
     location: Path
     out_dir: Path
     site_config: Any
@@ -158,7 +154,7 @@ def prepare_run(scan_dir: Path, config_file: Path | None, out_dir: Path | None, 
     click.echo(f"config: {Path(config_file).resolve()} (fingerprint {cfg.fingerprint()})")
     click.echo(f"output: {out_dir}/point_<k>.h5 (site {site}, Parsl logs in {out_dir / '.runinfo'}, "
                f"progress in {out_dir / 'status.json'})")
-    return RunSetup(cfg, Path(config_file), location, out_dir, parsl_config, Console())
+    return RunSetup(cfg, location, out_dir, parsl_config, Console())
 
 
 @dataclass
@@ -222,7 +218,7 @@ class TransferHooks:
         sent = self.transfers.finish(timeout=self.transfers.patience())
         record_status(self.transfers.out_dir, self.transfers.snapshot())
         click.echo(self.transfers.summary())
-        if result is not None and not sent:
+        if not sent:
             result.transfers_failed = True
         return result
 
@@ -254,12 +250,13 @@ def run(scan_dir: Path, points: str | None, config_file: Path | None, out_dir: P
     """
     from . import provenance
     from .progress import reporter
+    from .watch import sigterm_as_interrupt
     from .workflow import dag
 
     setup = prepare_run(scan_dir, config_file, out_dir, site, site_option, endpoint, workers)
     transfers = TransferHooks.start(setup.cfg, setup.out_dir)
     report, close = reporter(setup.console)
-    with _input_errors():
+    with _input_errors(), sigterm_as_interrupt():
         try:
             result = dag.run(setup.location, setup.cfg, setup.out_dir, points=points,
                              block_pixels=block_pixels, site_config=setup.site_config,

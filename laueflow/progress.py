@@ -13,7 +13,8 @@ from typing import Any
 import click
 
 
-def _plural(n: int, word: str) -> str:
+def plural(n: int, word: str) -> str:
+    """``1 point``, ``2 points``."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
@@ -37,11 +38,14 @@ class _Tally:
         self.pixels = 0
         self.blocks_done = 0
         self.blocks_total = 0
+        self.reused = 0  # blocks kept from an earlier run: no work, so no part of the pace
 
     def update(self, event: Any) -> None:
         self.points_total = event.points_total
         self.blocks_total = event.blocks_total
         if event.kind == "block":
+            if event.reused:
+                self.reused += event.blocks_done - self.blocks_done
             self.pixels += event.n_pixels
             self.blocks_done = event.blocks_done
         elif event.kind == "point":
@@ -60,9 +64,10 @@ class _Tally:
         left = self.blocks_total - self.blocks_done
         if left <= 0:
             return 0.0
-        if not self.blocks_done:
+        fresh = self.blocks_done - self.reused
+        if fresh <= 0:
             return None
-        return left * (time.monotonic() - self.t0) / self.blocks_done
+        return left * (time.monotonic() - self.t0) / fresh
 
     def line(self) -> str:
         fails = f", {self.failed} failed" if self.failed else ""
@@ -81,7 +86,7 @@ def plain_reporter(every: float = 30.0, echo: Callable[[str], None] = click.echo
     def report(event: Any) -> None:
         tally.update(event)
         if event.kind == "start":
-            echo(f"{_plural(event.points_total, 'point')}, {_plural(event.blocks_total, 'block')} to decode")
+            echo(f"{plural(event.points_total, 'point')}, {plural(event.blocks_total, 'block')} to decode")
         elif event.kind == "point":
             echo(event.result.line())
         elif event.kind == "block" and time.monotonic() - last[0] >= every:

@@ -35,8 +35,11 @@ MIB = 1 << 20
 MAX_OPEN_FILES = 256
 CHUNK_CACHE_BYTES = 4 * MIB
 # Larger chunks (a whole 2048 x 2048 frame is 8 MiB) get a cache that holds one, up to this size, so that
-# the tiles of a frame decompress its chunk once, not once per tile.
+# the tiles of a frame decompress its chunk once, not once per tile; then fewer files stay open, so that
+# the caches of one scan never hold more than OPEN_CACHE_BUDGET (2 GiB: 227 open whole-frame files, a
+# 201-frame point).
 MAX_CHUNK_CACHE_BYTES = 32 * MIB
+OPEN_CACHE_BUDGET = 2048 * MIB
 
 
 class ScanError(Exception):
@@ -319,7 +322,7 @@ class Scan:
             f.close()
             raise
         self._handles[file] = (f, dset)
-        while len(self._handles) > MAX_OPEN_FILES:
+        while len(self._handles) > min(MAX_OPEN_FILES, OPEN_CACHE_BUDGET // self._chunk_cache):
             _, (old, _dset) = self._handles.popitem(last=False)
             old.close()
         return dset

@@ -114,6 +114,7 @@ class ProgressEvent:
     result: PointResult | None = None
     point: int | None = None
     n_pixels: int = 0
+    reused: bool = False  # a "block" event for finished blocks kept from an earlier run
 
 
 @dataclass
@@ -331,19 +332,21 @@ def _drive(plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_config
     n_tiles = len(plan.tiles)
     done_results: dict[int, PointResult] = {}
     order: list[int] = []
+    seen: set[int] = set()
     queue: deque[int] = deque()
     counts = {"blocks_total": 0, "blocks_done": 0}
 
     def event(kind: str, result: PointResult | None = None, point: int | None = None,
-              n_pixels: int = 0) -> ProgressEvent:
+              n_pixels: int = 0, reused: bool = False) -> ProgressEvent:
         return ProgressEvent(kind, counts["blocks_done"], counts["blocks_total"], len(order), result,
-                             point=point, n_pixels=n_pixels)
+                             point=point, n_pixels=n_pixels, reused=reused)
 
     def add_points(new: Sequence[int]) -> None:
         """Queue points (skipping those already in the run); points with up-to-date files are done."""
         for k in new:
-            if k in done_results or k in queue or k in order:
+            if k in seen:
                 continue
+            seen.add(k)
             if k >= plan.scan.n_points:  # a scan that grows while it is watched
                 plan.scan = open_scan(cfg, scan_path, check=False)
             order.append(k)
@@ -352,11 +355,9 @@ def _drive(plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_config
                                                      _block_dir(out_dir, k))
             if resumed is not None:
                 if per_depth_files:
-                    from ..io.export import export_point
-
-                    export_point(resumed.file)
+                    _export_kept(resumed)
                 done_results[k] = resumed
-                status.point_finished(resumed)
+                status.point_finished(resumed, write=started)
                 if started:  # points of the initial selection are announced after "start"
                     emit(event("point", resumed))
             else:
@@ -366,16 +367,15 @@ def _drive(plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_config
                 counts["blocks_total"] += n_tiles
 
     started = False
-    add_points(plan.points)
-    started = True
-    emit(event("start"))
-    for k in order:
-        if k in done_results:
-            emit(event("point", done_results[k]))
-    status.write(force=True)
-
     final_state = "failed"
     try:
+        add_points(plan.points)
+        started = True
+        emit(event("start"))
+        for k in order:
+            if k in done_results:
+                emit(event("point", done_results[k]))
+        status.write(force=True)
         if queue or (feed is not None and not feed.done):
             with warnings.catch_warnings(), parsl.load(site_config):
                 # JAX warns on every fork; Parsl's providers fork only to exec shell commands, which is safe
@@ -422,7 +422,7 @@ def _drive(plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_config
                         status.point_running(k, reused_blocks=reused)
                         if reused:
                             counts["blocks_done"] += reused
-                            emit(event("block", point=k))
+                            emit(event("block", point=k, reused=True))
                     if not live and not queue and (feed is None or feed.done):
                         break
                     if tick is not None and time.monotonic() - last_tick >= poll_interval:
@@ -464,6 +464,16 @@ def _drive(plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_config
     outcome.points = [done_results[k] for k in order]
     outcome.seconds = time.perf_counter() - t_start
     return outcome
+
+
+def _export_kept(result: PointResult) -> None:
+    """Per-depth files of a point file that is kept: a failed export is noted, the point stays done."""
+    from ..io.export import ExportError, export_point
+
+    try:
+        export_point(result.file)
+    except (ExportError, OSError) as exc:
+        result.reason += f"; per-depth export failed: {exc}"
 
 
 def _remove_stale_temporaries(out_dir: Path) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__, provenance
+from ..io.results import atomic_path
 
 STATUS_FILE = "status.json"
 LOCK_FILE = ".lock"
@@ -65,7 +66,9 @@ class RunLock:
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise RunLocked(f"output folder {self.path.parent} is in use by {holder}; wait for that run "
                                 "to end (or stop it) before starting another on the same folder") from None
-            raise
+            raise RunLocked(f"cannot lock {self.path} ({exc.strerror}): the file system does not support "
+                            "flock (e.g. Lustre mounted without -o flock); use an output folder on one "
+                            "that does") from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"laueflow pid {os.getpid()} on {socket.gethostname()} since {provenance.now()}\n")
@@ -143,7 +146,6 @@ class StatusFile:
         self.min_interval = min_interval
         self._last_write = 0.0
         self._t0 = time.monotonic()
-        self._pixels_at_start = 0
         self.data: dict[str, Any] = {
             "format": FORMAT, "laueflow_version": __version__, "state": "running",
             "scan": str(scan), "out_dir": str(Path(out_dir)), "command": command,
@@ -177,8 +179,9 @@ class StatusFile:
         entry["n_pixels"] += int(n_pixels)
         self.write()
 
-    def point_finished(self, result: Any) -> None:
-        """``result`` is a :class:`laueflow.workflow.dag.PointResult`."""
+    def point_finished(self, result: Any, write: bool = True) -> None:
+        """``result`` is a :class:`laueflow.workflow.dag.PointResult`; ``write``: write the file now
+        (False while the points of a rerun are checked, which are written once at the end)."""
         entry = self.data["points"][str(result.point)]
         entry.update(state=result.status, file=Path(result.file).name if result.file else None,
                      n_pixels=int(result.n_pixels), finished=provenance.now(), reason=result.reason,
@@ -186,7 +189,8 @@ class StatusFile:
         if result.status == "resumed":
             entry["blocks_done"] = entry["blocks_total"]
         entry["blocks_failed"] = max(entry["blocks_failed"], int(result.failed_blocks))
-        self.write(force=True)
+        if write:
+            self.write(force=True)
 
     def finish(self, state: str) -> None:
         self.data["state"] = state
@@ -205,7 +209,7 @@ class StatusFile:
         elapsed = max(time.monotonic() - self._t0, 1e-6)
         rate = pixels / elapsed
         remaining = blocks - blocks_done
-        fresh = sum(p["blocks_done"] for p in points if p["state"] not in ("resumed",))
+        fresh = sum(p["blocks_done"] - p["blocks_reused"] for p in points if p["state"] != "resumed")
         eta = remaining * elapsed / fresh if fresh and remaining else (0.0 if not remaining else None)
         return {"points": len(self.data["points"]), "points_done": len(done),
                 "points_failed": sum(p["state"] == "failed" or p["blocks_failed"] > 0 for p in points),
@@ -222,6 +226,5 @@ class StatusFile:
         self.data["totals"] = self._totals()
         if self.extra is not None:
             self.data.update(self.extra())
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(self.data, indent=1))

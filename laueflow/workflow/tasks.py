@@ -153,11 +153,16 @@ def stitch_point(block_files: Sequence[str], out_file: str, meta: Mapping[str, A
         failed_blocks=len(errors))
     summary = write_point(out_file, written, frame=meta["frame"], depths_mm=meta["depths_mm"],
                           provenance=record, complete=not errors)
+    export_problem = ""
     if meta.get("per_depth_files"):
-        from laueflow.io.export import export_point
+        from laueflow.io.export import ExportError, export_point
 
-        summary["depth_files"] = len(export_point(out_file))
+        try:
+            summary["depth_files"] = len(export_point(out_file))
+        except (ExportError, OSError) as exc:  # the point file itself is complete and stays
+            export_problem = f"per-depth export failed: {exc}"
     status = "partial" if errors else "done"
     reason = f"{len(errors)} of {len(blocks)} blocks failed: {errors[0]}" if errors else ""
+    reason = "; ".join(r for r in (reason, export_problem) if r)
     return {**base, **summary, "status": status, "reason": reason, "stitch_seconds": time.perf_counter() - t0,
             "input_fingerprint": record[provenance.INPUT_FINGERPRINT]}
