@@ -181,6 +181,16 @@ def test_reads_only_the_tile_region(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert len(requests) == (5 if stacked else 1)  # one hyperslab per frame file, one for the stack
 
 
+def detector_config(folder: Path, n_frames: int, frame: list[int]):
+    """A configuration for frames of a full 2048 x 2048 detector in ``folder`` (geometry irrelevant)."""
+    return from_dict({
+        "file": {"path": str(folder), "range": [0, n_frames, 1], "frame": frame},
+        "geo": {"mask": {"focus": {"dist": 1.0}}, "scanner": {"step": 1.0},
+                "detector": {"rot": [0.0, 0.0, 0.0], "pos": [0.0, 0.0, 500.0]},
+                "source": {"grid": [0.0, 0.1, 0.01]}},
+    })
+
+
 def test_region_of_large_compressed_frames(tmp_path: Path) -> None:
     """Frames of a 2048 x 2048 detector: a small tile reads quickly and returns just that region."""
     folder = tmp_path / "big"
@@ -190,13 +200,7 @@ def test_region_of_large_compressed_frames(tmp_path: Path) -> None:
     for g in range(3):
         with h5py.File(folder / f"big_{g}.h5", "w") as f:
             f.create_dataset(KEY, data=big + g, chunks=(256, 256), compression="gzip", compression_opts=1)
-    cfg = from_dict({
-        "file": {"path": str(folder), "range": [0, 3, 1], "frame": [1000, 1010, 500, 520]},
-        "geo": {"mask": {"focus": {"dist": 1.0}}, "scanner": {"step": 1.0},
-                "detector": {"rot": [0.0, 0.0, 0.0], "pos": [0.0, 0.0, 500.0]},
-                "source": {"grid": [0.0, 0.1, 0.01]}},
-    })
-    scan = open_scan(cfg)
+    scan = open_scan(detector_config(folder, 3, [1000, 1010, 500, 520]))
     (tile,) = scan.tiles(4096)
     assert tile == Tile(1000, 1010, 500, 520)
     block = scan.read_block(0, tile)
@@ -216,13 +220,7 @@ def test_whole_frame_chunks_are_decompressed_once_per_frame(tmp_path: Path, monk
     for g in range(2):
         with h5py.File(folder / f"whole_{g}.h5", "w") as f:
             f.create_dataset(KEY, data=big + g, chunks=(2048, 2048), compression="gzip", compression_opts=1)
-    cfg = from_dict({
-        "file": {"path": str(folder), "range": [0, 2, 1], "frame": [0, 64, 0, 64]},
-        "geo": {"mask": {"focus": {"dist": 1.0}}, "scanner": {"step": 1.0},
-                "detector": {"rot": [0.0, 0.0, 0.0], "pos": [0.0, 0.0, 500.0]},
-                "source": {"grid": [0.0, 0.1, 0.01]}},
-    })
-    scan = open_scan(cfg)
+    scan = open_scan(detector_config(folder, 2, [0, 64, 0, 64]))
     tiles = scan.tiles(1024)
     assert len(tiles) == 4
     for tile in tiles:

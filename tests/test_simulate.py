@@ -47,6 +47,24 @@ def cfg_of(out: Path) -> Config:
         return load(out / "config.yaml")
 
 
+def truth_and_model(out: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The measured traces of the truth pixels of a simulated scan (N pixels, n frames), the frames' I0,
+    and the noise-free traces the forward model gives for the truth profiles.  A grain is continuous in
+    depth, so each bin of a truth profile is spread evenly over its bin (8 sub-samples)."""
+    cfg = cfg_of(out)
+    t = load_truth(out / "truth.h5")
+    data, i0 = region_stack(out, cfg, FRAMES)
+    r0, _, c0, _ = cfg.file.frame
+    d = data[:, t.pixels[:, 0] - r0, t.pixels[:, 1] - c0].T.astype(float)
+    setup = Setup.from_config(cfg)
+    centres = G.pixel_centres(setup.geo, t.pixels[:, 0], t.pixels[:, 1])
+    sub = (np.arange(8) + 0.5) / 8 - 0.5
+    z = (cfg.geo.source.depths[:, None] + cfg.geo.source.grid[2] * sub[None, :]).ravel()
+    model = traces(setup, centres, np.repeat(t.profiles / sub.size, sub.size, axis=1), z, np.arange(FRAMES),
+                   t.energy)
+    return d, i0, model
+
+
 def region_stack(out: Path, cfg: Config, n_total: int) -> tuple[np.ndarray, np.ndarray]:
     """(frames, h, w) counts of the region and the monitor of every frame file scan_<n>.h5."""
     r0, r1, c0, c1 = cfg.file.frame
@@ -356,17 +374,7 @@ def test_no_noise_is_the_rounded_expectation(root: Path, thin_clean: tuple[Path,
     out, _ = thin_clean
     again, _ = sim(root, "thin_clean_again", noise=False)
     assert same_files(out, again, FRAMES)
-    cfg = cfg_of(out)
-    t = load_truth(out / "truth.h5")
-    data, i0 = region_stack(out, cfg, FRAMES)
-    r0, _, c0, _ = cfg.file.frame
-    d = data[:, t.pixels[:, 0] - r0, t.pixels[:, 1] - c0].T.astype(float)  # (n, N)
-    setup = Setup.from_config(cfg)
-    centres = G.pixel_centres(setup.geo, t.pixels[:, 0], t.pixels[:, 1])
-    sub = (np.arange(8) + 0.5) / 8 - 0.5
-    z = (cfg.geo.source.depths[:, None] + cfg.geo.source.grid[2] * sub[None, :]).ravel()
-    model = traces(setup, centres, np.repeat(t.profiles / sub.size, sub.size, axis=1), z, np.arange(FRAMES),
-                   t.energy)
+    d, i0, model = truth_and_model(out)
     assert model.std(axis=1).min() > 0, "the mask modulates every spot pixel"
     # d / I0 = b_p + k * model: a background per pixel and one global scale, fitted
     y = d / i0
@@ -633,17 +641,7 @@ def test_large_spot_grid_covers_the_share_and_keeps_spots_apart() -> None:
 def test_large_traces_are_the_forward_model(large_clean: tuple[Path, dict]) -> None:
     """Without noise, truth pixels hold round((b + G f) * I0 / I0_ref), as simulate() writes them."""
     out, _ = large_clean
-    cfg = cfg_of(out)
-    t = load_truth(out / "truth.h5")
-    data, i0 = region_stack(out, cfg, FRAMES)
-    r0, _, c0, _ = cfg.file.frame
-    d = data[:, t.pixels[:, 0] - r0, t.pixels[:, 1] - c0].T.astype(float)
-    setup = Setup.from_config(cfg)
-    centres = G.pixel_centres(setup.geo, t.pixels[:, 0], t.pixels[:, 1])
-    sub = (np.arange(8) + 0.5) / 8 - 0.5
-    z = (cfg.geo.source.depths[:, None] + cfg.geo.source.grid[2] * sub[None, :]).ravel()
-    model = traces(setup, centres, np.repeat(t.profiles / sub.size, sub.size, axis=1), z, np.arange(FRAMES),
-                   t.energy)
+    d, i0, model = truth_and_model(out)
     y = d / i0
     yc, mc = y - y.mean(axis=1, keepdims=True), model - model.mean(axis=1, keepdims=True)
     k = (yc * mc).sum() / (mc * mc).sum()
