@@ -296,14 +296,17 @@ def run(scan_path: str | Path, cfg: Config, out_dir: str | Path, points: str | S
     except RunLocked as exc:
         raise RunError(str(exc)) from None
     try:
-        return _drive(plan, scan_path, cfg, out_dir, site_config, emit, command_line, start_time, t_start,
-                      max_points_in_flight, max_blocks_in_flight, force, per_depth_files, feed, tick,
-                      status_extra, poll_interval, reconstruct_block, stitch_point)
+        return _drive(plan=plan, scan_path=scan_path, cfg=cfg, out_dir=out_dir, site_config=site_config,
+                      emit=emit, command_line=command_line, start_time=start_time, t_start=t_start,
+                      max_points_in_flight=max_points_in_flight, max_blocks_in_flight=max_blocks_in_flight,
+                      force=force, per_depth_files=per_depth_files, feed=feed, tick=tick,
+                      status_extra=status_extra, poll_interval=poll_interval,
+                      reconstruct_block=reconstruct_block, stitch_point=stitch_point)
     finally:
         lock.release()
 
 
-def _drive(plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_config: Any,
+def _drive(*, plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_config: Any,
            emit: Callable[[ProgressEvent], None], command_line: str | None, start_time: str, t_start: float,
            max_points_in_flight: int, max_blocks_in_flight: int, force: bool, per_depth_files: bool,
            feed: PointFeed | None, tick: Callable[[], None] | None, status_extra: Callable[[], dict] | None,
