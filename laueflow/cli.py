@@ -483,18 +483,6 @@ def sites_show(name: str) -> None:
 # score
 
 
-def point_files(run_dir: Path) -> dict[int, Path]:
-    """The point files ``point_<k:05d>.h5`` in RUN_DIR by point number (temporary files are ignored)."""
-    import re
-
-    found = {}
-    for path in run_dir.glob("point_*.h5"):
-        m = re.fullmatch(r"point_(\d+)\.h5", path.name)
-        if m:
-            found[int(m.group(1))] = path
-    return dict(sorted(found.items()))
-
-
 def read_point_profiles(path: Path) -> tuple[Any, Any, Any]:
     """rows, cols (P,) and depth profiles (P, J) of the reconstructed pixels of a point file."""
     import h5py
@@ -523,6 +511,7 @@ def score_command(run_dir: Path, truth_file: Path, point: int | None) -> None:
     Exit status 0 when every point file was scored, 1 when some could not be read, 2 when there is
     nothing to score or the truth file is unusable."""
     from .evaluate import load_truth, score
+    from .io.results import point_files
 
     files = point_files(run_dir)
     if point is not None:

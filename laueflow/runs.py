@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -34,14 +33,13 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .io.results import PIXEL_FIELDS, point_name, signal_range
+from .io.results import PIXEL_FIELDS, POINT_FILE, point_files, point_name, signal_range
 from .workflow.status import FORMAT as STATUS_FORMAT
 from .workflow.status import STATUS_FILE, age_seconds, driver_alive
 
 POINT_STATES = ("pending", "running", "done", "resumed", "partial", "skipped", "failed")
 FILE_STATES = ("done", "resumed", "partial")  # point states that come with a point file
 TRUTH_FILE = "truth.h5"
-_POINT_FILE = re.compile(r"point_(\d+)\.h5")
 _SUBSAMPLES = (np.arange(4) + 0.5) / 4 - 0.5  # positions within a depth bin (a bin is a continuous slab)
 
 
@@ -148,11 +146,7 @@ class Run:
     def refresh(self) -> Run:
         """Read status.json and the list of point files again; returns self."""
         self._read_status()
-        on_disk: dict[int, Path] = {}
-        for entry in self.path.iterdir():
-            m = _POINT_FILE.fullmatch(entry.name)
-            if m and entry.is_file():
-                on_disk[int(m.group(1))] = entry
+        on_disk = point_files(self.path)
         points: dict[int, PointStatus] = {}
         recorded = (self.status or {}).get("points", {})
         for key, info in recorded.items():
@@ -425,7 +419,7 @@ class Point:
         """The scan point index (from the provenance, else the file name)."""
         if self._point is None:
             p = self.provenance.get("point")
-            m = _POINT_FILE.fullmatch(self.path.name)
+            m = POINT_FILE.fullmatch(self.path.name)
             self._point = int(p) if p is not None else int(m.group(1)) if m else -1
         return self._point
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TransferConfig
+from .io.results import point_files
 from .workflow.status import STATUS_FILE, driver_alive
 
 ID_VAR, SECRET_VAR = "LAUEFLOW_GLOBUS_CLIENT_ID", "LAUEFLOW_GLOBUS_CLIENT_SECRET"
@@ -509,7 +510,7 @@ def run_files(out_dir: str | os.PathLike) -> list[Path]:
     """The finished result files of a run folder: ``point_<k>.h5`` first, then HDF5 files in its
     subfolders (per-depth files), never hidden folders (``.blocks``, ``.runinfo``) or temporary names."""
     out = Path(out_dir)
-    points = sorted(p for p in out.glob("point_*.h5") if re.fullmatch(r"point_\d+\.h5", p.name))
+    points = list(point_files(out).values())
     others = sorted(p for p in out.rglob("*.h5") if p.parent != out and p.is_file()
                     and not any(part.startswith(".") for part in p.relative_to(out).parts))
     return points + others

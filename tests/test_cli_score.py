@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from laueflow.cli import main, point_files, read_point_profiles
+from laueflow.cli import main, read_point_profiles
 from laueflow.config import load
 from laueflow.evaluate import load_truth
 from laueflow.io import results
+from laueflow.io.results import point_files
 from laueflow.simulate import simulate
 
 SHIFT = 10  # depth bins (1 um each) by which point 1's profiles are displaced

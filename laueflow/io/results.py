@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,20 @@ BLOCK_FORMAT = 1
 def point_name(point: int) -> str:
     """File name of a scan point's result."""
     return f"point_{point:05d}.h5"
+
+
+POINT_FILE = re.compile(r"point_(\d+)\.h5")
+
+
+def point_files(out_dir: str | os.PathLike) -> dict[int, Path]:
+    """The point files ``point_<k>.h5`` of a run folder by point number, in order (files under their
+    temporary names are not point files)."""
+    found = {}
+    for path in Path(out_dir).glob("point_*.h5"):
+        m = POINT_FILE.fullmatch(path.name)
+        if m and path.is_file():
+            found[int(m.group(1))] = path
+    return dict(sorted(found.items()))
 
 
 TMP_MARK = ".tmp-"
