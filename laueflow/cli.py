@@ -119,6 +119,10 @@ def run_options(func: Callable) -> Callable:
                      help="Recompute everything, even up-to-date points and blocks."),
         click.option("--per-depth-files", is_flag=True,
                      help="Also write one image file per depth (entry1/data/data, entry1/depth) per point."),
+        click.option("--staging/--no-staging", default=True, show_default=True,
+                     help="Read each point's frames once, beside the decoding, into a scratch file in "
+                          "OUT/.blocks (about 2 bytes x frames x region pixels per point in flight, "
+                          "4 GiB at most), or let every block task read its tile from the frame files."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -242,7 +246,7 @@ def finish_run(result: Any, console: Any) -> NoReturn:
 @run_options
 def run(scan_dir: Path, points: str | None, config_file: Path | None, out_dir: Path | None,
         block_pixels: int | None, site: str, site_option: tuple[str, ...], endpoint: str | None,
-        workers: int | None, force: bool, per_depth_files: bool) -> None:
+        workers: int | None, force: bool, per_depth_files: bool, staging: bool) -> None:
     """Reconstruct the scan in SCAN_DIR into one HDF5 file per scan point.
 
     A rerun keeps the points and blocks that are up to date and computes the rest; progress is in
@@ -262,7 +266,7 @@ def run(scan_dir: Path, points: str | None, config_file: Path | None, out_dir: P
                              block_pixels=block_pixels, site_config=setup.site_config,
                              progress=transfers.progress(report) if transfers else report,
                              command_line=provenance.command_line(), force=force,
-                             per_depth_files=per_depth_files,
+                             per_depth_files=per_depth_files, staging=staging,
                              tick=transfers.tick if transfers else None,
                              status_extra=transfers.status if transfers else None)
         except KeyboardInterrupt:
@@ -290,7 +294,7 @@ def run(scan_dir: Path, points: str | None, config_file: Path | None, out_dir: P
 def watch(scan_dir: Path, max_points: int | None, until_idle: float | None, poll_interval: float,
           config_file: Path | None, out_dir: Path | None, block_pixels: int | None, site: str,
           site_option: tuple[str, ...], endpoint: str | None, workers: int | None, force: bool,
-          per_depth_files: bool) -> None:
+          per_depth_files: bool, staging: bool) -> None:
     """Reconstruct the scan points of SCAN_DIR as their frames arrive.
 
     A point is taken once all its frame files are complete (size unchanged between two listings, and
@@ -341,7 +345,8 @@ def watch(scan_dir: Path, max_points: int | None, until_idle: float | None, poll
                 result = dag.run(setup.location, setup.cfg, setup.out_dir, points=first,
                                  block_pixels=block_pixels, site_config=setup.site_config, progress=progress,
                                  command_line=provenance.command_line(), force=force,
-                                 per_depth_files=per_depth_files, feed=feed, poll_interval=poll_interval,
+                                 per_depth_files=per_depth_files, staging=staging, feed=feed,
+                                 poll_interval=poll_interval,
                                  tick=transfers.tick if transfers else None,
                                  status_extra=status_extra)
         except KeyboardInterrupt:

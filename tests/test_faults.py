@@ -143,10 +143,14 @@ def test_site_options_on_the_command_line(scan, tmp_path):
     assert not out.exists()
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and everything it started (a crashed driver with its executor)."""
+def _kill_tree(pid: int, out: Path) -> None:
+    """SIGKILL a process and everything it started (a crashed driver with its executor), including
+    the worker pool that Parsl's LocalProvider detaches from it (found by its log folder under ``out``)."""
     parent = psutil.Process(pid)
     family = [parent, *parent.children(recursive=True)]
+    for p in psutil.process_iter(["cmdline"]):
+        if p not in family and any(str(out) in part for part in p.info["cmdline"] or ()):
+            family += [p, *p.children(recursive=True)]
     for p in family:
         try:
             p.send_signal(signal.SIGKILL)
@@ -173,7 +177,7 @@ def test_killed_driver_resumes_without_redoing_finished_work(scan, reference, tm
         else:
             pytest.fail("the first run finished no block in time")
     finally:
-        _kill_tree(first.pid)
+        _kill_tree(first.pid, out)
     status = read_status(out)
     assert status["state"] == "running"  # what a crash leaves behind
     total = status["totals"]["points"]

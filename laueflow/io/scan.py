@@ -83,6 +83,31 @@ class Block:
     frames: np.ndarray
 
 
+def make_block(point: int, tile: Tile, data: np.ndarray, scale: np.ndarray | None, threshold: float,
+               frames: np.ndarray) -> Block:
+    """The block of a tile from its raw counts ``data`` (N, h, w) uint16.
+
+    A pixel is selected when its mean over the point's frames (raw counts) is >= ``threshold`` and no
+    frame is saturated (65535).  Traces are multiplied frame by frame by ``scale`` (mean(I0) / I0)
+    when given.
+    """
+    n = data.shape[0]
+    h, w = tile.shape
+    flat = data.reshape(n, h * w)
+    saturated = (flat == SATURATED).any(axis=0)
+    mean = flat.mean(axis=0, dtype=np.float64)
+    selected = (mean >= threshold) & ~saturated
+    traces = np.empty((h * w, n), np.float32)
+    for k in range(0, n, 8):  # a few frames at a time: the transpose stays in cache (4x faster)
+        traces[:, k:k + 8] = flat[k:k + 8].T
+    if scale is not None:
+        traces *= scale[None, :]
+    rr, cc = np.meshgrid(np.arange(tile.r0, tile.r1, dtype=np.int32),
+                         np.arange(tile.c0, tile.c1, dtype=np.int32), indexing="ij")
+    return Block(point=int(point), tile=tile, traces=traces, rows=rr.reshape(-1), cols=cc.reshape(-1),
+                 selected=selected, saturated=saturated, frames=np.asarray(frames))
+
+
 # ----------------------------------------------------------------------------------------------
 # Point selection
 
@@ -332,14 +357,10 @@ class Scan:
         if hit is not None:
             hit[0].close()
 
-    def read_block(self, point: int, tile: Tile) -> Block:
-        """Read the tile's region of every frame of one point, and select the pixels to decode.
-
-        Only ``dset[r0:r1, c0:c1]`` of each frame is read.  A pixel is selected when its mean
-        over the point's frames (raw counts) is >= ``file.threshold`` and no frame is saturated
-        (65535).  Traces are divided by I0 / mean(I0) frame by frame when the monitor is used.
-        """
-        pos = self._positions(point)
+    def read_region(self, point: int, tile: Tile, frames: slice = slice(None)) -> np.ndarray:
+        """Raw counts (m, h, w) uint16 of the tile's region in the point's frames ``frames`` (all by
+        default); only ``dset[r0:r1, c0:c1]`` of each frame is read."""
+        pos = self._positions(point)[frames]
         rows_n, cols_n = self.frame_shape
         if not (0 <= tile.r0 < tile.r1 <= rows_n and 0 <= tile.c0 < tile.c1 <= cols_n):
             raise ScanError(f"{self._where()}: tile {tile} is empty or outside the "
@@ -347,9 +368,10 @@ class Scan:
         self.check([point])
         rs, cs = slice(tile.r0, tile.r1), slice(tile.c0, tile.c1)
         h, w = tile.shape
-        n = self.n_frames
+        if pos.size == 0:
+            return np.empty((0, h, w), np.uint16)
         if self.layout == "frames":
-            data = np.empty((n, h, w), np.uint16)
+            data = np.empty((pos.size, h, w), np.uint16)
             for j, p in enumerate(pos):
                 file = self.files[p]
                 with self._lock:
@@ -360,30 +382,32 @@ class Scan:
                         self._forget(file)
                         raise ScanError(f"{file}: cannot read frame pixels (corrupt or truncated file?): "
                                         f"{exc}") from None
-        else:
-            file = self.files[0]
-            with self._lock:
-                try:
-                    dset = self._dataset_for(file)
-                    data = dset[int(pos[0]):int(pos[-1]) + 1:self._step, rs, cs]
-                except (OSError, RuntimeError, ValueError) as exc:
-                    self._forget(file)
-                    raise ScanError(f"{file}: cannot read frames {pos[0]}-{pos[-1]} of point {point} "
-                                    f"(corrupt or truncated file?): {exc}") from None
-        flat = data.reshape(n, h * w)
-        saturated = (flat == SATURATED).any(axis=0)
-        mean = flat.mean(axis=0, dtype=np.float64)
-        selected = (mean >= self.cfg.file.threshold) & ~saturated
-        traces = np.empty((h * w, n), np.float32)
-        for k in range(0, n, 8):  # a few frames at a time: the transpose stays in cache (4x faster)
-            traces[:, k:k + 8] = flat[k:k + 8].T
-        if self.has_monitor:
-            i0 = self._i0[pos]
-            traces *= (i0.mean() / i0).astype(np.float32)[None, :]
-        rr, cc = np.meshgrid(np.arange(tile.r0, tile.r1, dtype=np.int32),
-                             np.arange(tile.c0, tile.c1, dtype=np.int32), indexing="ij")
-        return Block(point=int(point), tile=tile, traces=traces, rows=rr.reshape(-1), cols=cc.reshape(-1),
-                     selected=selected, saturated=saturated, frames=self.frame_offsets())
+            return data
+        file = self.files[0]
+        with self._lock:
+            try:
+                dset = self._dataset_for(file)
+                return dset[int(pos[0]):int(pos[-1]) + 1:self._step, rs, cs]
+            except (OSError, RuntimeError, ValueError) as exc:
+                self._forget(file)
+                raise ScanError(f"{file}: cannot read frames {pos[0]}-{pos[-1]} of point {point} "
+                                f"(corrupt or truncated file?): {exc}") from None
+
+    def monitor_scale(self, point: int) -> np.ndarray | None:
+        """The factor mean(I0) / I0 of each frame of the point (float32), or None without a monitor."""
+        pos = self._positions(point)
+        self.check([point])
+        if not self.has_monitor:
+            return None
+        i0 = self._i0[pos]
+        return (i0.mean() / i0).astype(np.float32)
+
+    def read_block(self, point: int, tile: Tile) -> Block:
+        """Read the tile's region of every frame of one point, and select the pixels to decode
+        (see :func:`make_block`)."""
+        data = self.read_region(point, tile)
+        return make_block(point, tile, data, self.monitor_scale(point), self.cfg.file.threshold,
+                          self.frame_offsets())
 
     # provenance ---------------------------------------------------------------------------------
     def fingerprints(self, point: int | None = None) -> list[dict]:

@@ -13,12 +13,24 @@ from typing import Any
 from parsl import python_app
 
 
+@python_app(executors=["stitch"])
+def stage_point(scan_path: str, cfg_path: str, point: int, tiles: Sequence[Any], stage_file: str) -> dict:
+    """Read one point's frames once into ``stage_file`` (tile-major) for its block tasks; returns the
+    staged point's description, or ``{"error": ...}``.  Runs beside stitching: it is I/O, and it
+    overlaps the decoding of the points before it."""
+    from laueflow.workflow.tasks import stage_point as run
+
+    return run(scan_path, cfg_path, point, tiles, stage_file)
+
+
 @python_app(executors=["decode"])
-def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any, block_file: str) -> dict:
-    """Decode one tile of one scan point into ``block_file``; returns point, tile, n_pixels, seconds..."""
+def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any, block_file: str,
+                      stage: Mapping[str, Any] | None = None) -> dict:
+    """Decode one tile of one scan point into ``block_file`` (reading it from ``stage``, the result of
+    :func:`stage_point`, when given); returns point, tile, n_pixels, seconds..."""
     from laueflow.workflow.tasks import reconstruct_block as run
 
-    return run(scan_path, cfg_path, point, tile, block_file)
+    return run(scan_path, cfg_path, point, tile, block_file, stage)
 
 
 @python_app(executors=["stitch"])

@@ -1,9 +1,12 @@
 """The task graph of a reconstruction and the driver loop that runs it on a Parsl configuration.
 
-Per scan point: one ``reconstruct_block`` task per detector tile (executor ``decode``), then one
-``stitch_point`` task that depends on all of them (executor ``stitch``) and writes
-``OUT/point_<k:05d>.h5``.  Many points are in flight at once.  Block results go to
-``OUT/.blocks/point_<k:05d>/`` so that an interrupted run loses at most the blocks in progress.
+Per scan point: one ``stage_point`` task (executor ``stitch``) that reads the point's frames once
+into a tile-major scratch file (:mod:`laueflow.io.staging`), one ``reconstruct_block`` task per
+detector tile (executor ``decode``) that reads its tile from it, then one ``stitch_point`` task that
+depends on all of them (executor ``stitch``) and writes ``OUT/point_<k:05d>.h5``.  Several points are
+in flight at once, so that staging the next points overlaps decoding this one; their scratch files
+are kept within a disk budget.  Block results go to ``OUT/.blocks/point_<k:05d>/`` so that an
+interrupted run loses at most the blocks in progress.
 
 Everything that can be checked before any task runs is checked first (scan, points, region,
 whether the mask can resolve the depth grid), and nothing is written until those checks pass.
@@ -26,11 +29,14 @@ import numpy as np
 
 from .. import provenance
 from ..config import Config, ConfigWarning, load
-from ..io import results
+from ..io import results, staging
 from ..io.scan import Scan, ScanError, open_scan, select_points
 from .status import RunLock, RunLocked, StatusFile
 
 BLOCKS_DIR = ".blocks"
+STAGE_NAME = "frames.stage"
+# scratch disk that staged points in flight may take (OUT/.blocks/point_<k>/frames.stage)
+STAGE_BUDGET_BYTES = 4 << 30
 OK_STATUSES = ("done", "resumed")
 
 
@@ -260,7 +266,8 @@ def run(scan_path: str | Path, cfg: Config, out_dir: str | Path, points: str | S
         max_points_in_flight: int = 64, max_blocks_in_flight: int = 4096, force: bool = False,
         per_depth_files: bool = False, feed: PointFeed | None = None,
         tick: Callable[[], None] | None = None, status_extra: Callable[[], dict] | None = None,
-        poll_interval: float = 1.0) -> RunResult:
+        poll_interval: float = 1.0, staging: bool = True,
+        stage_budget_bytes: int = STAGE_BUDGET_BYTES) -> RunResult:
     """Reconstruct the chosen points of a scan into ``out_dir``; returns what happened to each point.
 
     ``site_config`` is a ``parsl.Config`` with executors labelled ``decode`` and ``stitch`` (see
@@ -270,10 +277,13 @@ def run(scan_path: str | Path, cfg: Config, out_dir: str | Path, points: str | S
     finished block files are reused, unless ``force``.  ``per_depth_files`` also writes one image
     file per depth for the indexing chain.  ``feed`` adds points while the run goes on; ``tick`` is
     called about every ``poll_interval`` seconds; ``status_extra`` adds entries to ``status.json``.
+    ``staging``: read each point's frames once into a scratch file for its block tasks (the points
+    in flight are limited so that their scratch files stay within ``stage_budget_bytes``, but at least
+    two are); without it each block task reads its tile from the frame files.
     """
     import parsl
 
-    from .apps import reconstruct_block, stitch_point
+    from .apps import reconstruct_block, stage_point, stitch_point
 
     t_start = time.perf_counter()
     start_time = provenance.now()
@@ -301,6 +311,7 @@ def run(scan_path: str | Path, cfg: Config, out_dir: str | Path, points: str | S
                       max_points_in_flight=max_points_in_flight, max_blocks_in_flight=max_blocks_in_flight,
                       force=force, per_depth_files=per_depth_files, feed=feed, tick=tick,
                       status_extra=status_extra, poll_interval=poll_interval,
+                      stage_point=stage_point if staging else None, stage_budget_bytes=stage_budget_bytes,
                       reconstruct_block=reconstruct_block, stitch_point=stitch_point)
     finally:
         lock.release()
@@ -310,8 +321,9 @@ def _drive(*, plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_con
            emit: Callable[[ProgressEvent], None], command_line: str | None, start_time: str, t_start: float,
            max_points_in_flight: int, max_blocks_in_flight: int, force: bool, per_depth_files: bool,
            feed: PointFeed | None, tick: Callable[[], None] | None, status_extra: Callable[[], dict] | None,
-           poll_interval: float, reconstruct_block: Any, stitch_point: Any) -> RunResult:
-    """The body of :func:`run`, once the output folder is locked."""
+           poll_interval: float, stage_point: Any, stage_budget_bytes: int, reconstruct_block: Any,
+           stitch_point: Any) -> RunResult:
+    """The body of :func:`run`, once the output folder is locked (``stage_point`` None: no staging)."""
     import parsl
 
     if site_config is None:
@@ -338,6 +350,10 @@ def _drive(*, plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_con
     seen: set[int] = set()
     queue: deque[int] = deque()
     counts = {"blocks_total": 0, "blocks_done": 0}
+    if stage_point is not None:
+        r0, r1, c0, c1 = cfg.file.frame
+        per_point = staging.staged_bytes(cfg.file.n_frames, (r1 - r0) * (c1 - c0))
+        max_points_in_flight = min(max_points_in_flight, max(2, stage_budget_bytes // max(per_point, 1)))
 
     def event(kind: str, result: PointResult | None = None, point: int | None = None,
               n_pixels: int = 0, reused: bool = False) -> ProgressEvent:
@@ -394,19 +410,25 @@ def _drive(*, plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_con
                     state = _Point(point=k, t0=time.perf_counter())
                     deps: list[Any] = []
                     files: list[str] = []
+                    todo = []
                     for tile in plan.tiles:
                         box = (tile.r0, tile.r1, tile.c0, tile.c1)
                         bf = block_dir / f"block_r{tile.r0:05d}_c{tile.c0:05d}.npz"
                         files.append(str(bf))
                         reused = _reusable_block(bf, k, box, worker_fp)
-                        if reused is not None:
-                            deps.append(reused)
-                            continue
-                        fut = reconstruct_block(str(scan_path), cfg_path, k, tile, str(bf))
+                        deps.append(reused)
+                        if reused is None:
+                            todo.append((len(deps) - 1, tile, box, bf))
+                    stage = None
+                    if stage_point is not None and todo:
+                        stage = stage_point(str(scan_path), cfg_path, k, [t for _, t, _, _ in todo],
+                                            str(block_dir / STAGE_NAME))
+                    for i, tile, box, bf in todo:
+                        fut = reconstruct_block(str(scan_path), cfg_path, k, tile, str(bf), stage)
                         live[fut] = ("block", k)
                         state.block_futures.append(fut)
                         state.block_tiles.append(box)
-                        deps.append(fut)
+                        deps[i] = fut
                     meta = {**meta_common, "point": k}
                     stitch = stitch_point(files, str(out_dir / results.point_name(k)), meta, inputs=deps)
                     live[stitch] = ("point", k)
@@ -452,6 +474,8 @@ def _drive(*, plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_con
                         result = _point_result(k, fut, state)
                         if result.status == "done":
                             shutil.rmtree(_block_dir(out_dir, k), ignore_errors=True)
+                        else:  # the block files stay for a rerun; the scratch frames need not
+                            staging.remove(_block_dir(out_dir, k) / STAGE_NAME)
                         done_results[k] = result
                         status.point_finished(result)
                         emit(event("point", result))

@@ -73,9 +73,50 @@ def block_summary(point: int, tile: Sequence[int], **info: Any) -> dict[str, Any
     return out
 
 
+def stage_point(scan_path: str, cfg_path: str, point: int, tiles: Sequence[Any],
+                stage_file: str) -> dict[str, Any]:
+    """Read one point's frames once into the tile-major scratch file its block tasks read from
+    (:mod:`laueflow.io.staging`); a staged point of an interrupted run is reused while its frame
+    files are unchanged.
+
+    Returns the staged point's description, or ``{"error": ...}`` when the frames or the scratch
+    file cannot be read or written: the block tasks then read the frame files themselves, so that a
+    damaged frame file fails only the tiles it touches.
+    """
+    from laueflow.io import staging
+    from laueflow.io.scan import ScanError
+
+    try:
+        cfg = cached_config(cfg_path)
+        scan = cached_scan(scan_path, cfg, point)
+        kept = staging.reusable(stage_file, scan, point, tiles)
+        if kept is not None:
+            return {**kept, "reused": True}
+        try:
+            return staging.stage(scan, point, tiles, stage_file)
+        finally:
+            scan.close()  # its chunk caches would hold a few MiB per frame file in this process
+    except (ScanError, OSError) as exc:
+        return {"error": f"staging point {point}: {exc}", "file": None}
+
+
+def _read(scan_path: str, cfg: Any, point: int, tile: Any, stage: Mapping[str, Any] | None) -> Any:
+    """A tile's block: from the staged point when there is one, else from the frame files."""
+    from laueflow.io import staging
+    from laueflow.io.scan import ScanError
+
+    if stage and stage.get("file") and not stage.get("error"):
+        try:
+            return staging.read_tile(dict(stage), tile, cfg.file.threshold)
+        except (ScanError, OSError, ValueError):
+            pass  # scratch removed or damaged: the frame files are still there
+    return cached_scan(scan_path, cfg, point).read_block(point, tile)
+
+
 def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any,
-                      block_file: str) -> dict[str, Any]:
-    """Read one tile of one point, decode its selected pixels and write the block file.
+                      block_file: str, stage: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read one tile of one point (from ``stage``, the point's staged frames, when given), decode its
+    selected pixels and write the block file.
 
     Data that cannot be used (an unreadable frame file, traces the decoder rejects) is reported in
     the returned ``error``; a tile with nothing to decode is written as an empty block with the
@@ -90,8 +131,7 @@ def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any,
     cfg = cached_config(cfg_path)
     n_depths = len(cfg.geo.source.depths)
     try:
-        scan = cached_scan(scan_path, cfg, point)
-        block = scan.read_block(point, tile)
+        block = _read(scan_path, cfg, point, tile, stage)
     except ScanError as exc:
         return block_summary(point, box, error=f"tile {list(box)}: {exc}", seconds=time.perf_counter() - t0)
     selected = np.asarray(block.selected, dtype=bool)

@@ -1,0 +1,169 @@
+"""Staged points: a point's frames read once into a tile-major scratch file give the same blocks as
+reading each tile from the frame files, are reused only while the inputs are unchanged, and the
+task graph stages, falls back and cleans up as it should."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from test_reader import config, write_frames, write_stack
+
+from laueflow import sites
+from laueflow.config import load
+from laueflow.io import results, staging
+from laueflow.io.scan import ScanError, Tile, open_scan
+from laueflow.simulate import simulate
+from laueflow.workflow import run
+from laueflow.workflow import tasks as T
+from laueflow.workflow.dag import STAGE_NAME
+
+
+def assert_same_block(a, b) -> None:
+    assert a.point == b.point and a.tile == b.tile
+    for name in ("traces", "rows", "cols", "selected", "saturated", "frames"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.traces.dtype == b.traces.dtype == np.float32
+
+
+@pytest.mark.parametrize("layout", ["frames", "stack"])
+def test_staged_tiles_equal_direct_reads(tmp_path: Path, layout: str) -> None:
+    """Edge tiles, several batches, a monitor, a frame step: every block exactly as read_block gives it."""
+    i0 = np.linspace(900.0, 1100.0, 30)
+    if layout == "frames":
+        write_frames(tmp_path / "run", 30, i0=i0)
+        cfg = config(tmp_path / "run", range=[2, 14, 2], threshold=28500.0)
+    else:
+        write_stack(tmp_path / "stack.h5", 30, i0=i0)
+        cfg = config(tmp_path / "stack.h5", stacked=False, range=[2, 14, 2], threshold=28500.0)
+    scan = open_scan(cfg)
+    assert scan.n_points == 2 and scan.has_monitor
+    tiles = scan.tiles(100)  # 10 x 10 tiles over 48 x 64: smaller ones at the bottom and right edges
+    path = tmp_path / "out" / "point" / STAGE_NAME
+    info = staging.stage(scan, 1, tiles, path, batch_bytes=2 * 48 * 64 * 2)  # two frames per batch
+    assert path.stat().st_size == info["bytes"] == 2 * scan.n_frames * 48 * 64
+    assert json.loads(staging.description_path(path).read_text()) == info
+    for tile in tiles:
+        block = staging.read_tile(info, tile, cfg.file.threshold)
+        assert_same_block(block, scan.read_block(1, tile))
+    assert 0 < sum(staging.read_tile(info, t, cfg.file.threshold).selected.sum() for t in tiles) < 48 * 64
+
+
+def test_a_subset_of_tiles(tmp_path: Path) -> None:
+    write_frames(tmp_path / "run", 5)
+    scan = open_scan(config(tmp_path / "run"))
+    tiles = scan.tiles(64)
+    some = [tiles[3], tiles[7], tiles[-1]]  # the tiles still to decode after an interruption
+    info = staging.stage(scan, 0, some, tmp_path / "s")
+    assert info["bytes"] == 2 * 5 * sum(t.n_pixels for t in some)
+    for tile in some:
+        assert_same_block(staging.read_tile(info, tile, 0.0), scan.read_block(0, tile))
+    with pytest.raises(ScanError, match="does not hold tile"):
+        staging.read_tile(info, tiles[0], 0.0)
+
+
+def test_reuse_only_while_inputs_are_unchanged(tmp_path: Path) -> None:
+    files = write_frames(tmp_path / "run", 10)
+    scan = open_scan(config(tmp_path / "run"))
+    tiles = scan.tiles(256)
+    path = tmp_path / "s"
+    assert staging.reusable(path, scan, 1, tiles) is None  # nothing staged yet
+    staging.stage(scan, 1, tiles, path)
+    assert staging.reusable(path, scan, 1, tiles)["file"] == str(path)
+    assert staging.reusable(path, scan, 1, tiles[:2]) is not None  # fewer tiles: held
+    assert staging.reusable(path, scan, 0, tiles) is None  # another point
+    bigger = Tile(0, 48, 0, 64)
+    assert staging.reusable(path, scan, 1, [bigger]) is None  # a tile it does not hold
+    st = files[7].stat()
+    os.utime(files[7], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a frame of point 1 rewritten
+    assert staging.reusable(path, scan, 1, tiles) is None
+    staging.stage(scan, 1, tiles, path)
+    with open(path, "r+b") as fh:  # a data file cut short (a full disk): not reused, and reads fail
+        fh.truncate(100)
+    assert staging.reusable(path, scan, 1, tiles) is None
+    info = json.loads(staging.description_path(path).read_text())
+    with pytest.raises(ScanError, match="truncated"):
+        staging.read_tile(info, tiles[-1], 0.0)
+    staging.remove(path)
+    assert not path.exists() and not staging.description_path(path).exists()
+    staging.remove(path)  # removing twice is fine
+
+
+def test_interrupted_staging_leaves_nothing(tmp_path: Path) -> None:
+    write_frames(tmp_path / "run", 5)
+    scan = open_scan(config(tmp_path / "run"))
+    (tmp_path / "run" / "scan_3.h5").write_bytes(b"garbage")
+    path = tmp_path / "s"
+    with pytest.raises(ScanError, match="scan_3.h5"):
+        staging.stage(scan, 0, scan.tiles(256), path)
+    assert list(tmp_path.glob("s*")) == []  # neither the data file nor its temporary
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sim") / "scan"
+    simulate(folder, preset="multipoint", points=3, region=16, seed=5)
+    return folder
+
+
+def test_blocks_from_a_staged_point_equal_direct_blocks(sim: Path, tmp_path: Path) -> None:
+    cfg_path = str(sim / "config.yaml")
+    cfg = load(sim / "config.yaml")
+    tiles = T.cached_scan(str(sim), cfg).tiles(64)
+    stage = T.stage_point(str(sim), cfg_path, 1, tiles, str(tmp_path / STAGE_NAME))
+    assert not stage.get("error") and stage["bytes"] > 0
+    assert T.stage_point(str(sim), cfg_path, 1, tiles, str(tmp_path / STAGE_NAME))["reused"]
+    for tile in tiles:
+        box = f"r{tile.r0}_c{tile.c0}"
+        a = T.reconstruct_block(str(sim), cfg_path, 1, tile, str(tmp_path / f"staged_{box}.npz"), stage)
+        b = T.reconstruct_block(str(sim), cfg_path, 1, tile, str(tmp_path / f"direct_{box}.npz"))
+        assert a["n_pixels"] == b["n_pixels"] > 0 and not a["error"]
+        ra, rb = results.read_block(a["block_file"]), results.read_block(b["block_file"])
+        np.testing.assert_array_equal(ra.profiles, rb.profiles)
+    # a scratch file that vanished (cleaned up under a running task): the frame files are read instead
+    staging.remove(tmp_path / STAGE_NAME)
+    c = T.reconstruct_block(str(sim), cfg_path, 1, tiles[0], str(tmp_path / "fallback.npz"), stage)
+    assert c["n_pixels"] > 0 and not c["error"]
+
+
+def test_staging_errors_are_returned_not_raised(sim: Path, tmp_path: Path) -> None:
+    data = tmp_path / "scan"
+    shutil.copytree(sim, data)
+    cfg = load(data / "config.yaml")
+    (data / f"scan_{cfg.file.n_frames + 4}.h5").write_bytes(b"truncated")
+    tiles = open_scan(cfg, data, check=False).tiles(64)
+    stage = T.stage_point(str(data), str(data / "config.yaml"), 1, tiles, str(tmp_path / STAGE_NAME))
+    assert f"scan_{cfg.file.n_frames + 4}.h5" in stage["error"] and stage["file"] is None
+    cfg_path = str(data / "config.yaml")
+    out = T.reconstruct_block(str(data), cfg_path, 1, tiles[0], str(tmp_path / "b.npz"), stage)
+    assert f"scan_{cfg.file.n_frames + 4}.h5" in out["error"]  # read directly: the real cause is reported
+
+
+def test_run_with_and_without_staging(sim: Path, tmp_path: Path) -> None:
+    """Same volumes; the scratch files of points in flight stay within the budget (two of the three
+    points here: the least), and none is left behind."""
+    cfg = load(sim / "config.yaml")
+    seen_stages: list[int] = []
+
+    def watch(event) -> None:
+        seen_stages.append(len(list((tmp_path / "a" / ".blocks").glob(f"point_*/{STAGE_NAME}"))))
+
+    a = run(sim, cfg, tmp_path / "a", block_pixels=64, progress=watch, stage_budget_bytes=1,
+            site_config=sites.site_config("threads", workers=2, run_dir=str(tmp_path / "a" / ".runinfo")))
+    b = run(sim, cfg, tmp_path / "b", block_pixels=64, staging=False,
+            site_config=sites.site_config("threads", workers=2, run_dir=str(tmp_path / "b" / ".runinfo")))
+    assert a.exit_code == b.exit_code == 0
+    assert max(seen_stages) == 2  # without the budget all three points are staged at the start
+    assert not (tmp_path / "a" / ".blocks").exists()
+    for k in range(3):
+        with h5py.File(tmp_path / "a" / results.point_name(k)) as fa, \
+                h5py.File(tmp_path / "b" / results.point_name(k)) as fb:
+            va, vb = fa["entry/reconstruction/volume"][()], fb["entry/reconstruction/volume"][()]
+        # the same traces; XLA's multithreaded sums may round a few voxels differently between runs
+        np.testing.assert_allclose(va, vb, rtol=5e-3, atol=1e-3)
+        assert va.any()
