@@ -8,14 +8,18 @@ frames, gzip + byte shuffle in 256 x 256 chunks as the simulator writes them, sp
   evicting the files from the OS cache (the disk), the same bytes from the cache with their
   decompression alone (zlib + unshuffle: the codec's speed), h5py reading the region of every frame
   (the baseline), and laueflow's reader (``Scan.read_block``) tile by tile, split into the time
-  inside h5py and the pixel selection after it; and the reader as a worker that reads a single tile
-  of the point sees it (fresh ``Scan``: header checks, file opens, no chunk reuse), on a sample;
+  inside h5py and the pixel selection after it; staging the point (``laueflow.io.staging``: one
+  pass, a tile-major scratch file) and the block reads from it; and the reader as a worker that reads
+  a single tile of the point without staging sees it (fresh ``Scan``: header checks, file opens, no
+  chunk reuse), on a sample;
 - every stage of a point's work, on a sub-region (``--sub-region``, chunk-aligned, near the centre)
   in a fresh process: reading, pixel selection, JIT compilation, decoding (the decoder alone),
   writing the block files, stitching and writing the point file; scaled to the whole region;
-- ``laueflow run`` end to end on the same sub-region, on the local site, with the point given three
-  times (hard links) so that the last two run on warm workers: the start-up, the seconds per point and
-  the peak memory of each process; scaled to the whole region.
+- ``laueflow run`` end to end on the same sub-region, on the local site, with the point given six
+  times (hard links) so that the last four run on warm workers: the start-up, the seconds per point and
+  the peak memory of each process; scaled to the whole region.  Twice: as it runs by default (each
+  point staged once in the driver) and, as the baseline, with ``--no-staging`` (each block task reads
+  its tile from the frame files).
 
 Figures scaled from the sub-region say so in the table.  Run ``python benchmarks/bench_scale.py --help``
 for the options (``--sub-region 1200`` measures the whole region); ``make bench-scale`` runs the defaults
@@ -38,7 +42,6 @@ from typing import Any
 
 from bench_decode import REPO, SINGLE_THREAD_ENV, Stage, _Clock, _fmt, _plain, _ratio, simulator_fingerprint
 from bench_workflow import (
-    COPIES,
     RunMeasure,
     in_fresh_process,
     machine,
@@ -52,6 +55,10 @@ from bench_workflow import (
 )
 
 MB = 1e6
+# `laueflow run` is measured with the point this many times (the first two warm up, the rest are timed),
+# as it runs by default and, as the baseline, with every block task reading its own tile
+RUN_COPIES = 6
+RUN_VARIANTS = (("", ()), (" --no-staging", ("--no-staging",)))
 
 
 @dataclass
@@ -283,7 +290,7 @@ def measure_reading(folder: str, opts: dict[str, Any]) -> dict[str, Any]:
     stager.close()
     rows.append(Row(group, "laueflow: stage the point (one pass)", px, clk.wall, clk.cpu, clk.rss, stored,
                     raw, note=f"frame regions read once, {info['bytes'] / MB:,.0f} MB tile-major scratch "
-                              "file written and synced (the run's stage_point task)"))
+                              "file written (the run's stage_point task)"))
     with _Clock() as clk:
         for t in all_tiles:
             staging.read_tile(info, t, cfg.file.threshold)
@@ -342,14 +349,14 @@ def rows_from_stages(stages: list[Stage], scale: float, comp: float, raw: float,
     return out
 
 
-def rows_from_run(r: RunMeasure, scale: float, comp: float) -> list[Row]:
-    group = f"laueflow run, local site, {r.workers} workers"
+def rows_from_run(r: RunMeasure, scale: float, comp: float, label: str) -> list[Row]:
+    group = f"laueflow run{label}, local site, {r.workers} workers"
     mem = f"worker peaks {', '.join(_fmt(x) for x in r.worker_mib)} MiB, driver {_fmt(r.driver_mib)} MiB"
     return [
         Row(group, "first point (start-up included)", r.pixels_per_point, r.first, float("nan"),
             max(r.worker_mib, default=float("nan")), comp, scale=scale, once=True,
             note=f"start-up {r.first - r.warm:.0f} s once per run (Parsl, workers, imports, JIT)"),
-        Row(group, "per point, warm workers", r.pixels_per_point, r.warm, r.warm_cpu,
+        Row(group, "per point, warm workers", r.pixels_per_point, r.warm, r.warm_cpu / max(r.warm_points, 1),
             max(r.worker_mib, default=float("nan")), comp, scale=scale, note=mem),
     ]
 
@@ -452,14 +459,16 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: list[RunMeasure] = []
     if not o.no_run:
-        repeated = repeated_scan(folder, work / "sub3", frame=sub)
+        repeated = repeated_scan(folder, work / "sub3", frame=sub, copies=RUN_COPIES)
         workers = o.workers or info["cores"]
-        with console.status(f"laueflow run on the sub-region, the point {COPIES} times, {workers} workers"):
-            env = dict(SINGLE_THREAD_ENV) if o.threads == "single" else {}
-            runs.append(run_cli(repeated, work / "out", workers=workers, block_pixels=o.block_pixels,
-                                pixels_per_point=sub_px, env=env))
-        if runs[0].ok:
-            rows += rows_from_run(runs[0], scale, comp)
+        env = dict(SINGLE_THREAD_ENV) if o.threads == "single" else {}
+        for label, extra in RUN_VARIANTS:
+            with console.status(f"laueflow run{label} on the sub-region, the point {RUN_COPIES} times, "
+                                f"{workers} workers"):
+                runs.append(run_cli(repeated, work / "out", workers=workers, block_pixels=o.block_pixels,
+                                    pixels_per_point=sub_px, env=env, extra=extra))
+            if runs[-1].ok:
+                rows += rows_from_run(runs[-1], scale, comp, label)
     shutil.rmtree(work, ignore_errors=True)
 
     threads = "one compute thread per process" if o.threads == "single" else "default thread pools"
@@ -493,14 +502,15 @@ def main(argv: list[str] | None = None) -> int:
         "time without staging; with staging (the default) the point is read in the driver beside the "
         "decoding of the points before it",
     ]
-    if runs and runs[0].ok:
-        r = runs[0]
-        run_core_s = r.warm_cpu * scale
-        lines.append(f"laueflow run, warm: {run_core_s:,.0f} CPU-seconds per point "
+    for r, (label, _) in zip(runs, RUN_VARIANTS, strict=False):
+        if not r.ok:
+            continue
+        run_core_s = r.warm_cpu / max(r.warm_points, 1) * scale
+        lines.append(f"laueflow run{label}, warm: {run_core_s:,.0f} CPU-seconds per point "
                      f"({r.warm_core_rate:,.0f} px/s per core, every process counted), "
                      f"{r.warm * scale:,.0f} s wall here with {r.workers} "
                      f"workers; to keep pace with one point every {cadence:.0f} s: about "
-                     f"{run_core_s / cadence:,.0f} such cores")
+                     f"{run_core_s / cadence:,.1f} such cores")
     lines.append(f"benchmark wall time {time.perf_counter() - t_start:.0f} s")
     for line in lines:
         console.print(line, highlight=False, soft_wrap=True)

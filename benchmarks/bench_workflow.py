@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,8 +287,9 @@ class RunMeasure:
 
 def run_cli(scan_dir: Path, out_dir: Path, *, site: str = "local", workers: int | None = None,
             block_pixels: int | None = None, env: dict[str, str] | None = None,
-            pixels_per_point: int = 0) -> RunMeasure:
-    """Run ``laueflow run`` as a subprocess (the console script of this environment) and measure it."""
+            pixels_per_point: int = 0, extra: Sequence[str] = ()) -> RunMeasure:
+    """Run ``laueflow run`` as a subprocess (the console script of this environment) and measure it;
+    ``extra``: further options of the command."""
     tag = uuid.uuid4().hex
     cmd = [str(Path(sys.executable).parent / "laueflow"), "run", str(scan_dir), "--out", str(out_dir),
            "--site", site, "--force"]
@@ -295,6 +297,7 @@ def run_cli(scan_dir: Path, out_dir: Path, *, site: str = "local", workers: int 
         cmd += ["--workers", str(workers)]
     if block_pixels:
         cmd += ["--block-pixels", str(block_pixels)]
+    cmd += list(extra)
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "LAUEFLOW_BENCH_TAG": tag}
     sampler = ProcessSampler(tag)
     sampler.start()

@@ -67,7 +67,7 @@ def test_a_subset_of_tiles(tmp_path: Path) -> None:
         staging.read_tile(info, tiles[0], 0.0)
 
 
-def test_reuse_only_while_inputs_are_unchanged(tmp_path: Path) -> None:
+def test_reuse_only_while_inputs_are_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     files = write_frames(tmp_path / "run", 10)
     scan = open_scan(config(tmp_path / "run"))
     tiles = scan.tiles(256)
@@ -79,6 +79,9 @@ def test_reuse_only_while_inputs_are_unchanged(tmp_path: Path) -> None:
     assert staging.reusable(path, scan, 0, tiles) is None  # another point
     bigger = Tile(0, 48, 0, 64)
     assert staging.reusable(path, scan, 1, [bigger]) is None  # a tile it does not hold
+    with monkeypatch.context() as m:  # the host restarted: unsynced scratch data may be lost
+        m.setattr(staging, "_boot", lambda: "host another-boot")
+        assert staging.reusable(path, scan, 1, tiles) is None
     st = files[7].stat()
     os.utime(files[7], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a frame of point 1 rewritten
     assert staging.reusable(path, scan, 1, tiles) is None

@@ -8,14 +8,17 @@ each frame's region once, at decompression speed, and writes the raw counts tile
 201-frame point), so that each block task reads its tile as one contiguous piece.
 
 A staged point is a data file and a JSON description beside it (``<name>.json``), both written
-atomically; the description also records the frame files' sizes and modification times, so that a
-rerun reuses a staged point only while its inputs are unchanged.
+atomically; the description also records the frame files' sizes and modification times and the
+host's boot, so that a rerun reuses a staged point only while its inputs are unchanged and only if
+the machine that wrote it has not restarted since (the data file is not synced to disk: it is scratch,
+and syncing 580 MB per point would cost more than reading the point again).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +53,16 @@ def _sources(scan: Scan, point: int) -> list[list]:
     return out
 
 
+def _boot() -> str:
+    """This host and its boot (Linux's boot id): a staged point written before a restart may have lost
+    data that was still in the page cache."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()} {boot}" if boot else ""
+
+
 def staged_bytes(n_frames: int, n_pixels: int) -> int:
     """Size of the data file of a staged point."""
     return 2 * n_frames * n_pixels
@@ -82,18 +95,18 @@ def stage(scan: Scan, point: int, tiles: Sequence[Tile], path: str | os.PathLike
             for j0 in range(0, n, step):
                 j1 = min(n, j0 + step)
                 batch = scan.read_region(point, region, slice(j0, j1))
+                scan.close()  # each frame is read once: its file's chunk cache would only hold memory
                 for t, off in zip(tiles, offsets[:-1], strict=True):
                     piece = np.ascontiguousarray(
                         batch[:, t.r0 - region.r0:t.r1 - region.r0, t.c0 - region.c0:t.c1 - region.c0])
                     _write_all(fd, memoryview(piece).cast("B"), 2 * (int(off) + j0 * t.n_pixels))
-            os.fsync(fd)
         finally:
             os.close(fd)
     info = {"format": STAGE_FORMAT, "file": str(path), "point": int(point), "n_frames": n,
             "frames": [int(v) for v in scan.frame_offsets()],
             "tiles": [_box(t) for t in tiles], "offsets": [int(v) for v in offsets[:-1]],
             "bytes": int(offsets[-1]) * 2, "scale": None if scale is None else [float(v) for v in scale],
-            "sources": _sources(scan, point), "seconds": time.perf_counter() - t0}
+            "sources": _sources(scan, point), "boot": _boot(), "seconds": time.perf_counter() - t0}
     with atomic_path(description_path(path)) as tmp:
         tmp.write_text(json.dumps(info))
     return info
@@ -107,8 +120,8 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def reusable(path: str | os.PathLike, scan: Scan, point: int, tiles: Sequence[Tile]) -> dict[str, Any] | None:
-    """The description of a staged point at ``path`` that holds these tiles of this point and whose
-    frame files are unchanged, else None."""
+    """The description of a staged point at ``path`` that holds these tiles of this point, whose frame
+    files are unchanged and whose host has not restarted since it was written, else None."""
     path = Path(path)
     try:
         info = json.loads(description_path(path).read_text())
@@ -118,7 +131,8 @@ def reusable(path: str | os.PathLike, scan: Scan, point: int, tiles: Sequence[Ti
     if not isinstance(info, dict) or info.get("format") != STAGE_FORMAT or info.get("point") != point:
         return None
     try:
-        same = info["bytes"] == size and info["sources"] == _sources(scan, point)
+        same = (info["bytes"] == size and info["sources"] == _sources(scan, point)
+                and bool(info["boot"]) and info["boot"] == _boot())
     except (OSError, KeyError, ScanError):
         return None
     held = {tuple(b) for b in info.get("tiles", [])}
