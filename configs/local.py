@@ -1,7 +1,7 @@
 """This machine: a HighThroughputExecutor on loopback (one worker per core) plus a stitching thread pool.
 
 Block tasks go to the executor labelled ``decode`` (separate worker processes, each caching its
-geometry and mask), stitching and writing to ``stitch`` (threads in the driver, next to the output).
+geometry and mask), staging frames, stitching and writing to ``stitch`` (threads in the driver).
 """
 
 from __future__ import annotations

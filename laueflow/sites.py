@@ -1,7 +1,8 @@
 """Sites: where a reconstruction runs.
 
 A site is a Python file defining ``config(workers, run_dir, **options)`` that returns a
-``parsl.Config`` with executors labelled ``decode`` (block tasks) and ``stitch`` (writing).
+``parsl.Config`` with executors labelled ``decode`` (block tasks) and ``stitch`` (reading each point's
+frames once, writing the results).
 
 Named sites live in the repository's ``configs/`` folder; any other file can be given by path.
 """
@@ -133,7 +134,7 @@ def resolve_options(site: str, table: dict, options: dict) -> dict:
 COMMON_OPTIONS: dict = {
     "worker_init": ("", str, "shell lines run before the workers start (e.g. activate an environment)"),
     "retries": (2, int, "Parsl retries of a failed task"),
-    "stitch_threads": (2, int, "stitching/writing threads in the driver"),
+    "stitch_threads": (2, int, "threads in the driver that stage points and write results"),
 }
 
 
