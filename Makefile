@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow bench bench-workflow bench-scale lint clean distclean
+.PHONY: help install demo test test-slow test-gpu bench bench-workflow bench-scale lint clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -47,6 +47,10 @@ test: install  ## the fast test suite (everything not marked slow)
 test-slow: install  ## the slow, large cases (marked slow)
 	@rc=0; $(BIN)/pytest -m slow $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests are marked slow"; rc=0; fi; exit $$rc
+
+test-gpu: install  ## on a GPU node: install JAX's CUDA backend (extra gpu), decode on the GPU against the CPU
+	$(BIN)/python -m pip install $(PIP_FLAGS) -e '.[gpu]'
+	$(BIN)/pytest -m gpu -s -p no:cacheprovider tests/test_gpu.py
 
 bench: install  ## decoder benchmark: read / decode / write per stage, against a per-pixel NNLS baseline
 	$(BIN)/python benchmarks/bench_decode.py $(BENCH_ARGS)
