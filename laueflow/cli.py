@@ -121,8 +121,9 @@ def run_options(func: Callable) -> Callable:
                      help="Also write one image file per depth (entry1/data/data, entry1/depth) per point."),
         click.option("--staging/--no-staging", default=True, show_default=True,
                      help="Read each point's frames once, beside the decoding, into a scratch file in "
-                          "OUT/.blocks (about 2 bytes x frames x region pixels per point in flight, "
-                          "4 GiB at most), or let every block task read its tile from the frame files."),
+                          "OUT/.blocks (about 2 bytes x frames x region pixels per point in flight: "
+                          "within 4 GiB, two points at least), or let every block task read its tile "
+                          "from the frame files."),
     ]
     for option in reversed(options):
         func = option(func)

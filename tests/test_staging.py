@@ -97,14 +97,56 @@ def test_reuse_only_while_inputs_are_unchanged(tmp_path: Path, monkeypatch: pyte
     staging.remove(path)  # removing twice is fine
 
 
+def test_no_reuse_after_a_configuration_change(tmp_path: Path) -> None:
+    """Other frames of the same stack file, another dataset in it, or the monitor switched off: the
+    files are unchanged but what was staged from them is not what the configuration now reads."""
+    stack = write_stack(tmp_path / "stack.h5", 30, i0=np.linspace(900.0, 1100.0, 30))
+    with h5py.File(stack, "a") as f:
+        f["/entry1/data/other"] = f["/entry1/data/data"][()][::-1]
+
+    def scan_with(**file: object):
+        return open_scan(config(stack, **{"stacked": False, "range": [0, 10, 1], **file}))
+
+    scan = scan_with()
+    tiles = scan.tiles(256)
+    path = tmp_path / "s"
+    staging.stage(scan, 0, tiles, path)
+    assert staging.reusable(path, scan_with(), 0, tiles) is not None  # the same configuration again
+    for changed in (scan_with(range=[5, 15, 1]), scan_with(h5={"key": "/entry1/data/other"}),
+                    scan_with(monitor=False)):
+        assert changed.n_frames == scan.n_frames
+        assert staging.reusable(path, changed, 0, tiles) is None
+        assert not np.array_equal(changed.read_block(0, tiles[0]).traces, scan.read_block(0, tiles[0]).traces)
+
+
+def test_a_frame_file_changed_while_staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = write_frames(tmp_path / "run", 5)
+    scan = open_scan(config(tmp_path / "run"))
+    read_region = scan.read_region
+
+    def rewritten_meanwhile(*args, **kwargs):
+        out = read_region(*args, **kwargs)
+        st = files[4].stat()
+        os.utime(files[4], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        return out
+
+    monkeypatch.setattr(scan, "read_region", rewritten_meanwhile)
+    staging.stage(scan, 0, scan.tiles(256), tmp_path / "s")
+    assert staging.reusable(tmp_path / "s", scan, 0, scan.tiles(256)) is None
+
+
 def test_interrupted_staging_leaves_nothing(tmp_path: Path) -> None:
+    """Restaging removes the staged point it replaces before reading (its disk space is needed, and
+    its description must not be left to describe a new data file), and a failed pass leaves nothing."""
     write_frames(tmp_path / "run", 5)
     scan = open_scan(config(tmp_path / "run"))
-    (tmp_path / "run" / "scan_3.h5").write_bytes(b"garbage")
     path = tmp_path / "s"
+    staging.stage(scan, 0, scan.tiles(256), path)
+    assert path.is_file() and staging.description_path(path).is_file()
+    (tmp_path / "run" / "scan_3.h5").write_bytes(b"garbage")
     with pytest.raises(ScanError, match="scan_3.h5"):
         staging.stage(scan, 0, scan.tiles(256), path)
-    assert list(tmp_path.glob("s*")) == []  # neither the data file nor its temporary
+    assert list(tmp_path.glob("s*")) == []  # neither the data file, its description nor a temporary
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +161,8 @@ def test_blocks_from_a_staged_point_equal_direct_blocks(sim: Path, tmp_path: Pat
     cfg = load(sim / "config.yaml")
     tiles = T.cached_scan(str(sim), cfg).tiles(64)
     stage = T.stage_point(str(sim), cfg_path, 1, tiles, str(tmp_path / STAGE_NAME))
-    assert not stage.get("error") and stage["bytes"] > 0
+    assert not stage.get("error") and not stage["reused"] and (tmp_path / STAGE_NAME).stat().st_size > 0
+    assert set(stage) == {*staging.READER_KEYS, "reused"}  # what travels with each block task
     assert T.stage_point(str(sim), cfg_path, 1, tiles, str(tmp_path / STAGE_NAME))["reused"]
     for tile in tiles:
         box = f"r{tile.r0}_c{tile.c0}"
@@ -145,6 +188,53 @@ def test_staging_errors_are_returned_not_raised(sim: Path, tmp_path: Path) -> No
     cfg_path = str(data / "config.yaml")
     out = T.reconstruct_block(str(data), cfg_path, 1, tiles[0], str(tmp_path / "b.npz"), stage)
     assert f"scan_{cfg.file.n_frames + 4}.h5" in out["error"]  # read directly: the real cause is reported
+
+
+def test_an_unexpected_staging_failure_falls_back(sim: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever staging raises, the block tasks read the frame files (raising would fail every block of
+    the point with Parsl's DependencyError instead)."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no staging today")
+
+    monkeypatch.setattr(staging, "stage", broken)
+    cfg_path = str(sim / "config.yaml")
+    tiles = T.cached_scan(str(sim), load(sim / "config.yaml")).tiles(64)
+    stage = T.stage_point(str(sim), cfg_path, 1, tiles, str(tmp_path / STAGE_NAME))
+    assert stage == {"error": "staging point 1: RuntimeError: no staging today", "file": None}
+    out = T.reconstruct_block(str(sim), cfg_path, 1, tiles[0], str(tmp_path / "b.npz"), stage)
+    assert out["n_pixels"] > 0 and not out["error"]
+    assert out["staging_note"] == stage["error"]  # slower reading is reported, not silent
+
+    # the same in a run: every point done, each saying that its blocks read the frame files
+    result = run(sim, load(sim / "config.yaml"), tmp_path / "out", points=[1], block_pixels=64,
+                 site_config=sites.site_config("threads", workers=1, run_dir=str(tmp_path / ".runinfo")))
+    (p,) = result.points
+    assert p.status == "done" and result.exit_code == 0
+    assert "4 of 4 blocks read the frame files instead of the staged point" in p.reason
+    assert "no staging today" in p.line()
+
+
+def test_scratch_of_other_points_is_removed_at_start(sim: Path, tmp_path: Path) -> None:
+    """A staged point left by an interrupted run is kept for the points this run does, removed for the
+    others (it would only hold disk space)."""
+    cfg = load(sim / "config.yaml")
+    scan = open_scan(cfg, sim)
+    out = tmp_path / "out"
+    for k in (0, 2):
+        staging.stage(scan, k, scan.tiles(64), out / ".blocks" / f"point_{k:05d}" / STAGE_NAME)
+    kept = staging.description_path(out / ".blocks" / "point_00000" / STAGE_NAME).read_text()
+    seen: list[bool] = []
+
+    def progress(event) -> None:
+        if event.kind == "start":
+            seen.append((out / ".blocks" / "point_00002" / STAGE_NAME).exists())
+
+    result = run(sim, cfg, out, points=[0], block_pixels=64, progress=progress,
+                 site_config=sites.site_config("threads", workers=1, run_dir=str(tmp_path / ".runinfo")))
+    assert result.exit_code == 0 and seen == [False]
+    assert not list((out / ".blocks" / "point_00002").glob(f"{STAGE_NAME}*"))
+    assert json.loads(kept)["point"] == 0 and not (out / ".blocks" / "point_00000").exists()
 
 
 def test_run_with_and_without_staging(sim: Path, tmp_path: Path) -> None:

@@ -8,10 +8,11 @@ each frame's region once, at decompression speed, and writes the raw counts tile
 201-frame point), so that each block task reads its tile as one contiguous piece.
 
 A staged point is a data file and a JSON description beside it (``<name>.json``), both written
-atomically; the description also records the frame files' sizes and modification times and the
-host's boot, so that a rerun reuses a staged point only while its inputs are unchanged and only if
-the machine that wrote it has not restarted since (the data file is not synced to disk: it is scratch,
-and syncing 580 MB per point would cost more than reading the point again).
+atomically; the description also records which frames were read (file, index within it, the dataset
+key, whether the I0 monitor applies), the frame files' sizes and modification times, and the host's
+boot, so that a rerun reuses a staged point only while its inputs and their configuration are
+unchanged and only if the machine that wrote it has not restarted since (the data file is not synced
+to disk: it is scratch, and syncing 580 MB per point would cost more than reading the point again).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 from .results import atomic_path
 from .scan import MIB, Block, Scan, ScanError, Tile, make_block
 
-STAGE_FORMAT = 1
+STAGE_FORMAT = 2
 # frames are read in batches of about this many bytes of raw counts (the memory staging needs)
 BATCH_BYTES = 64 * MIB
 
@@ -45,12 +46,23 @@ def _box(tile: Tile) -> list[int]:
 
 
 def _sources(scan: Scan, point: int) -> list[list]:
-    """Name, size and modification time of each file the point's frames come from."""
+    """Name, index within the file, size and modification time of the file of each of the point's
+    frames, in order: which frames a staged point holds (``file.range`` picks them, also within one
+    stack file), and whether their files changed since."""
+    stats: dict[Path, tuple[int, int]] = {}
     out = []
-    for file in dict.fromkeys(f for f, _ in scan.point_frames(point)):
-        st = file.stat()
-        out.append([file.name, st.st_size, st.st_mtime_ns])
+    for file, index in scan.point_frames(point):
+        if file not in stats:
+            st = file.stat()
+            stats[file] = (st.st_size, st.st_mtime_ns)
+        out.append([file.name, int(index), *stats[file]])
     return out
+
+
+def _settings(scan: Scan) -> dict[str, Any]:
+    """The configuration that decides what is read from those frames: the dataset, and whether the I0
+    monitor scales them (the scale is stored with the staged point)."""
+    return {"h5_key": scan.cfg.file.h5_key, "monitor": bool(scan.cfg.file.monitor)}
 
 
 def _boot() -> str:
@@ -73,6 +85,11 @@ def stage(scan: Scan, point: int, tiles: Sequence[Tile], path: str | os.PathLike
     """Read the point's frames once over the tiles' bounding box and write the tiles' raw counts to
     ``path`` (and its description); returns the description (a small dictionary).
 
+    A staged point already at ``path`` is removed first: it is out of date (or it would have been
+    reused), its description must not outlive it, and its disk space is needed.  The frame files'
+    sizes and times are taken before they are read, so that a file that changes meanwhile makes the
+    staged point out of date.
+
     Raises :class:`ScanError` for frame files that cannot be read and OSError when the scratch file
     cannot be written.
     """
@@ -80,6 +97,8 @@ def stage(scan: Scan, point: int, tiles: Sequence[Tile], path: str | os.PathLike
     path = Path(path)
     if not tiles:
         raise ValueError("nothing to stage: no tiles")
+    remove(path)
+    sources = _sources(scan, point)
     n = scan.n_frames
     region = Tile(min(t.r0 for t in tiles), max(t.r1 for t in tiles),
                   min(t.c0 for t in tiles), max(t.c1 for t in tiles))
@@ -106,7 +125,8 @@ def stage(scan: Scan, point: int, tiles: Sequence[Tile], path: str | os.PathLike
             "frames": [int(v) for v in scan.frame_offsets()],
             "tiles": [_box(t) for t in tiles], "offsets": [int(v) for v in offsets[:-1]],
             "bytes": int(offsets[-1]) * 2, "scale": None if scale is None else [float(v) for v in scale],
-            "sources": _sources(scan, point), "boot": _boot(), "seconds": time.perf_counter() - t0}
+            "sources": sources, "settings": _settings(scan), "boot": _boot(),
+            "seconds": time.perf_counter() - t0}
     with atomic_path(description_path(path)) as tmp:
         tmp.write_text(json.dumps(info))
     return info
@@ -120,8 +140,9 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def reusable(path: str | os.PathLike, scan: Scan, point: int, tiles: Sequence[Tile]) -> dict[str, Any] | None:
-    """The description of a staged point at ``path`` that holds these tiles of this point, whose frame
-    files are unchanged and whose host has not restarted since it was written, else None."""
+    """The description of a staged point at ``path`` that holds these tiles of this point, read from
+    the same frames with the same settings, whose frame files are unchanged and whose host has not
+    restarted since it was written, else None."""
     path = Path(path)
     try:
         info = json.loads(description_path(path).read_text())
@@ -131,7 +152,8 @@ def reusable(path: str | os.PathLike, scan: Scan, point: int, tiles: Sequence[Ti
     if not isinstance(info, dict) or info.get("format") != STAGE_FORMAT or info.get("point") != point:
         return None
     try:
-        same = (info["bytes"] == size and info["sources"] == _sources(scan, point)
+        same = (info["bytes"] == size and info["settings"] == _settings(scan)
+                and info["sources"] == _sources(scan, point)
                 and bool(info["boot"]) and info["boot"] == _boot())
     except (OSError, KeyError, ScanError):
         return None
@@ -139,6 +161,16 @@ def reusable(path: str | os.PathLike, scan: Scan, point: int, tiles: Sequence[Ti
     if not same or any(tuple(_box(t)) not in held for t in tiles):
         return None
     return {**info, "file": str(path)}
+
+
+# what a block task needs of a staged point's description (the rest only decides reuse)
+READER_KEYS = ("format", "file", "point", "n_frames", "frames", "tiles", "offsets", "scale")
+
+
+def for_readers(info: dict[str, Any]) -> dict[str, Any]:
+    """The part of a staged point's description that :func:`read_tile` uses: what travels with each of
+    the point's block tasks (without the per-frame sources: a few KiB instead of tens)."""
+    return {k: info[k] for k in READER_KEYS}
 
 
 def read_tile(info: dict[str, Any], tile: Tile, threshold: float) -> Block:

@@ -14,10 +14,13 @@ from parsl import python_app
 
 
 @python_app(executors=["stitch"])
-def stage_point(scan_path: str, cfg_path: str, point: int, tiles: Sequence[Any], stage_file: str) -> dict:
+def stage_point(scan_path: str, cfg_path: str, point: int, tiles: Sequence[Any], stage_file: str,
+                inputs: Sequence[Any] = ()) -> dict:
     """Read one point's frames once into ``stage_file`` (tile-major) for its block tasks; returns the
     staged point's description, or ``{"error": ...}``.  Runs beside stitching: it is I/O, and it
-    overlaps the decoding of the points before it."""
+    overlaps the decoding of the points before it.  ``inputs``: the previous point's staging, so that
+    one point is staged at a time (HDF5 reads one frame at a time per process anyway) and the other
+    threads stay free for stitching."""
     from laueflow.workflow.tasks import stage_point as run
 
     return run(scan_path, cfg_path, point, tiles, stage_file)

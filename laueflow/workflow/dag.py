@@ -341,7 +341,7 @@ def _drive(*, plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_con
         "command_line": command, "host": socket.gethostname(), "config_file": cfg.source_file or "",
         "config_source": source_text, "per_depth_files": per_depth_files,
     }
-    _remove_stale_temporaries(out_dir)
+    _remove_stale_temporaries(out_dir, keep_staged=plan.points if stage_point is not None else ())
     status = StatusFile(out_dir, scan=str(scan_path), command=command, extra=status_extra)
     outcome = RunResult(out_dir=str(out_dir))
     n_tiles = len(plan.tiles)
@@ -400,6 +400,7 @@ def _drive(*, plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_con
                 # JAX warns on every fork; Parsl's providers fork only to exec shell commands, which is safe
                 warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
                 live: dict[Future, tuple[str, int]] = {}
+                last_stage: list[Future] = []  # the latest point's staging: the next one waits for it
                 active: dict[int, _Point] = {}
                 blocks_live = 0
                 last_tick = time.monotonic()
@@ -422,7 +423,8 @@ def _drive(*, plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_con
                     stage = None
                     if stage_point is not None and todo:
                         stage = stage_point(str(scan_path), cfg_path, k, [t for _, t, _, _ in todo],
-                                            str(block_dir / STAGE_NAME))
+                                            str(block_dir / STAGE_NAME), inputs=last_stage[-1:])
+                        last_stage[:] = [stage]
                     for i, tile, box, bf in todo:
                         fut = reconstruct_block(str(scan_path), cfg_path, k, tile, str(bf), stage)
                         live[fut] = ("block", k)
@@ -503,12 +505,16 @@ def _export_kept(result: PointResult) -> None:
         result.reason += f"; per-depth export failed: {exc}"
 
 
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Remove files an interrupted run left half-written under their temporary names (safe: this run
-    holds the folder's lock, so no other run is writing there)."""
+def _remove_stale_temporaries(out_dir: Path, keep_staged: Sequence[int] = ()) -> None:
+    """Remove files an interrupted run left half-written under their temporary names, and its staged
+    points except those of ``keep_staged`` (this run may reuse them; the others would only hold disk
+    space).  Safe: this run holds the folder's lock, so no other run is writing there."""
+    keep = {_block_dir(out_dir, k) for k in keep_staged}
     for folder in (out_dir, *out_dir.joinpath(BLOCKS_DIR).glob("point_*")):
         for tmp in folder.glob(f"*{results.TMP_MARK}*"):
             tmp.unlink(missing_ok=True)
+        if folder != out_dir and folder not in keep:
+            staging.remove(folder / STAGE_NAME)
 
 
 def _block_dir(out_dir: Path, point: int) -> Path:

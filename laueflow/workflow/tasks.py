@@ -68,7 +68,8 @@ def cached_setup(cfg: Any) -> Any:
 def block_summary(point: int, tile: Sequence[int], **info: Any) -> dict[str, Any]:
     """The small dictionary a block task returns (never arrays)."""
     out = {"point": int(point), "tile": tuple(int(v) for v in tile), "n_pixels": 0, "seconds": 0.0,
-           "skipped": "", "error": "", "block_file": None, "host": socket.gethostname(), "reused": False}
+           "skipped": "", "error": "", "block_file": None, "host": socket.gethostname(), "reused": False,
+           "staging_note": ""}
     out.update(info)
     return out
 
@@ -81,7 +82,9 @@ def stage_point(scan_path: str, cfg_path: str, point: int, tiles: Sequence[Any],
 
     Returns the staged point's description, or ``{"error": ...}`` when the frames or the scratch
     file cannot be read or written: the block tasks then read the frame files themselves, so that a
-    damaged frame file fails only the tiles it touches.
+    damaged frame file fails only the tiles it touches.  Any other failure is returned the same way:
+    staging only saves reading, and raising would fail every block task of the point with Parsl's
+    DependencyError, which does not name the cause.
     """
     from laueflow.io import staging
     from laueflow.io.scan import ScanError
@@ -91,26 +94,34 @@ def stage_point(scan_path: str, cfg_path: str, point: int, tiles: Sequence[Any],
         scan = cached_scan(scan_path, cfg, point)
         kept = staging.reusable(stage_file, scan, point, tiles)
         if kept is not None:
-            return {**kept, "reused": True}
+            return {**staging.for_readers(kept), "reused": True}
         try:
-            return staging.stage(scan, point, tiles, stage_file)
+            return {**staging.for_readers(staging.stage(scan, point, tiles, stage_file)), "reused": False}
         finally:
             scan.close()  # its chunk caches would hold a few MiB per frame file in this process
     except (ScanError, OSError) as exc:
         return {"error": f"staging point {point}: {exc}", "file": None}
+    except Exception as exc:  # whatever it was, the block tasks read the frame files instead
+        return {"error": f"staging point {point}: {type(exc).__name__}: {exc}", "file": None}
 
 
-def _read(scan_path: str, cfg: Any, point: int, tile: Any, stage: Mapping[str, Any] | None) -> Any:
-    """A tile's block: from the staged point when there is one, else from the frame files."""
+def _read(scan_path: str, cfg: Any, point: int, tile: Any,
+          stage: Mapping[str, Any] | None) -> tuple[Any, str]:
+    """A tile's block: from the staged point when there is one, else from the frame files; and, when a
+    staged point was given but could not be used, why (reported with the point, since reading the
+    frame files instead is correct but slower)."""
     from laueflow.io import staging
     from laueflow.io.scan import ScanError
 
-    if stage and stage.get("file") and not stage.get("error"):
-        try:
-            return staging.read_tile(dict(stage), tile, cfg.file.threshold)
-        except (ScanError, OSError, ValueError):
-            pass  # scratch removed or damaged: the frame files are still there
-    return cached_scan(scan_path, cfg, point).read_block(point, tile)
+    note = ""
+    if stage is not None:
+        note = str(stage.get("error") or "")
+        if not note:
+            try:
+                return staging.read_tile(dict(stage), tile, cfg.file.threshold), ""
+            except (ScanError, OSError, ValueError) as exc:  # scratch removed, damaged, or not visible here
+                note = f"staged point unreadable on {socket.gethostname()}: {exc}"
+    return cached_scan(scan_path, cfg, point).read_block(point, tile), note
 
 
 def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any,
@@ -131,7 +142,7 @@ def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any,
     cfg = cached_config(cfg_path)
     n_depths = len(cfg.geo.source.depths)
     try:
-        block = _read(scan_path, cfg, point, tile, stage)
+        block, staging_note = _read(scan_path, cfg, point, tile, stage)
     except ScanError as exc:
         return block_summary(point, box, error=f"tile {list(box)}: {exc}", seconds=time.perf_counter() - t0)
     selected = np.asarray(block.selected, dtype=bool)
@@ -148,12 +159,22 @@ def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any,
                                  selected=selected)
         except DecodeError as exc:
             return block_summary(point, box, error=f"tile {list(box)}: {exc}",
-                                 seconds=time.perf_counter() - t0)
+                                 seconds=time.perf_counter() - t0, staging_note=staging_note)
     seconds = time.perf_counter() - t0
     write_block(block_file, point=point, tile=box, config_fingerprint=cfg.fingerprint(), n_depths=n_depths,
                 decoded=decoded, skipped=skipped, host=socket.gethostname(), seconds=seconds)
     n = 0 if decoded is None else int(np.asarray(decoded.rows).size)
-    return block_summary(point, box, n_pixels=n, seconds=seconds, skipped=skipped, block_file=str(block_file))
+    return block_summary(point, box, n_pixels=n, seconds=seconds, skipped=skipped, block_file=str(block_file),
+                         staging_note=staging_note)
+
+
+def _staging_problem(blocks: Sequence[Mapping[str, Any]]) -> str:
+    """A note when block tasks read the frame files because the point's staged frames were unusable."""
+    notes = [b["staging_note"] for b in blocks if b.get("staging_note")]
+    if not notes:
+        return ""
+    return (f"{len(notes)} of {len(blocks)} blocks read the frame files instead of the staged point "
+            f"({notes[0]})")
 
 
 def stitch_point(block_files: Sequence[str], out_file: str, meta: Mapping[str, Any],
@@ -203,6 +224,6 @@ def stitch_point(block_files: Sequence[str], out_file: str, meta: Mapping[str, A
             export_problem = f"per-depth export failed: {exc}"
     status = "partial" if errors else "done"
     reason = f"{len(errors)} of {len(blocks)} blocks failed: {errors[0]}" if errors else ""
-    reason = "; ".join(r for r in (reason, export_problem) if r)
+    reason = "; ".join(r for r in (reason, export_problem, _staging_problem(blocks)) if r)
     return {**base, **summary, "status": status, "reason": reason, "stitch_seconds": time.perf_counter() - t0,
             "input_fingerprint": record[provenance.INPUT_FINGERPRINT]}
