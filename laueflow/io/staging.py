@@ -17,6 +17,7 @@ to disk: it is scratch, and syncing 580 MB per point would cost more than readin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -191,7 +192,8 @@ def read_tile(info: dict[str, Any], tile: Tile, threshold: float) -> Block:
 
 
 def remove(path: str | os.PathLike) -> None:
-    """Remove a staged point (data and description), if present."""
+    """Remove a staged point (data and description), if present (also when its folder is not one)."""
     path = Path(path)
     for p in (path, description_path(path)):
-        p.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            p.unlink()

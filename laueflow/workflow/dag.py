@@ -510,7 +510,7 @@ def _remove_stale_temporaries(out_dir: Path, keep_staged: Sequence[int] = ()) ->
     points except those of ``keep_staged`` (this run may reuse them; the others would only hold disk
     space).  Safe: this run holds the folder's lock, so no other run is writing there."""
     keep = {_block_dir(out_dir, k) for k in keep_staged}
-    for folder in (out_dir, *out_dir.joinpath(BLOCKS_DIR).glob("point_*")):
+    for folder in (out_dir, *(p for p in out_dir.joinpath(BLOCKS_DIR).glob("point_*") if p.is_dir())):
         for tmp in folder.glob(f"*{results.TMP_MARK}*"):
             tmp.unlink(missing_ok=True)
         if folder != out_dir and folder not in keep:
