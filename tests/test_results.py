@@ -99,6 +99,31 @@ def test_block_file_roundtrip(blocks):
     assert results.read_block(paths[2]).profiles.shape == (0, 5)
 
 
+def test_block_files_store_only_pixels_with_signal(tmp_path):
+    """Most decoded pixels have no signal: their zero profiles are not written, and come back as zeros."""
+    rows, cols = np.divmod(np.arange(1000), 40)
+    d = _decoded(rows, cols, n_depth=300)
+    d.profiles[np.arange(1000) % 10 != 0] = 0  # signal in one pixel of ten
+    sparse, dense = tmp_path / "sparse.npz", tmp_path / "dense.npz"
+    results.write_block(sparse, point=0, tile=(0, 25, 0, 40), config_fingerprint="fp", n_depths=300,
+                        decoded=d)
+    b = results.read_block(sparse)
+    np.testing.assert_array_equal(b.profiles, d.profiles)
+    np.testing.assert_array_equal(b.rows, rows)
+    assert b.profiles.dtype == np.float32 and results.read_block_meta(sparse)["n_pixels"] == 1000
+    np.savez(dense, profiles=d.profiles)
+    assert sparse.stat().st_size < 0.2 * dense.stat().st_size
+
+
+def test_block_files_of_another_format_are_not_reused(tmp_path, blocks):
+    paths, _ = blocks
+    with np.load(paths[0]) as z:
+        old = {k: z[k] for k in z.files}
+    old["format"] = np.array(1)
+    np.savez(tmp_path / "old.npz", **old)
+    assert results.read_block_meta(tmp_path / "old.npz") is None  # a rerun decodes the block again
+
+
 def test_point_file_layout(tmp_path, blocks):
     paths, (a, b) = blocks
     out = tmp_path / results.point_name(3)

@@ -32,7 +32,8 @@ from .. import provenance as prov
 PIXEL_FIELDS = ("background", "residual", "quality", "energy", "energy_sigma")
 PIXEL_DTYPES = {"background": np.float32, "residual": np.float32, "quality": np.uint8,
                 "energy": np.float32, "energy_sigma": np.float32}
-BLOCK_FORMAT = 1
+# 2: profiles stored for the pixels with signal only ("lit": their rows in rows/cols); most are zero
+BLOCK_FORMAT = 2
 
 
 def point_name(point: int) -> str:
@@ -118,12 +119,14 @@ def write_block(path: str | os.PathLike, *, point: int, tile: Sequence[int], con
     """Write one block result (``decoded`` has rows, cols, profiles and the per-pixel fields) atomically."""
     if decoded is None:
         arrays: dict[str, np.ndarray] = {
-            "rows": np.zeros(0, np.int32), "cols": np.zeros(0, np.int32),
+            "rows": np.zeros(0, np.int32), "cols": np.zeros(0, np.int32), "lit": np.zeros(0, np.int32),
             "profiles": np.zeros((0, n_depths), np.float32),
             **{k: np.zeros(0, PIXEL_DTYPES[k]) for k in PIXEL_FIELDS}}
     else:
+        profiles = np.asarray(decoded.profiles, np.float32).reshape(-1, n_depths)
+        lit = np.flatnonzero(profiles.any(axis=1)).astype(np.int32)
         arrays = {"rows": np.asarray(decoded.rows, np.int32), "cols": np.asarray(decoded.cols, np.int32),
-                  "profiles": np.asarray(decoded.profiles, np.float32).reshape(-1, n_depths),
+                  "lit": lit, "profiles": profiles[lit],
                   **{k: np.asarray(getattr(decoded, k), PIXEL_DTYPES[k]) for k in PIXEL_FIELDS}}
     meta = {"format": np.array(BLOCK_FORMAT), "point": np.array(point), "tile": np.asarray(tile, np.int64),
             "config_fingerprint": np.array(config_fingerprint), "skipped": np.array(skipped),
@@ -153,9 +156,12 @@ def read_block_meta(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def read_block(path: str | os.PathLike) -> BlockResult:
-    """Load a block file completely."""
+    """Load a block file completely (profiles of every decoded pixel, zeros where there is no signal)."""
     with np.load(path, allow_pickle=False) as z:
-        return BlockResult(**_meta(z), rows=z["rows"], cols=z["cols"], profiles=z["profiles"],
+        rows, lit, stored = z["rows"], z["lit"], z["profiles"]
+        profiles = np.zeros((rows.size, stored.shape[1]), np.float32)
+        profiles[lit] = stored
+        return BlockResult(**_meta(z), rows=rows, cols=z["cols"], profiles=profiles,
                            fields={k: z[k] for k in PIXEL_FIELDS})
 
 
@@ -166,6 +172,17 @@ def read_block(path: str | os.PathLike) -> BlockResult:
 def _chunks(n_depth: int, n_rows: int, n_cols: int) -> tuple[int, int, int]:
     """Chunks of about 1 MiB that suit both block-by-block writing and depth-slice reading."""
     return (min(n_depth, 16), min(n_rows, 128), min(n_cols, 128))
+
+
+def _band_cache(n_depth: int, n_rows: int, n_cols: int) -> dict[str, int]:
+    """A chunk cache for the volume that holds one band of chunk rows (every depth and column chunk of
+    128 detector rows), up to 512 MiB: blocks arrive tile row by tile row, and a chunk evicted before
+    its last tile is written would be compressed, read back and decompressed again (a third of the
+    stitching time of a 1200 x 1200 point)."""
+    cd, cr, cc = _chunks(n_depth, n_rows, n_cols)
+    band = -(-n_depth // cd) * -(-n_cols // cc)
+    nbytes = min(max(band * cd * cr * cc * 4 * 5 // 4, 64 << 20), 512 << 20)
+    return {"rdcc_nbytes": nbytes, "rdcc_nslots": 20011}  # a prime, well above the chunks held
 
 
 def signal_range(depth_um: np.ndarray, intensity: np.ndarray,
@@ -200,7 +217,7 @@ def write_point(path: str | os.PathLike, block_files: Sequence[str | os.PathLike
     if compression == "gzip":
         opts["compression_opts"] = 1
     path = Path(path)
-    with atomic_h5(path, rdcc_nbytes=64 << 20) as f:
+    with atomic_h5(path, **_band_cache(n_depth, n_rows, n_cols)) as f:
         entry = f.create_group("entry")
         entry.attrs["NX_class"] = "NXentry"
         rec = entry.create_group("reconstruction")
