@@ -19,8 +19,9 @@ The estimator, per pixel, on noise-normalised data d (Poisson: sigma^2 = mean co
 
 (sparse thin grains, whole extended grains), solved by over-relaxed ADMM that stops once converged.
 Pass 1 fits the whole grid with one factorisation per dictionary shared by all pixels (a matrix product
-per iteration for a batch of pixels); passes 2 and 3 refit on each pixel's support, a few tens of
-columns, with one small factorisation per pixel.  Each solver is a jit-compiled function of padded
+per iteration for a batch of pixels); each pixel's support is then chosen by forward selection on refits
+(the fewest pieces that explain the trace: _select_support), and passes 2 and 3 refit on it, a few tens
+of columns, with one small factorisation per pixel.  Each solver is a jit-compiled function of padded
 shapes (rows and support sizes in a few buckets), so few shapes are compiled.  While a block is decoded,
 BLAS and LAPACK run on one thread (_OneBlasThread): the parallelism is across blocks.
 """
@@ -101,8 +102,8 @@ class Dictionary:
         return np.exp(-mu * self.gold).mean(axis=0)
 
 
-# a component at a depth where a neighbouring pixel already has a significant one needs only this
-# fraction of the significance: the depth is given, so the test is of one location, not of all K
+# a support piece at depths where the neighbouring pixels agree on one needs only this fraction of the
+# significance: the depth is given, so the test is of one location, not of all K
 _NEIGHBOUR_FRACTION = 0.25
 _BIN_SAMPLES = 4  # points across a code-grid bin when averaging its column
 
@@ -782,11 +783,11 @@ def _first_levels(blk: _Block, background, mu_nominal: float, c_range, has_backg
 
 def _pass_support(blk: _Block, level1: np.ndarray, active: np.ndarray):
     """Pass 1: the sparse, smooth fit over the whole code grid of the pixels whose traces show modulation
-    (``active``); keeps the support components that explain more chi-square than noise could.
+    (``active``), then the support each pixel's trace supports (_select_support).
 
-    Returns h (P, K), the chi-square gain of each component (P, C+1, indexed by label) and the support
-    to refit (P, K): the kept components, grown by a quarter band."""
-    cfg, band = blk.cfg, blk.band
+    Returns h (P, K), the chi-square gain of each pass-1 component (P, C+1, indexed by label) and the
+    support to refit (P, K)."""
+    band = blk.band
     n, k = blk.d.shape[0], blk.dct.w.size
     h = np.zeros((n, k))
     labels = np.zeros((n, k), int)
@@ -802,17 +803,159 @@ def _pass_support(blk: _Block, level1: np.ndarray, active: np.ndarray):
     gain = np.zeros((n, int(labels.max()) + 1))
     for act, g in parts:
         gain[act, : g.shape[1]] = g
-    keep = gain >= cfg.recon.significance
-    keep[:, 0] = False
-    # a component already significant in a neighbouring pixel at the same depth (same spot, same
-    # grain) needs only a fraction of the chi-square gain
-    near = _neighbourhood(np.take_along_axis(keep, labels, axis=1), blk.ri, blk.ci, 1, "any")
-    seen = np.zeros_like(keep)
-    np.logical_or.at(seen, (np.repeat(np.arange(n), k), labels.ravel()), near.ravel())
-    keep |= seen & (gain >= cfg.recon.significance * _NEIGHBOUR_FRACTION)
-    keep[:, 0] = False
-    own = _grow(np.take_along_axis(keep, labels, axis=1), max(1, band // 4))
-    return h, gain, own
+    gain[:, 0] = 0.0
+    return h, gain, _select_support(blk, level1, h, labels, gain)
+
+
+# support selection: the components of pass 1 a pixel may build its support from (the largest first),
+# and the additions to a support at most
+_CANDIDATES = 6
+_STEPS = 6
+
+
+def _select_support(blk: _Block, level1: np.ndarray, h: np.ndarray, labels: np.ndarray, gain: np.ndarray):
+    """Each pixel's support by forward selection on refits, the fewest pieces that explain its trace.
+
+    With 0.5 um steps a scan sees little code per depth, and a sparse fit of the whole grid explains
+    the smooth tail of an extended grain as well by pieces tens of um away: their energies in pass 1
+    pass any fixed test.  So the support starts from the one pass-1 component that alone explains most
+    chi-square (the refit of every candidate on its own), then grows by the candidate whose refit gains
+    most: another component, or the band of columns on either side of a piece (an extended grain's
+    tail), while that gain exceeds ``significance``.  A second round redoes the pixels whose neighbours
+    agree on depths the pixel left out (a spot's pixels see the same grains): there a candidate those
+    neighbours hold, or the columns they hold, need only a fraction of the gain.
+
+    Returns the support (P, K): the selected pieces, components grown by a quarter band."""
+    sig = blk.cfg.recon.significance
+    band = blk.band
+    n, k = h.shape
+    grow = max(1, band // 4)
+    # candidates: each pixel's largest components, grown by a quarter band
+    top = np.argsort(-gain, axis=1, kind="stable")[:, :_CANDIDATES]
+    top_gain = np.take_along_axis(gain, top, axis=1)
+    cand_pix, slot = np.nonzero(top_gain >= sig * _NEIGHBOUR_FRACTION)
+    cand_gain = top_gain[cand_pix, slot]
+    cand_mask = _grow(labels[cand_pix] == top[cand_pix, slot][:, None], grow)
+    own = np.zeros((n, k), bool)
+    chi = np.zeros(n)
+    sel = _Selection(blk, level1, h, own, chi, band)
+    first = np.unique(cand_pix[cand_gain >= sig])
+    sel.primary(first, cand_pix, cand_mask)
+    sel.forward(first, cand_pix, cand_mask, None, lambda rows, new: np.full(rows.size, sig))
+
+    # the neighbours' consensus: columns in the supports of at least a third of the neighbours that
+    # have one (and at least two)
+    count, with_support = _neighbour_count(own, blk.ri, blk.ci)
+    near = count >= np.maximum(2, np.ceil(with_support / 3))[:, None]
+
+    def seen(rows, new):
+        return (near[rows] & new).sum(axis=1) > 0.5 * new.sum(axis=1)
+
+    fresh = (near & ~_grow(own, grow)).sum(axis=1) >= 3
+    useful = (cand_gain >= sig) | seen(cand_pix, cand_mask)
+    cand_pix, cand_mask = cand_pix[useful], cand_mask[useful]
+    redo = np.intersect1d(np.flatnonzero(fresh), cand_pix)
+    if redo.size:
+        own[redo] = False
+        sel.primary(redo, cand_pix, cand_mask)
+        sel.forward(redo, cand_pix, cand_mask, _grow(near, grow),
+                    lambda rows, new: np.where(seen(rows, new), sig * _NEIGHBOUR_FRACTION, sig))
+    return own
+
+
+def _neighbour_count(mask: np.ndarray, ri: np.ndarray, ci: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each pixel, how many of its 8 neighbours in the tile have each column set in ``mask`` (P, K),
+    and how many have any set."""
+    grid = -np.ones((ri.max() + 3, ci.max() + 3), int)
+    grid[ri + 1, ci + 1] = np.arange(len(ri))
+    count = np.zeros(mask.shape, np.int32)
+    having = np.zeros(len(ri), np.int32)
+    has = mask.any(axis=1)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            q = grid[ri + 1 + dr, ci + 1 + dc]
+            ok = (q >= 0) & ((dr, dc) != (0, 0))
+            count[ok] += mask[q[ok]]
+            having[ok] += has[q[ok]]
+    return count, having
+
+
+def _runs(mask: np.ndarray, min_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The runs of True of each row of ``mask`` (P, K) at least ``min_size`` long, one row each:
+    (the row they come from (R,), the run (R, K))."""
+    starts = mask & ~np.pad(mask, ((0, 0), (1, 0)))[:, :-1]
+    lab = np.where(mask, np.cumsum(starts, axis=1), 0)
+    per_row = lab.max(axis=1, initial=0)
+    rows = np.repeat(np.arange(mask.shape[0]), per_row)
+    ids = np.arange(rows.size) - np.repeat(np.cumsum(per_row) - per_row, per_row) + 1
+    runs = lab[rows] == ids[:, None]
+    long = runs.sum(axis=1) >= min_size
+    return rows[long], runs[long]
+
+
+def _best_per_pixel(pixels: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Index of the highest score of each distinct pixel (first of equals)."""
+    order = np.lexsort((-score, pixels))
+    return order[np.r_[True, pixels[order][1:] != pixels[order][:-1]]]
+
+
+class _Selection:
+    """The state of the support selection: each pixel's support ``own`` (P, K) and the misfit of its
+    contrast-free refit ``chi`` (P,), updated in place."""
+
+    def __init__(self, blk: _Block, level1, h, own, chi, band: int) -> None:
+        self.blk, self.level1, self.h, self.own, self.chi, self.band = blk, level1, h, own, chi, band
+
+    def _misfit(self, pixels: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """|d - A h|^2 of the refit (pass 2's estimator) of each pixel's trace on the columns of masks."""
+        levs = np.unique(self.level1[pixels])
+        blk = self.blk
+        return _fit_supports(
+            [blk.level(lev) for lev in levs], np.searchsorted(levs, self.level1[pixels]),
+            np.arange(pixels.size), blk.d[pixels], masks, self.h[pixels], blk.weak,
+        )[1]
+
+    def primary(self, pixels: np.ndarray, cand_pix: np.ndarray, cand_mask: np.ndarray) -> None:
+        """Start each of ``pixels`` from its candidate that alone leaves the least misfit."""
+        rows = np.isin(cand_pix, pixels)
+        if not rows.any():
+            return
+        rp, masks = cand_pix[rows], cand_mask[rows]
+        chi = self._misfit(rp, masks)
+        best = _best_per_pixel(rp, -chi)
+        self.own[rp[best]] = masks[best]
+        self.chi[rp[best]] = chi[best]
+
+    def forward(self, pixels, cand_pix, cand_mask, near: np.ndarray | None, threshold) -> None:
+        """Grow the supports of ``pixels`` by the addition (a candidate component, the band beside a
+        piece, or a run of ``near`` columns) whose refit gains most over ``threshold(rows, new columns)``,
+        while one does."""
+        own = self.own
+        active = np.intersect1d(pixels, np.flatnonzero(own.any(axis=1)))
+        for _ in range(_STEPS):
+            if active.size == 0:
+                return
+            rows = np.isin(cand_pix, active)
+            cp, new = cand_pix[rows], cand_mask[rows] & ~own[cand_pix[rows]]
+            mostly_new = new.sum(axis=1) > 0.5 * cand_mask[rows].sum(axis=1)
+            parts = [(cp[mostly_new], new[mostly_new])]
+            side, run = _runs(_grow(own[active], self.band) & ~own[active])
+            parts.append((active[side], run))
+            if near is not None:
+                side, run = _runs(near[active] & ~own[active], 3)
+                parts.append((active[side], run))
+            rp = np.concatenate([p for p, _ in parts])
+            if rp.size == 0:
+                return
+            new = np.concatenate([m for _, m in parts])
+            masks = own[rp] | new
+            chi = self._misfit(rp, masks)
+            score = self.chi[rp] - chi - threshold(rp, new)
+            best = _best_per_pixel(rp, score)
+            best = best[score[best] >= 0]
+            own[rp[best]] = masks[best]
+            self.chi[rp[best]] = chi[best]
+            active = rp[best]
 
 
 def _pass_refit(blk: _Block, level1: np.ndarray, own: np.ndarray, h: np.ndarray):

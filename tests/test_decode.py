@@ -109,24 +109,7 @@ def test_thin_grains(scores, geometry):
     assert_targets("thin", scores("thin", geometry))
 
 
-@pytest.mark.parametrize(
-    "geometry",
-    [
-        "tilted",
-        pytest.param(
-            "flat",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "flat geometry (0.5 um steps cover 130 um of code): for some depth windows a "
-                    "spread-out profile fits an extended grain nearly as well, and the support test "
-                    "keeps spurious components; median centroid error ~2.3 um, correlation ~0.895 here, "
-                    "~12 um and ~0.75 pooled over five scans (target 2 um, 0.9)"
-                ),
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("geometry", ["tilted", "flat"])
 def test_extended_grains(scores, geometry):
     assert_targets("extended", scores("extended", geometry))
 
@@ -303,6 +286,11 @@ def test_accuracy_over_many_scans(scores, preset, geometry):
     """The issue's figures pooled over five full 64 x 64 scans (make test-slow)."""
     s = scores(preset, geometry, seeds=(21, 22, 23, 24, 25), region=64)
     print(preset, geometry, s.summary())
-    if preset == "extended" and geometry == "flat":
-        pytest.xfail("extended grains in the flat geometry: known gap (see test_extended_grains)")
+    if preset == "extended" and geometry == "flat" and s.correlation_mean < 0.9:
+        assert s.covered >= 0.99 and s.centroid_median <= 2.0, s.summary()
+        pytest.xfail(
+            "extended grains in the flat geometry: centroids within target (median ~0.6 um), mean "
+            "correlation ~0.87 (target 0.9): pixels under ~250 counts per frame keep noisy profiles "
+            "(correlation 0.6-0.8)"
+        )
     assert_targets(preset, s)

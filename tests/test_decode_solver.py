@@ -13,6 +13,7 @@ from laueflow import config as C
 from laueflow import decode as D
 from laueflow import forward as F
 from laueflow import geometry as G
+from laueflow.mask import mu_thickness
 from laueflow.simulate import default_config_dict
 
 
@@ -136,3 +137,93 @@ def test_decoding_holds_blas_to_one_thread_and_restores_it(cfg, monkeypatch):
     assert r.profiles[::2].sum(axis=1).min() > 0
     assert inside and inside[0] and set(inside[0]) == {1}
     assert after == before and max(before) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# support selection
+
+
+@pytest.fixture(scope="module")
+def grain_block(cfg):
+    """A real 8 x 8 pixel block in which every other pixel sees an extended grain (20-60 um deep, an
+    exponentially decaying profile) and the rest see only background; the pass-1 fit of its lit pixels
+    and the code coordinates each lit pixel's grain spans."""
+    setup = F.Setup.from_config(cfg)
+    rows, cols = (x.ravel() for x in np.mgrid[1000:1008, 1000:1008])
+    z = cfg.geo.source.depths * 1e3
+    grain = (z >= 20) & (z < 60)
+    profiles = np.zeros((rows.size, z.size))
+    profiles[::2] = np.where(grain, 40.0 * np.exp(-(z - 20) / 30), 0.0)
+    frames = np.arange(cfg.file.n_frames)
+    traces = F.traces(setup, G.pixel_centres(setup.geo, rows, cols), profiles, cfg.geo.source.depths, frames,
+                      20.0, 50.0)
+    traces = np.random.default_rng(5).poisson(traces).astype(float)
+    dct = D.build_dictionary(setup, cfg, rows, cols, frames)
+    blk = D._Block(cfg, traces, rows, cols, np.arange(rows.size), dct, np.float32)
+    mu = float(mu_thickness(20.0, setup.geo.thickness)[0]) * float(np.mean(dct.path_factor))
+    level1 = np.full(rows.size, D._nearest_level(mu))
+    lit = np.zeros(rows.size, bool)
+    lit[::2] = True
+    level = blk.level(level1[0])
+    h = np.zeros((rows.size, dct.w.size))
+    h[lit] = level.full(blk.d[lit], blk.sparsity)
+    labels = D._components(h)
+    gain = np.zeros((rows.size, labels.max() + 1))
+    gain[lit] = D._component_energy(h[lit], labels[lit], level.gram, blk.band)
+    gain[:, 0] = 0.0
+    edges = np.concatenate([dct.u_lo[:, grain][:, :1], dct.u_hi[:, grain][:, -1:]], axis=1)
+    lo, hi = edges.min(axis=1, keepdims=True), edges.max(axis=1, keepdims=True)
+    inside = (dct.w[None, :] >= lo) & (dct.w[None, :] <= hi)
+    return blk, level1, lit, h, labels, gain, inside
+
+
+def test_support_covers_the_grain_and_nothing_else(grain_block):
+    blk, level1, lit, h, labels, gain, inside = grain_block
+    own = D._select_support(blk, level1, h, labels, gain)
+    assert not own[~lit].any()
+    covered = (own & inside).sum(axis=1)[lit] / inside.sum(axis=1)[lit]
+    assert covered.min() >= 0.9, covered
+    near = D._grow(inside, blk.band // 2)
+    assert not (own & ~near)[lit].any()
+
+
+def test_a_component_that_explains_nothing_is_left_out(grain_block):
+    """A pass-1 component with a large energy is not kept when the refits show it adds nothing: here a
+    decoy far from the grain, where pass 1 put no intensity."""
+    blk, level1, lit, h, labels, gain, inside = grain_block
+    k = h.shape[1]
+    decoy = np.zeros(k, bool)
+    far = np.flatnonzero(~D._grow(inside, 3 * blk.band).any(axis=0))
+    decoy[far[: blk.band]] = True
+    labels = labels.copy()
+    labels[:, decoy] = labels.max() + 1
+    gain = np.concatenate([gain, np.where(lit, 1e4, 0.0)[:, None]], axis=1)
+    own = D._select_support(blk, level1, h, labels, gain)
+    assert not own[:, decoy].any()
+    assert ((own & inside).sum(axis=1)[lit] >= 0.9 * inside.sum(axis=1)[lit]).all()
+
+
+def test_a_tail_pass_one_missed_is_added_beside_the_grain(grain_block):
+    """When pass 1 found only the front of the grain, the support grows over the band beside it to
+    hold the rest (the smooth tail of an extended grain modulates little)."""
+    blk, level1, lit, h, labels, gain, inside = grain_block
+    labels = labels.copy()
+    front = np.zeros_like(inside)
+    for p in np.flatnonzero(lit):
+        cols = np.flatnonzero(inside[p])
+        front[p, cols[: cols.size // 2]] = True  # one half of the grain's code range
+    labels[inside & ~front] = 0
+    own = D._select_support(blk, level1, h, labels, gain)
+    covered = (own & inside).sum(axis=1)[lit] / inside.sum(axis=1)[lit]
+    assert np.median(covered) >= 0.9, covered
+
+
+def test_runs_lists_each_run_of_each_row():
+    mask = np.array(
+        [[1, 1, 0, 0, 1, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 0, 0, 0, 1]], bool
+    )
+    rows, runs = D._runs(mask)
+    assert rows.tolist() == [0, 0, 0, 2, 2]
+    assert [np.flatnonzero(r).tolist() for r in runs] == [[0, 1], [4], [6, 7, 8], [1, 2, 3, 4], [8]]
+    rows, runs = D._runs(mask, min_size=3)
+    assert rows.tolist() == [0, 2] and runs.sum(axis=1).tolist() == [3, 4]
