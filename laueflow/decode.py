@@ -21,8 +21,10 @@ The estimator, per pixel, on noise-normalised data d (Poisson: sigma^2 = mean co
 Pass 1 fits the whole grid with one factorisation per dictionary shared by all pixels (a matrix product
 per iteration for a batch of pixels); each pixel's support is then chosen by forward selection on refits
 (the fewest pieces that explain the trace: _select_support), and passes 2 and 3 refit on it, a few tens
-of columns, with one small factorisation per pixel.  Each solver is a jit-compiled function of padded
-shapes (rows and support sizes in a few buckets), so few shapes are compiled.  While a block is decoded,
+of columns, with one small factorisation per pixel.  Last, a pixel whose trace allows it takes the shape
+of its neighbourhood's summed profile (a spot's pixels see the same depths: _spot_shapes), which
+rids faint pixels of their noise.  Each solver is a jit-compiled function of padded shapes (rows and
+support sizes in a few buckets), so few shapes are compiled.  While a block is decoded,
 BLAS and LAPACK run on one thread (_OneBlasThread): the parallelism is across blocks.
 """
 
@@ -972,7 +974,8 @@ def _pass_pinned(blk: _Block, h, h_counts, chi, own, gain, has_signal, backgroun
                  c_range):
     """Pass 3: the background pinned, exact transmission; the attenuation of each pixel chosen by
     chi-square among the three levels around its estimate and refined between them.  A spot has one
-    energy, so the estimate and the depth support of faint pixels come from their neighbours.
+    energy, so the estimate and the depth support of faint pixels come from their neighbours, and so
+    may their profile's shape (_spot_shapes).
 
     Returns the profiles on the code grid in counts (P, K), the misfit (P,), the contrast and its
     1-sigma uncertainty (P,)."""
@@ -1025,7 +1028,75 @@ def _pass_pinned(blk: _Block, h, h_counts, chi, own, gain, has_signal, backgroun
             np.isfinite(per_bin), c_final[multi, None] / np.where(np.isfinite(per_bin), per_bin, 1.0), 1.0
         )
         profiles_w[multi] = profiles_w[multi] * scale
+    lev_px = np.zeros(n, int)
+    lev_px[sig] = row_lev.reshape(-1, 3)[np.arange(sig.size), pick]
+    _spot_shapes(blk, profiles_w, chi, e, lev_px, has_signal & ~multi)
     return profiles_w, chi, c_final, c_sigma
+
+
+def _unbin(profiles: np.ndarray, w: np.ndarray, u_lo: np.ndarray, u_hi: np.ndarray) -> np.ndarray:
+    """Mass-conserving map of depth profiles (P, J) onto the code grid w, through each pixel's depth bins
+    [u_lo, u_hi] (the inverse of _rebin, each depth bin's mass spread evenly over its code interval)."""
+    n = profiles.shape[0]
+    dw = w[1] - w[0]
+    edges = np.concatenate([w - dw / 2, w[-1:] + dw / 2])
+    cum = np.concatenate([np.zeros((n, 1)), np.cumsum(profiles, axis=1)], axis=1)
+    ue = np.concatenate([u_lo, u_hi[:, -1:]], axis=1)
+    falling = ue[:, 0] > ue[:, -1]  # code coordinates fall with depth in some geometries
+    ue[falling], cum[falling] = ue[falling, ::-1], cum[falling, ::-1]
+    # the cumulative mass at the code grid's edges, interpolated row by row: one search over all rows,
+    # each row's coordinates offset past the previous row's
+    span = max(ue.max() - ue.min(), edges[-1] - edges[0]) + 1.0
+    offset = span * np.arange(n)[:, None]
+    x = np.clip(edges[None, :], ue[:, :1], ue[:, -1:])
+    i = np.searchsorted((ue + offset).ravel(), (x + offset).ravel()).reshape(x.shape)
+    i = np.clip(i - np.arange(n)[:, None] * ue.shape[1], 1, ue.shape[1] - 1)
+    x0, x1 = np.take_along_axis(ue, i - 1, axis=1), np.take_along_axis(ue, i, axis=1)
+    c0, c1 = np.take_along_axis(cum, i - 1, axis=1), np.take_along_axis(cum, i, axis=1)
+    t = np.where(x1 > x0, (x - x0) / np.where(x1 > x0, x1 - x0, 1.0), 0.0)
+    return np.abs(np.diff(c0 + t * (c1 - c0), axis=1))
+
+
+def _spot_shapes(blk: _Block, profiles_w, chi, e, lev_px, candidates) -> None:
+    """Faint pixels take their spot's depth profile where their trace allows it (in place).
+
+    A spot's pixels see the same grains through the same depths, only with different intensities, so
+    the sum of the depth profiles of a pixel's 3 x 3 neighbourhood (dominated by the bright pixels) is
+    its profile's shape with far less noise.  That shape, scaled by one factor, replaces the pixel's
+    own fit where it explains a significant chi-square and the misfit rises by less than ``significance``:
+    noise-dominated detail of the own fit goes, real differences (another grain, a depth the neighbours
+    lack) stay."""
+    px = np.flatnonzero(candidates)
+    if px.size == 0:
+        return
+    dct = blk.dct
+    depth = np.zeros(dct.u_lo.shape)
+    lit = np.flatnonzero(profiles_w.any(axis=1))
+    depth[lit] = _rebin(profiles_w[lit], dct.w, dct.u_lo[lit], dct.u_hi[lit])
+    summed = _neighbourhood_sum(depth, blk.ri, blk.ci)
+    shape = _unbin(summed[px], dct.w, dct.u_lo[px], dct.u_hi[px]) / blk.sigma[px, None]
+    model = np.zeros((px.size, e.shape[1]))
+    for lev in np.unique(lev_px[px]):
+        m = lev_px[px] == lev
+        model[m] = shape[m] @ blk.level(lev, centred=False).a.T
+    norm = np.einsum("rn,rn->r", model, model)
+    scale = np.where(norm > 0, np.einsum("rn,rn->r", model, e[px]) / np.maximum(norm, 1e-30), 0.0)
+    scale = np.maximum(scale, 0.0)
+    misfit = np.einsum("rn,rn->r", e[px] - scale[:, None] * model, e[px] - scale[:, None] * model)
+    sig = blk.cfg.recon.significance
+    explained = np.einsum("rn,rn->r", e[px], e[px]) - misfit
+    take = (scale > 0) & (explained >= sig) & (misfit <= chi[px] + sig)
+    rows = px[take]
+    profiles_w[rows] = scale[take, None] * shape[take] * blk.sigma[rows, None]
+    chi[rows] = misfit[take]
+
+
+def _neighbourhood_sum(values: np.ndarray, ri: np.ndarray, ci: np.ndarray) -> np.ndarray:
+    """Sum of each pixel's rows of ``values`` (P, J) over its 3 x 3 neighbourhood in the tile (itself
+    included)."""
+    grid = np.zeros((ri.max() + 3, ci.max() + 3, values.shape[1]))
+    grid[ri + 1, ci + 1] = values
+    return sum(grid[ri + 1 + dr, ci + 1 + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1))
 
 
 _ENERGY_GRID = np.linspace(4.0, 80.0, 761)

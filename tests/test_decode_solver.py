@@ -11,6 +11,7 @@ from scipy.optimize import minimize
 
 from laueflow import config as C
 from laueflow import decode as D
+from laueflow import evaluate as E
 from laueflow import forward as F
 from laueflow import geometry as G
 from laueflow.mask import mu_thickness
@@ -227,3 +228,74 @@ def test_runs_lists_each_run_of_each_row():
     assert [np.flatnonzero(r).tolist() for r in runs] == [[0, 1], [4], [6, 7, 8], [1, 2, 3, 4], [8]]
     rows, runs = D._runs(mask, min_size=3)
     assert rows.tolist() == [0, 2] and runs.sum(axis=1).tolist() == [3, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# faint pixels of a spot
+
+
+def test_unbin_is_the_inverse_of_rebin(grain_block):
+    """A depth profile spread onto a pixel's code grid keeps its mass, and a smooth one binned back is
+    itself (to the code grid's resolution)."""
+    dct = grain_block[0].dct
+    z = np.arange(dct.u_lo.shape[1])
+    depth = np.exp(-0.5 * ((z[None, :] - np.array([[80], [150], [200], [260]])) / 15.0) ** 2)
+    code = D._unbin(depth, dct.w, dct.u_lo[:4], dct.u_hi[:4])
+    assert np.allclose(code.sum(axis=1), depth.sum(axis=1))
+    back = D._rebin(code, dct.w, dct.u_lo[:4], dct.u_hi[:4])
+    assert np.abs(back - depth).max() <= 0.01
+
+
+@pytest.fixture(scope="module")
+def spot_block(cfg):
+    """A real 10 x 10 pixel block with a spot of 6 x 6 pixels that all see one extended grain (20-60 um,
+    exponentially decaying), bright at its centre and faint (a few tens of counts per frame) at its
+    edge, except pixel (2, 2), which sees a thin grain at 80 um instead; the rest is background.
+    Returns the setup, the block's traces, rows and cols, the true profiles and the spot's mask."""
+    setup = F.Setup.from_config(cfg)
+    rows, cols = (x.ravel() for x in np.mgrid[0:10, 0:10])
+    rows, cols = rows + 1000, cols + 1000
+    z = cfg.geo.source.depths * 1e3
+    shape = np.where((z >= 20) & (z < 60), np.exp(-(z - 20) / 30), 0.0)
+    shape /= shape.sum()
+    r, c = rows - 1000, cols - 1000
+    spot = (r < 6) & (c < 6)
+    total = np.where(spot, 3000.0 * np.exp(-((r - 2.5) ** 2 + (c - 2.5) ** 2) / 3.0), 0.0)
+    profiles = total[:, None] * shape[None, :]
+    other = np.flatnonzero((r == 2) & (c == 2))[0]
+    profiles[other] = 0.0
+    profiles[other, np.argmin(np.abs(z - 80))] = 0.3 * total[other]
+    frames = np.arange(cfg.file.n_frames)
+    traces = F.traces(setup, G.pixel_centres(setup.geo, rows, cols), profiles, cfg.geo.source.depths, frames,
+                      20.0, 50.0)
+    traces = np.random.default_rng(7).poisson(traces).astype(float)
+    return setup, traces, rows, cols, profiles, spot, other
+
+
+def _decode_spot(cfg, spot_block):
+    setup, traces, rows, cols, profiles, spot, other = spot_block
+    res = D.decode(traces, rows, cols, np.arange(cfg.file.n_frames), setup, cfg)
+    return E.correlations(res.profiles.astype(float), profiles), res.profiles
+
+
+def test_faint_pixels_of_a_spot_take_its_shape(cfg, spot_block, monkeypatch):
+    """The faint pixels at the spot's edge get the grain's profile shape from their brighter
+    neighbours: much closer to the truth than from their own traces alone."""
+    _, _, _, _, profiles, spot, other = spot_block
+    faint = spot & (profiles.sum(axis=1) < 300)
+    faint[other] = False
+    corr, _ = _decode_spot(cfg, spot_block)
+    monkeypatch.setattr(D, "_spot_shapes", lambda *args: None)
+    alone, _ = _decode_spot(cfg, spot_block)
+    assert faint.sum() >= 10
+    assert corr[faint].mean() >= 0.9
+    assert corr[faint].mean() >= alone[faint].mean() + 0.05
+
+
+def test_a_pixel_seeing_another_grain_keeps_its_own_profile(cfg, spot_block):
+    """The neighbourhood's shape is taken only where the trace allows it: the pixel inside the spot
+    that sees a thin grain at 80 um keeps that grain."""
+    _, _, _, _, profiles, spot, other = spot_block
+    _, decoded = _decode_spot(cfg, spot_block)
+    z = cfg.geo.source.depths * 1e3
+    assert decoded[other][np.abs(z - 80) <= 3].sum() >= 0.8 * decoded[other].sum()
