@@ -575,10 +575,11 @@ def _fill_gaps(mask: np.ndarray, width: int) -> np.ndarray:
 
 def _neighbourhood(values: np.ndarray, ri: np.ndarray, ci: np.ndarray, radius: int, how: str) -> np.ndarray:
     """Combine each pixel's values with those of the pixels within ``radius`` (a square) in the tile:
-    ``how`` = "any" (boolean OR of (P, K) masks) or "median" (nan-median of (P,) values)."""
+    ``how`` = "any" (boolean OR of (P, K) masks), "sum" (of numbers, itself included) or "median"
+    (nan-median of (P,) values)."""
     h, w = ri.max() + 1, ci.max() + 1
     shape = (h + 2 * radius, w + 2 * radius) + values.shape[1:]
-    grid = np.zeros(shape, bool) if how == "any" else np.full(shape, np.nan)
+    grid = np.full(shape, np.nan) if how == "median" else np.zeros(shape, values.dtype)
     grid[ri + radius, ci + radius] = values
     stack = [
         grid[radius + dr + ri, radius + dc + ci]
@@ -587,6 +588,8 @@ def _neighbourhood(values: np.ndarray, ri: np.ndarray, ci: np.ndarray, radius: i
     ]
     if how == "any":
         return np.logical_or.reduce(stack)
+    if how == "sum":
+        return np.sum(stack, axis=0)
     with np.errstate(all="ignore"):
         import warnings
 
@@ -868,18 +871,9 @@ def _select_support(blk: _Block, level1: np.ndarray, h: np.ndarray, labels: np.n
 def _neighbour_count(mask: np.ndarray, ri: np.ndarray, ci: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each pixel, how many of its 8 neighbours in the tile have each column set in ``mask`` (P, K),
     and how many have any set."""
-    grid = -np.ones((ri.max() + 3, ci.max() + 3), int)
-    grid[ri + 1, ci + 1] = np.arange(len(ri))
-    count = np.zeros(mask.shape, np.int32)
-    having = np.zeros(len(ri), np.int32)
-    has = mask.any(axis=1)
-    for dr in (-1, 0, 1):
-        for dc in (-1, 0, 1):
-            q = grid[ri + 1 + dr, ci + 1 + dc]
-            ok = (q >= 0) & ((dr, dc) != (0, 0))
-            count[ok] += mask[q[ok]]
-            having[ok] += has[q[ok]]
-    return count, having
+    own = mask.astype(np.int32)
+    has = own.max(axis=1, initial=0)
+    return _neighbourhood(own, ri, ci, 1, "sum") - own, _neighbourhood(has, ri, ci, 1, "sum") - has
 
 
 def _runs(mask: np.ndarray, min_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -1073,7 +1067,7 @@ def _spot_shapes(blk: _Block, profiles_w, chi, e, lev_px, candidates) -> None:
     depth = np.zeros(dct.u_lo.shape)
     lit = np.flatnonzero(profiles_w.any(axis=1))
     depth[lit] = _rebin(profiles_w[lit], dct.w, dct.u_lo[lit], dct.u_hi[lit])
-    summed = _neighbourhood_sum(depth, blk.ri, blk.ci)
+    summed = _neighbourhood(depth, blk.ri, blk.ci, 1, "sum")
     shape = _unbin(summed[px], dct.w, dct.u_lo[px], dct.u_hi[px]) / blk.sigma[px, None]
     model = np.zeros((px.size, e.shape[1]))
     for lev in np.unique(lev_px[px]):
@@ -1089,14 +1083,6 @@ def _spot_shapes(blk: _Block, profiles_w, chi, e, lev_px, candidates) -> None:
     rows = px[take]
     profiles_w[rows] = scale[take, None] * shape[take] * blk.sigma[rows, None]
     chi[rows] = misfit[take]
-
-
-def _neighbourhood_sum(values: np.ndarray, ri: np.ndarray, ci: np.ndarray) -> np.ndarray:
-    """Sum of each pixel's rows of ``values`` (P, J) over its 3 x 3 neighbourhood in the tile (itself
-    included)."""
-    grid = np.zeros((ri.max() + 3, ci.max() + 3, values.shape[1]))
-    grid[ri + 1, ci + 1] = values
-    return sum(grid[ri + 1 + dr, ci + 1 + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1))
 
 
 _ENERGY_GRID = np.linspace(4.0, 80.0, 761)
