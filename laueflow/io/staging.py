@@ -114,8 +114,10 @@ def stage(scan: Scan, point: int, tiles: Sequence[Tile], path: str | os.PathLike
             os.ftruncate(fd, int(offsets[-1]) * 2)
             for j0 in range(0, n, step):
                 j1 = min(n, j0 + step)
-                batch = scan.read_region(point, region, slice(j0, j1))
-                scan.close()  # each frame is read once: its file's chunk cache would only hold memory
+                try:
+                    batch = scan.read_region(point, region, slice(j0, j1))
+                finally:  # each frame is read once: its file's chunk cache would only hold memory
+                    scan.close()
                 for t, off in zip(tiles, offsets[:-1], strict=True):
                     piece = np.ascontiguousarray(
                         batch[:, t.r0 - region.r0:t.r1 - region.r0, t.c0 - region.c0:t.c1 - region.c0])

@@ -95,10 +95,8 @@ def stage_point(scan_path: str, cfg_path: str, point: int, tiles: Sequence[Any],
         kept = staging.reusable(stage_file, scan, point, tiles)
         if kept is not None:
             return {**staging.for_readers(kept), "reused": True}
-        try:
-            return {**staging.for_readers(staging.stage(scan, point, tiles, stage_file)), "reused": False}
-        finally:
-            scan.close()  # its chunk caches would hold a few MiB per frame file in this process
+        # stage() closes the frame files after each batch, also on errors: no chunk caches stay here
+        return {**staging.for_readers(staging.stage(scan, point, tiles, stage_file)), "reused": False}
     except (ScanError, OSError) as exc:
         return {"error": f"staging point {point}: {exc}", "file": None}
     except Exception as exc:  # whatever it was, the block tasks read the frame files instead
