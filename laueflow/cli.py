@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
+from .errors import LaueflowError
 from .progress import plural as _plural
 
 INPUT_ERROR = 2
@@ -30,14 +31,9 @@ def _fail(message: str) -> NoReturn:
 @contextmanager
 def _input_errors() -> Iterator[None]:
     """Turn the errors of bad input into one message and exit status 2."""
-    from .config import ConfigError
-    from .io.scan import ScanError
-    from .sites import SiteError
-    from .workflow.dag import RunError
-
     try:
         yield
-    except (ConfigError, ScanError, SiteError, RunError) as exc:
+    except LaueflowError as exc:
         _fail(str(exc))
 
 

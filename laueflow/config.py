@@ -20,9 +20,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration that laueflow cannot use; the message names the key and the file."""
+from .errors import ConfigError  # noqa: F401 (re-exported)
 
 
 class ConfigWarning(UserWarning):

@@ -43,6 +43,7 @@ from threadpoolctl import threadpool_limits
 
 from . import geometry as G
 from .config import Config
+from .errors import DecodeError  # noqa: F401 (re-exported)
 from .forward import Setup
 from .mask import contrast, gold_fraction_np, mu_thickness
 
@@ -54,10 +55,6 @@ POOR_FIT = 8  # reduced chi-square above 3
 ENERGY_AMBIGUOUS = 16  # energy asked for but the contrast fits several energies
 
 SATURATED = 65535.0
-
-
-class DecodeError(ValueError):
-    """A block whose data cannot be decoded (all zero, no usable pixel, mask never crosses the rays)."""
 
 
 @dataclass

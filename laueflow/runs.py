@@ -33,6 +33,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .errors import ResultError  # noqa: F401 (re-exported)
 from .io.results import PIXEL_FIELDS, POINT_FILE, point_files, point_name, signal_range
 from .workflow.status import FORMAT as STATUS_FORMAT
 from .workflow.status import STATUS_FILE, age_seconds, driver_alive
@@ -41,10 +42,6 @@ POINT_STATES = ("pending", "running", "done", "resumed", "partial", "skipped", "
 FILE_STATES = ("done", "resumed", "partial")  # point states that come with a point file
 TRUTH_FILE = "truth.h5"
 _SUBSAMPLES = (np.arange(4) + 0.5) / 4 - 0.5  # positions within a depth bin (a bin is a continuous slab)
-
-
-class ResultError(Exception):
-    """A run folder or point file that cannot be read as asked; the message names the path."""
 
 
 def _open_h5(path: Path) -> h5py.File:

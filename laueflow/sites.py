@@ -17,11 +17,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .errors import SiteError  # noqa: F401 (re-exported)
+
 LABELS = ("decode", "stitch")
-
-
-class SiteError(ValueError):
-    """A site that cannot be found or loaded, or whose configuration lacks the executors laueflow needs."""
 
 
 def sites_dir() -> Path:

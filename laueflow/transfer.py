@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TransferConfig
+from .errors import TransferAuthError, TransferError  # noqa: F401 (re-exported)
 from .io.results import point_files
 from .workflow.status import STATUS_FILE, driver_alive
 
@@ -40,14 +41,6 @@ MAX_ACTIVE = 32  # tasks in flight at once (Globus limits the active tasks of on
 ACTIVE, SUCCEEDED, FAILED = "ACTIVE", "SUCCEEDED", "FAILED"  # Globus task states (and INACTIVE)
 TIMEOUT = "TIMEOUT"  # ours: cancelled after settings.timeout
 COUNTS = ("files_transferred", "files_skipped", "bytes_transferred")  # progress fields of a Globus task
-
-
-class TransferError(ValueError):
-    """Transfers that cannot start: settings that do not fit the output folder, no usable login."""
-
-
-class TransferAuthError(TransferError):
-    """No usable Globus login; the message says how to log in."""
 
 
 LOGIN_HINT = ("log in once on this machine with `laueflow transfer --login --config BEAMLINE.yaml` "

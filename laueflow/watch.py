@@ -30,14 +30,11 @@ from typing import Any
 import h5py
 
 from .config import Config
-from .io.scan import ScanError, _frame_files
+from .errors import WatchError  # noqa: F401 (re-exported)
+from .io.scan import _frame_files
 
 # Frame files of points that are not ready yet, listed in status.json (the rest are counted).
 MAX_LISTED = 10
-
-
-class WatchError(ScanError):
-    """A scan folder that cannot be watched (a stack file, several frame prefixes, renumbered frames)."""
 
 
 def _iso(t: float | None) -> str | None:

@@ -33,15 +33,12 @@ import numpy as np
 
 from .. import __version__
 from .. import provenance as prov
+from ..errors import ExportError  # noqa: F401 (re-exported)
 from .results import atomic_h5
 
 DEPTHS_DIR = "depths"
 EXPORT_FORMAT = 1
 _DEPTH_FILE = re.compile(r"depth_\d+_.*um\.h5")
-
-
-class ExportError(ValueError):
-    """A point file that cannot be exported; the message names it."""
 
 
 @dataclass

@@ -27,6 +27,8 @@ import numpy as np
 
 from laueflow.config import Config
 
+from ..errors import ScanError  # noqa: F401 (re-exported)
+
 MONITOR_KEY = "/entry1/monitor/I0"
 SATURATED = 65535
 MIB = 1 << 20
@@ -40,10 +42,6 @@ CHUNK_CACHE_BYTES = 4 * MIB
 # 201-frame point).
 MAX_CHUNK_CACHE_BYTES = 32 * MIB
 OPEN_CACHE_BUDGET = 2048 * MIB
-
-
-class ScanError(Exception):
-    """Scan data that laueflow cannot use; the message names the file (or folder) and the problem."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import provenance
 from ..config import Config, ConfigWarning, load
+from ..errors import RunError  # noqa: F401 (re-exported)
 from ..io import results, staging
 from ..io.scan import Scan, ScanError, open_scan, select_points
 from .status import RunLock, RunLocked, StatusFile
@@ -38,10 +39,6 @@ STAGE_NAME = "frames.stage"
 # scratch disk that staged points in flight may take (OUT/.blocks/point_<k>/frames.stage)
 STAGE_BUDGET_BYTES = 4 << 30
 OK_STATUSES = ("done", "resumed")
-
-
-class RunError(ValueError):
-    """A run that cannot start (e.g. a depth grid the mask cannot resolve); nothing was written."""
 
 
 @dataclass

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__, provenance
+from ..errors import RunLocked  # noqa: F401 (re-exported)
 from ..io.results import atomic_path
 
 STATUS_FILE = "status.json"
@@ -41,10 +42,6 @@ FINAL_STATES = ("done", "resumed", "partial", "skipped", "failed")
 # a driver that has not rewritten status.json for this long is taken to be gone (while it runs it
 # rewrites the file at least every few seconds)
 STALE_AFTER_S = 600.0
-
-
-class RunLocked(RuntimeError):
-    """Another run holds the output folder."""
 
 
 class RunLock:
