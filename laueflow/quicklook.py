@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .io.results import atomic_path
+from .io.atomic import atomic_path
 from .runs import Point
 
 FIGURES = ("integrated", "intensity", "slices", "depthmap")

@@ -20,9 +20,7 @@ compared with the trace its reconstructed profile predicts (:meth:`Point.compare
 
 from __future__ import annotations
 
-import json
 import os
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,23 +30,27 @@ from typing import Any
 
 import h5py
 import numpy as np
+import yaml
 
+from .config import ConfigError, ConfigWarning, from_dict
 from .errors import ResultError  # noqa: F401 (re-exported)
-from .io.results import PIXEL_FIELDS, POINT_FILE, point_files, point_name, signal_range
-from .workflow.status import FORMAT as STATUS_FORMAT
-from .workflow.status import STATUS_FILE, age_seconds, driver_alive
+from .evaluate import load_truth
+from .evaluate import score as score_profiles
+from .io.blocks import PIXEL_FIELDS
+from .io.layout import RunFolder, point_of
+from .io.pointfile import PointReader, signal_range
+from .io.scan import ScanError, Tile, open_scan
+from .workflow.status import FILE_STATES, PointState, RunState, age_seconds, driver_alive, load_status
 
-POINT_STATES = ("pending", "running", "done", "resumed", "partial", "skipped", "failed")
-FILE_STATES = ("done", "resumed", "partial")  # point states that come with a point file
+POINT_STATES = tuple(PointState)
 TRUTH_FILE = "truth.h5"
-_SUBSAMPLES = (np.arange(4) + 0.5) / 4 - 0.5  # positions within a depth bin (a bin is a continuous slab)
 
 
-def _open_h5(path: Path) -> h5py.File:
+def _open(path: Path) -> PointReader:
     """Open a finished result read-only (with HDF5's default file locking, so that other readers in the
     same process can open it too; set HDF5_USE_FILE_LOCKING=FALSE where the file system has no locks)."""
     try:
-        return h5py.File(path, "r")
+        return PointReader(path)
     except (OSError, ValueError) as exc:
         raise ResultError(f"{path}: not a readable HDF5 file: {exc}") from None
 
@@ -66,7 +68,7 @@ class PointStatus:
     """
 
     point: int
-    state: str
+    state: str  # a PointState's value (a newer laueflow may write others)
     file: Path | None
     blocks_total: int | None = None
     blocks_done: int | None = None
@@ -114,36 +116,11 @@ class Run:
         self.refresh()
 
     # reading ------------------------------------------------------------------------------------
-    def _read_status(self) -> None:
-        self.status, self.status_problem = None, ""
-        path = self.path / STATUS_FILE
-        if not path.is_file():
-            return
-        for attempt in range(3):  # the file is replaced atomically; retry only in case it was not
-            try:
-                data = json.loads(path.read_text())
-                break
-            except FileNotFoundError:
-                return
-            except (OSError, ValueError) as exc:
-                if attempt == 2:
-                    self.status_problem = f"{path}: unreadable ({exc}); showing the point files only"
-                    return
-                time.sleep(0.05)
-        fmt = data.get("format") if isinstance(data, dict) else None
-        if not isinstance(fmt, str) or fmt.split("/")[0] != STATUS_FORMAT.split("/")[0] or \
-                not isinstance(data.get("points"), dict):
-            self.status_problem = (f"{path}: not a laueflow status file (format {fmt!r}); "
-                                   "showing the point files only")
-            return
-        if fmt != STATUS_FORMAT:
-            self.status_problem = f"{path}: format {fmt!r}, this laueflow reads {STATUS_FORMAT!r}"
-        self.status = data
-
     def refresh(self) -> Run:
         """Read status.json and the list of point files again; returns self."""
-        self._read_status()
-        on_disk = point_files(self.path)
+        self.status, self.status_problem = load_status(self.path)
+        folder = RunFolder(self.path)
+        on_disk = folder.point_files()
         points: dict[int, PointStatus] = {}
         recorded = (self.status or {}).get("points", {})
         for key, info in recorded.items():
@@ -152,9 +129,10 @@ class Run:
             except ValueError:
                 continue
             info = info if isinstance(info, dict) else {}
-            file = self.path / (info.get("file") or point_name(k))
+            file = self.path / info["file"] if info.get("file") else folder.point_file(k)
             points[k] = PointStatus(
-                point=k, state=str(info.get("state", "pending")), file=file if file.is_file() else None,
+                point=k, state=str(info.get("state", PointState.PENDING)),
+                file=file if file.is_file() else None,
                 blocks_total=_number(info, "blocks_total"), blocks_done=_number(info, "blocks_done"),
                 blocks_failed=_number(info, "blocks_failed") or 0, n_pixels=_number(info, "n_pixels"),
                 seconds=_number(info, "seconds", float), reason=str(info.get("reason") or ""))
@@ -174,7 +152,7 @@ class Run:
     def driver_alive(self) -> bool | None:
         """Whether the process driving a recorded ``running`` state still runs: checked by its pid on
         this host, by the age of the last update elsewhere; None when it cannot be told."""
-        if self.status is None or self.recorded_state != "running":
+        if self.status is None or self.recorded_state != RunState.RUNNING:
             return None
         return driver_alive(self.status)
 
@@ -184,9 +162,9 @@ class Run:
         running but its driver is gone; ``unknown`` without a status file."""
         recorded = self.recorded_state
         if recorded is None:
-            return "unknown"
-        if recorded == "running" and self.driver_alive is False:
-            return "stale"
+            return RunState.UNKNOWN
+        if recorded == RunState.RUNNING and self.driver_alive is False:
+            return RunState.STALE
         return recorded
 
     @property
@@ -221,15 +199,15 @@ class Run:
             text += f", {t.get('blocks_done', 0)}/{t['blocks']} blocks"
         if t.get("pixels_per_second"):
             text += f", {t['pixels_per_second']:.0f} pixels/s"
-        if state == "running" and t.get("eta_seconds") is not None:
+        if state == RunState.RUNNING and t.get("eta_seconds") is not None:
             text += f", about {t['eta_seconds']:.0f} s to go"
         if self.status is not None:
             age = age_seconds(self.status.get("updated"))
-            if self.status.get("finished") and state != "running":
+            if self.status.get("finished") and state != RunState.RUNNING:
                 text += f"; ended {self.status['finished']}"
             elif age is not None:
                 text += f"; updated {max(age, 0):.0f} s ago"
-            if state == "stale":
+            if state == RunState.STALE:
                 text += (f" (status.json says running, but its driver, pid {self.status.get('pid')} on "
                          f"{self.status.get('host')}, is gone)")
         else:
@@ -287,13 +265,13 @@ def _number(info: dict[str, Any], key: str, kind: type = int) -> Any:
     return kind(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
-def _file_state(path: Path) -> str:
+def _file_state(path: Path) -> PointState:
     """done or partial, from a point file's ``complete`` flag (a file is done when unreadable here)."""
     try:
-        with _open_h5(path) as f:
-            return "done" if bool(f["entry/reconstruction"].attrs.get("complete", True)) else "partial"
+        with _open(path) as r:
+            return PointState.DONE if r.complete() else PointState.PARTIAL
     except (ResultError, KeyError, OSError):
-        return "done"
+        return PointState.DONE
 
 
 def open_run(path: str | os.PathLike) -> Run:
@@ -371,7 +349,7 @@ class Point:
         self.path = Path(path).expanduser().resolve()
         if not self.path.is_file():
             raise ResultError(f"{self.path}: point file does not exist")
-        self._file: h5py.File | None = None
+        self._reader: PointReader | None = None
         self._point = point
         rec = self._rec  # check the layout now, so a wrong file fails here and not later
         if "volume" not in rec or "depth" not in rec:
@@ -382,23 +360,23 @@ class Point:
 
     # file ---------------------------------------------------------------------------------------
     @property
-    def _h5(self) -> h5py.File:
-        if self._file is None or not self._file.id.valid:
-            self._file = _open_h5(self.path)
-        return self._file
+    def _file(self) -> PointReader:
+        if self._reader is None or not self._reader.valid:
+            self._reader = _open(self.path)
+        return self._reader
 
     @property
     def _rec(self) -> h5py.Group:
         try:
-            return self._h5["entry/reconstruction"]
+            return self._file.rec
         except KeyError:
             raise ResultError(f"{self.path}: not a laueflow point file (no /entry/reconstruction)") from None
 
     def close(self) -> None:
         """Close the file (a later read opens it again, possibly a newer version of it)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def __enter__(self) -> Point:
         return self
@@ -416,28 +394,24 @@ class Point:
         """The scan point index (from the provenance, else the file name)."""
         if self._point is None:
             p = self.provenance.get("point")
-            m = POINT_FILE.fullmatch(self.path.name)
-            self._point = int(p) if p is not None else int(m.group(1)) if m else -1
+            named = point_of(self.path)
+            self._point = int(p) if p is not None else named if named is not None else -1
         return self._point
 
     @property
     def volume_data(self) -> h5py.Dataset:
         """The volume dataset (depth, row, col) itself, for any h5py slicing."""
-        return self._rec["volume"]
+        return self._file.volume
 
     @cached_property
     def depth(self) -> np.ndarray:
         """Depth bin centres, um."""
-        return np.asarray(self._rec["depth"][()], dtype=np.float64)
+        return self._file.depth()
 
     @cached_property
     def frame(self) -> tuple[int, int, int, int]:
         """Detector region (r0, r1, c0, c1) of the volume."""
-        fr = self.volume_data.attrs.get("frame")
-        if fr is None:
-            _, h, w = self.volume_data.shape
-            return (0, h, 0, w)
-        return tuple(int(v) for v in fr)  # type: ignore[return-value]
+        return self._file.frame()
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -447,12 +421,12 @@ class Point:
     @property
     def complete(self) -> bool:
         """False when some blocks of the point failed (their pixels are 0)."""
-        return bool(self._rec.attrs.get("complete", True))
+        return self._file.complete()
 
     @property
     def n_pixels(self) -> int:
         """Number of reconstructed pixels."""
-        return int(self._rec.attrs.get("n_pixels", self._rec["pixels/index"].shape[0]))
+        return self._file.n_pixels()
 
     @property
     def extent(self) -> tuple[float, float, float, float]:
@@ -529,10 +503,13 @@ class Point:
     @cached_property
     def intensity_vs_depth(self) -> np.ndarray:
         """The volume summed over pixels, per depth bin."""
-        return np.asarray(self._rec["intensity_vs_depth"][()], dtype=np.float64)
+        stored = self._file.intensity_vs_depth()
+        if stored is None:
+            raise ResultError(f"{self.path}: not a laueflow point file (no intensity_vs_depth)")
+        return np.asarray(stored, dtype=np.float64)
 
     def signal_range(self, fraction: float = 0.1) -> tuple[float, float] | None:
-        """Depth interval (um) where the summed intensity stands out (see io.results.signal_range)."""
+        """Depth interval (um) where the summed intensity stands out (see io.pointfile.signal_range)."""
         return signal_range(self.depth, self.intensity_vs_depth, fraction)
 
     def _depth_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
@@ -567,10 +544,8 @@ class Point:
     @cached_property
     def pixels(self) -> Pixels:
         """The per-pixel diagnostics of the reconstructed pixels."""
-        pix = self._rec["pixels"]
-        index = np.asarray(pix["index"][()], dtype=np.int64).reshape(-1, 2)
-        fields = {k: pix[k][()] if k in pix else np.full(index.shape[0], np.nan) for k in PIXEL_FIELDS}
-        return Pixels(rows=index[:, 0], cols=index[:, 1], **fields)
+        rows, cols = self._file.pixel_index()
+        return Pixels(rows=rows, cols=cols, **self._file.pixel_fields(rows.size))
 
     def pixel(self, row: int, col: int) -> dict[str, Any] | None:
         """The diagnostics of pixel (row, col) as a dictionary, None when it was not reconstructed."""
@@ -584,12 +559,7 @@ class Point:
     @cached_property
     def provenance(self) -> dict[str, Any]:
         """What produced the file (laueflow.provenance), plus its ``complete`` flag."""
-        from . import provenance as prov
-
-        try:
-            out = prov.read(self._h5["entry/provenance"])
-        except KeyError:
-            out = {}
+        out = self._file.provenance()
         out["complete"] = self.complete
         return out
 
@@ -611,10 +581,6 @@ class Point:
     def config(self) -> Any:
         """The configuration the point was reconstructed with (from the provenance); relative paths in it
         (the mask) resolve against the recorded configuration file, else against the scan folder."""
-        import yaml
-
-        from .config import ConfigError, ConfigWarning, from_dict
-
         text = self.provenance.get("config")
         if not text:
             raise ResultError(f"{self.path}: no configuration in the provenance")
@@ -642,8 +608,6 @@ class Point:
     def truth(self, path: str | os.PathLike | None = None) -> Any:
         """The truth of this point (laueflow.evaluate.Truth) from ``path`` or from truth.h5 beside the
         scan; None when there is none."""
-        from .evaluate import load_truth
-
         where = Path(path) if path is not None else self.truth_path
         if where is None:
             return None
@@ -662,21 +626,14 @@ class Point:
 
     def score(self, truth: Any = None) -> Any:
         """Accuracy against the truth (laueflow.evaluate.Scores), None without truth."""
-        from .evaluate import score
-
         truth = truth if truth is not None else self.truth()
         if truth is None:
             return None
-        px = self.pixels
-        r0, _, c0, _ = self.frame
-        profiles = (self.volume_data[()][:, px.rows - r0, px.cols - c0].T if len(px)
-                    else np.zeros((0, self.depth.size)))
-        return score(truth, px.rows, px.cols, profiles)
+        return score_profiles(truth, *self._file.profiles())
 
     @cached_property
     def _scan_and_setup(self) -> tuple[Any, Any, Any]:
-        from .forward import Setup
-        from .io.scan import ScanError, open_scan
+        from .forward import Setup  # JAX: imported when a trace is asked for, not with laueflow.runs
 
         cfg = self.config()
         if self.scan_path is None:
@@ -689,8 +646,6 @@ class Point:
 
     def measured_trace(self, row: int, col: int) -> np.ndarray:
         """The pixel's trace over the point's frames, as the decoder saw it (read from the scan)."""
-        from .io.scan import ScanError, Tile
-
         self._local(row, col)
         _, scan, _ = self._scan_and_setup
         try:
@@ -707,7 +662,7 @@ class Point:
         ``recon.energy_range`` whose gold contrast fits the measured trace best (the decoder chooses the
         contrast per pixel and records an energy only when asked to estimate it).
         """
-        from . import geometry as G
+        from . import geometry as G  # JAX: imported when a trace is asked for, not with laueflow.runs
         from .forward import traces
 
         cfg, scan, setup = self._scan_and_setup
@@ -726,8 +681,8 @@ class Point:
         def predict(energies: np.ndarray) -> np.ndarray:
             if on.size == 0:
                 return np.full((energies.size, frames.size), b)
-            z = (depth_mm[on][:, None] + dz * _SUBSAMPLES[None, :]).ravel()
-            fz = np.repeat(f[on] / _SUBSAMPLES.size, _SUBSAMPLES.size)
+            z = (depth_mm[on][:, None] + dz * G.SUBSAMPLE_OFFSETS[None, :]).ravel()
+            fz = np.repeat(f[on] / G.SUBSAMPLE_OFFSETS.size, G.SUBSAMPLE_OFFSETS.size)
             n = energies.size
             return traces(setup, np.repeat(centre, n, axis=0), np.tile(fz, (n, 1)), z, frames, energies, b)
 
@@ -752,7 +707,7 @@ class Point:
     # summary ------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """The figures :meth:`describe` prints, as a dictionary."""
-        from .decode import CONTRAST, ENERGY_AMBIGUOUS, NO_BACKGROUND, NO_SIGNAL, POOR_FIT
+        from .decode import CONTRAST, ENERGY_AMBIGUOUS, NO_BACKGROUND, NO_SIGNAL, POOR_FIT  # JAX, as above
 
         z = self.depth
         px = self.pixels

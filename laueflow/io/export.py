@@ -30,13 +30,18 @@ from typing import Any
 
 import h5py
 import numpy as np
+import yaml
 
 from .. import __version__
 from .. import provenance as prov
 from ..errors import ExportError  # noqa: F401 (re-exported)
-from .results import atomic_h5
+from .atomic import atomic_h5
+from .layout import DEPTHS_DIR, RunFolder, point_of
+from .pointfile import PointReader
 
-DEPTHS_DIR = "depths"
+__all__ = ["DEPTHS_DIR", "ExportError", "ExportResult", "default_dest", "depth_file_name", "export_point",
+           "export_point_detailed"]
+
 EXPORT_FORMAT = 1
 _DEPTH_FILE = re.compile(r"depth_\d+_.*um\.h5")
 
@@ -55,7 +60,7 @@ class ExportResult:
 
 def default_dest(point_file: str | os.PathLike, point: int) -> Path:
     """``OUT/depths/point_<k:05d>/`` for a point file in OUT."""
-    return Path(point_file).resolve().parent / DEPTHS_DIR / f"point_{point:05d}"
+    return RunFolder(Path(point_file).resolve().parent).depths(point)
 
 
 def depth_file_name(index: int, depth_um: float, n_depths: int) -> str:
@@ -67,22 +72,20 @@ def depth_file_name(index: int, depth_um: float, n_depths: int) -> str:
 def _read_source(point_file: Path) -> dict[str, Any]:
     """What the export needs from a point file, and the fingerprint that identifies its content."""
     try:
-        with h5py.File(point_file, "r") as f:
-            rec = f["entry/reconstruction"]
-            vol = rec["volume"]
-            depth = np.asarray(rec["depth"][()], dtype=np.float64)
-            info = prov.read(f["entry/provenance"]) if "entry/provenance" in f else {}
-            frame = [int(v) for v in vol.attrs.get("frame", [0, vol.shape[1], 0, vol.shape[2]])]
-            complete = bool(rec.attrs.get("complete", True))
-            shape = tuple(int(v) for v in vol.shape)
-            summed = np.asarray(rec["intensity_vs_depth"][()], dtype=np.float32) \
-                if "intensity_vs_depth" in rec else np.zeros(0, np.float32)
+        with PointReader(point_file) as r:
+            depth = r.depth()
+            info = r.provenance()
+            frame = list(r.frame())
+            complete = r.complete()
+            shape = tuple(int(v) for v in r.volume.shape)
+            stored = r.intensity_vs_depth()
+            summed = np.zeros(0, np.float32) if stored is None else np.asarray(stored, dtype=np.float32)
     except (OSError, KeyError, ValueError) as exc:
         raise ExportError(f"{point_file}: not a readable laueflow point file: {exc}") from None
     if len(shape) != 3 or shape[0] != depth.size:
         raise ExportError(f"{point_file}: volume {list(shape)} does not match {depth.size} depth bins")
-    m = re.fullmatch(r"point_(\d+)\.h5", point_file.name)
-    point = int(info["point"]) if "point" in info else int(m.group(1)) if m else -1
+    named = point_of(point_file)
+    point = int(info["point"]) if "point" in info else named if named is not None else -1
     # what identifies the content: the provenance, the summed intensity, and the file itself (a point
     # file is only ever replaced whole, so a rewrite changes its modification time)
     st = point_file.stat()
@@ -111,11 +114,9 @@ def _recorded(path: Path) -> tuple[str, str] | None:
 def _detector_shape(info: dict[str, Any], frame: list[int]) -> tuple[int, int]:
     """(columns, rows) of the whole detector from the recorded configuration, else the region's end."""
     try:
-        import yaml
-
         shape = yaml.safe_load(info.get("config") or "")["geo"]["detector"]["shape"]
         return int(shape[0]), int(shape[1])
-    except (TypeError, KeyError, IndexError, ValueError, ImportError):
+    except (TypeError, KeyError, IndexError, ValueError):
         return frame[3], frame[1]
 
 
@@ -173,8 +174,8 @@ def export_point_detailed(point_file: str | os.PathLike, dest_dir: str | os.Path
     if stale:
         created = prov.now()
         todo = set(stale)
-        with h5py.File(point_file, "r") as f:
-            vol = f["entry/reconstruction/volume"]
+        with PointReader(point_file) as r:
+            vol = r.volume
             step = max(1, (vol.chunks or (16,))[0])  # read whole depth chunks: each decompressed once
             for j0 in range(0, depth.size, step):
                 wanted = [j for j in range(j0, min(j0 + step, depth.size)) if j in todo]

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .results import atomic_path
+from .atomic import atomic_path
 from .scan import MIB, Block, Scan, ScanError, Tile, make_block
 
 STAGE_FORMAT = 2

@@ -13,6 +13,10 @@ read it at any time.  Its format (``laueflow-status/1``)::
                         "started", "finished", "seconds", "reason"}},
      "transfers": {...}}          # only when results are sent with Globus Transfer
 
+This module is its only writer (:class:`StatusFile` for the driver, :func:`record_section` for a
+section added after the run) and reader (:func:`load_status`); the states are :class:`PointState`
+and :class:`RunState`.
+
 The lock (``OUT/.lock``, an exclusive ``flock`` held for the whole run) refuses a second run on the
 same output folder; the operating system drops it when the process dies, so a crashed run never
 leaves a stale lock behind.
@@ -28,17 +32,58 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from .. import __version__, provenance
 from ..errors import RunLocked  # noqa: F401 (re-exported)
-from ..io.results import atomic_path
+from ..io.atomic import atomic_path
+from ..io.layout import LOCK_FILE, STATUS_FILE, RunFolder
 
-STATUS_FILE = "status.json"
-LOCK_FILE = ".lock"
+__all__ = ["FORMAT", "LOCK_FILE", "STATUS_FILE", "PointState", "RunLock", "RunLocked", "RunState",
+           "StatusFile", "age_seconds", "driver_alive", "load_status", "read_status", "record_section"]
+
 FORMAT = "laueflow-status/1"
-FINAL_STATES = ("done", "resumed", "partial", "skipped", "failed")
+
+
+class PointState(StrEnum):
+    """A scan point's state in status.json (a str: it compares equal to, and is written as, its value)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    RESUMED = "resumed"  # its file from an earlier run is up to date and kept
+    PARTIAL = "partial"  # written, but some blocks failed (their pixels are 0)
+    SKIPPED = "skipped"  # no file: every block was skipped or failed
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        """Whether the point has ended."""
+        return self in FINAL_STATES
+
+    @property
+    def has_file(self) -> bool:
+        """Whether the state comes with a point file."""
+        return self in FILE_STATES
+
+
+class RunState(StrEnum):
+    """A run's state: the four status.json records, and two that only a reader tells."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    INTERRUPTED = "interrupted"
+    FAILED = "failed"
+    STALE = "stale"  # recorded as running, but its driver is gone
+    UNKNOWN = "unknown"  # no status.json
+
+
+FINAL_STATES = frozenset({PointState.DONE, PointState.RESUMED, PointState.PARTIAL, PointState.SKIPPED,
+                          PointState.FAILED})
+FILE_STATES = frozenset({PointState.DONE, PointState.RESUMED, PointState.PARTIAL})
+OK_STATES = frozenset({PointState.DONE, PointState.RESUMED})  # ended well (a skipped point may too)
 # a driver that has not rewritten status.json for this long is taken to be gone (while it runs it
 # rewrites the file at least every few seconds)
 STALE_AFTER_S = 600.0
@@ -48,7 +93,7 @@ class RunLock:
     """An exclusive lock on an output folder, held from ``acquire`` to ``release``."""
 
     def __init__(self, out_dir: str | os.PathLike) -> None:
-        self.path = Path(out_dir) / LOCK_FILE
+        self.path = RunFolder(out_dir).lock
         self._fh: Any = None
 
     def acquire(self) -> RunLock:
@@ -88,12 +133,52 @@ class RunLock:
         self.release()
 
 
+def load_status(out_dir: str | os.PathLike) -> tuple[dict[str, Any] | None, str]:
+    """The status file of a run folder and a note on it: (None, "") when there is none, (None, why)
+    when it is unreadable or not a laueflow status file, (data, why) when its format is a later
+    version of this one, (data, "") when all is well."""
+    path = RunFolder(out_dir).status
+    if not path.is_file():
+        return None, ""
+    for attempt in range(3):  # the file is replaced atomically; retry only in case it was not
+        try:
+            data = json.loads(path.read_text())
+            break
+        except FileNotFoundError:
+            return None, ""
+        except (OSError, ValueError) as exc:
+            if attempt == 2:
+                return None, f"{path}: unreadable ({exc}); showing the point files only"
+            time.sleep(0.05)
+    fmt = data.get("format") if isinstance(data, dict) else None
+    if not isinstance(fmt, str) or fmt.split("/")[0] != FORMAT.split("/")[0] or \
+            not isinstance(data.get("points"), dict):
+        return None, f"{path}: not a laueflow status file (format {fmt!r}); showing the point files only"
+    if fmt != FORMAT:
+        return data, f"{path}: format {fmt!r}, this laueflow reads {FORMAT!r}"
+    return data, ""
+
+
 def read_status(out_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The status file of a run folder, or None when there is none (or it cannot be parsed)."""
-    try:
-        return json.loads((Path(out_dir) / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    """The status file of a run folder, or None when there is none (or it cannot be used)."""
+    return load_status(out_dir)[0]
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
+
+
+def record_section(out_dir: str | os.PathLike, key: str, value: Any) -> bool:
+    """Put ``value`` into ``status.json[key]`` of a finished run (e.g. its transfers, sent again later),
+    unless a live driver owns the file (it records its own sections) or there is no status file.
+    Returns whether it was written."""
+    status = read_status(out_dir)
+    if status is None or driver_alive(status) is not False:
+        return False
+    status[key] = value
+    _write(RunFolder(out_dir).status, status)
+    return True
 
 
 def age_seconds(stamp: Any) -> float | None:
@@ -113,7 +198,7 @@ def driver_alive(status: dict[str, Any] | None) -> bool | None:
     """Whether the driver of a status that says ``running`` still runs: by its pid on this host, by the
     age of the last update elsewhere; False when the status is not ``running``; None when it cannot
     be told."""
-    if not status or status.get("state") != "running":
+    if not status or status.get("state") != RunState.RUNNING:
         return False
     age = age_seconds(status.get("updated"))
     if age is not None and age > STALE_AFTER_S:
@@ -138,13 +223,13 @@ class StatusFile:
 
     def __init__(self, out_dir: str | os.PathLike, *, scan: str, command: str,
                  extra: Callable[[], dict[str, Any]] | None = None, min_interval: float = 1.0) -> None:
-        self.path = Path(out_dir) / STATUS_FILE
+        self.path = RunFolder(out_dir).status
         self.extra = extra
         self.min_interval = min_interval
         self._last_write = 0.0
         self._t0 = time.monotonic()
         self.data: dict[str, Any] = {
-            "format": FORMAT, "laueflow_version": __version__, "state": "running",
+            "format": FORMAT, "laueflow_version": __version__, "state": RunState.RUNNING,
             "scan": str(scan), "out_dir": str(Path(out_dir)), "command": command,
             "host": socket.gethostname(), "pid": os.getpid(),
             "started": provenance.now(), "updated": provenance.now(), "finished": None,
@@ -158,14 +243,14 @@ class StatusFile:
     def add_point(self, point: int, blocks_total: int) -> None:
         """A point joins the run (pending)."""
         self.data["points"][str(point)] = {
-            "state": "pending", "file": None, "blocks_total": int(blocks_total), "blocks_done": 0,
+            "state": PointState.PENDING, "file": None, "blocks_total": int(blocks_total), "blocks_done": 0,
             "blocks_failed": 0, "blocks_reused": 0, "n_pixels": 0, "started": None, "finished": None,
             "seconds": None, "reason": ""}
 
     def point_running(self, point: int, reused_blocks: int = 0) -> None:
         """The point's tasks are submitted; ``reused_blocks`` finished blocks of an earlier run are kept."""
         entry = self.data["points"][str(point)]
-        entry.update(state="running", started=provenance.now(), blocks_done=int(reused_blocks),
+        entry.update(state=PointState.RUNNING, started=provenance.now(), blocks_done=int(reused_blocks),
                      blocks_reused=int(reused_blocks))
         self.write()
 
@@ -180,17 +265,18 @@ class StatusFile:
         """``result`` is a :class:`laueflow.workflow.dag.PointResult`; ``write``: write the file now
         (False while the points of a rerun are checked, which are written once at the end)."""
         entry = self.data["points"][str(result.point)]
-        entry.update(state=result.status, file=Path(result.file).name if result.file else None,
+        state = PointState(result.status)
+        entry.update(state=state, file=Path(result.file).name if result.file else None,
                      n_pixels=int(result.n_pixels), finished=provenance.now(), reason=result.reason,
-                     seconds=round(float(result.seconds), 3) if result.status != "resumed" else None)
-        if result.status == "resumed":
+                     seconds=round(float(result.seconds), 3) if state != PointState.RESUMED else None)
+        if state == PointState.RESUMED:
             entry["blocks_done"] = entry["blocks_total"]
         entry["blocks_failed"] = max(entry["blocks_failed"], int(result.failed_blocks))
         if write:
             self.write(force=True)
 
-    def finish(self, state: str) -> None:
-        self.data["state"] = state
+    def finish(self, state: RunState | str) -> None:
+        self.data["state"] = RunState(state)
         self.data["finished"] = provenance.now()
         self.write(force=True)
 
@@ -202,14 +288,14 @@ class StatusFile:
         blocks = sum(p["blocks_total"] for p in points)
         blocks_done = sum(p["blocks_total"] if p["state"] in FINAL_STATES else p["blocks_done"]
                           for p in points)
-        pixels = sum(p["n_pixels"] for p in points if p["state"] != "resumed")
+        pixels = sum(p["n_pixels"] for p in points if p["state"] != PointState.RESUMED)
         elapsed = max(time.monotonic() - self._t0, 1e-6)
         rate = pixels / elapsed
         remaining = blocks - blocks_done
-        fresh = sum(p["blocks_done"] - p["blocks_reused"] for p in points if p["state"] != "resumed")
+        fresh = sum(p["blocks_done"] - p["blocks_reused"] for p in points if p["state"] != PointState.RESUMED)
         eta = remaining * elapsed / fresh if fresh and remaining else (0.0 if not remaining else None)
-        return {"points": len(self.data["points"]), "points_done": len(done),
-                "points_failed": sum(p["state"] == "failed" or p["blocks_failed"] > 0 for p in points),
+        failed = sum(p["state"] == PointState.FAILED or p["blocks_failed"] > 0 for p in points)
+        return {"points": len(self.data["points"]), "points_done": len(done), "points_failed": failed,
                 "blocks": blocks, "blocks_done": blocks_done, "pixels_done": pixels,
                 "pixels_per_second": round(rate, 1), "eta_seconds": None if eta is None else round(eta, 1)}
 
@@ -223,5 +309,4 @@ class StatusFile:
         self.data["totals"] = self._totals()
         if self.extra is not None:
             self.data.update(self.extra())
-        with atomic_path(self.path) as tmp:
-            tmp.write_text(json.dumps(self.data, indent=1))
+        _write(self.path, self.data)

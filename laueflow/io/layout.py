@@ -1,0 +1,145 @@
+"""The run folder: every name a run writes under ``OUT``, in one place.
+
+::
+
+    OUT/point_<k:05d>.h5                     a scan point's result (laueflow.io.pointfile)
+    OUT/status.json                          what the run is doing (laueflow.workflow.status)
+    OUT/.lock                                held by the run that owns the folder
+    OUT/.runinfo/                            Parsl's logs
+    OUT/.blocks/config.yaml                  the configuration the tasks read, when it is not on disk
+    OUT/.blocks/point_<k:05d>/               a point's block files (laueflow.io.blocks) until it is
+                                             stitched, and its staged frames (laueflow.io.staging)
+    OUT/.blocks/point_<k:05d>/block_r<r0:05d>_c<c0:05d>.npz
+    OUT/.blocks/point_<k:05d>/frames.stage   (and frames.stage.json)
+    OUT/depths/point_<k:05d>/                per-depth files (laueflow.io.export)
+
+Every file is written under a temporary name ``<name>.tmp-<pid>`` beside its final one and then
+renamed (laueflow.io.atomic), so a name without the mark is always a complete file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+POINT_FILE = re.compile(r"point_(\d+)\.h5")
+STATUS_FILE = "status.json"
+LOCK_FILE = ".lock"
+RUNINFO_DIR = ".runinfo"
+BLOCKS_DIR = ".blocks"
+CONFIG_FILE = "config.yaml"
+STAGE_NAME = "frames.stage"
+DEPTHS_DIR = "depths"
+TMP_MARK = ".tmp-"
+
+
+def point_name(point: int) -> str:
+    """File name of a scan point's result."""
+    return f"point_{point:05d}.h5"
+
+
+def point_dir_name(point: int) -> str:
+    """Folder name of a point's blocks and of its per-depth files."""
+    return f"point_{point:05d}"
+
+
+def block_name(r0: int, c0: int) -> str:
+    """File name of the block of the tile whose first row and column are ``r0``, ``c0``."""
+    return f"block_r{r0:05d}_c{c0:05d}.npz"
+
+
+def tmp_name(path: Path) -> Path:
+    """The temporary name a file is written under before it is moved into place."""
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def point_files(out_dir: str | os.PathLike) -> dict[int, Path]:
+    """The point files ``point_<k>.h5`` of a folder by point number, in order (files under their
+    temporary names are not point files)."""
+    found = {}
+    for path in Path(out_dir).glob("point_*.h5"):
+        m = POINT_FILE.fullmatch(path.name)
+        if m and path.is_file():
+            found[int(m.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def point_of(path: str | os.PathLike) -> int | None:
+    """The point number in a point file's name, None when it is not named like one."""
+    m = POINT_FILE.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+class RunFolder:
+    """The paths of one run folder ``OUT``; nothing is created until a writer asks for it."""
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.root = Path(out_dir)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.root)!r})"
+
+    @property
+    def status(self) -> Path:
+        """``OUT/status.json``."""
+        return self.root / STATUS_FILE
+
+    @property
+    def lock(self) -> Path:
+        """``OUT/.lock``."""
+        return self.root / LOCK_FILE
+
+    @property
+    def runinfo(self) -> Path:
+        """``OUT/.runinfo``: Parsl's run folder."""
+        return self.root / RUNINFO_DIR
+
+    @property
+    def blocks_root(self) -> Path:
+        """``OUT/.blocks``: every point's blocks and staged frames."""
+        return self.root / BLOCKS_DIR
+
+    @property
+    def config(self) -> Path:
+        """``OUT/.blocks/config.yaml``: the configuration written for the tasks."""
+        return self.blocks_root / CONFIG_FILE
+
+    @property
+    def depths_root(self) -> Path:
+        """``OUT/depths``: the per-depth files of every point."""
+        return self.root / DEPTHS_DIR
+
+    def point_file(self, point: int) -> Path:
+        """``OUT/point_<k:05d>.h5``."""
+        return self.root / point_name(point)
+
+    def point_files(self) -> dict[int, Path]:
+        """The point files present, by point number."""
+        return point_files(self.root)
+
+    def blocks(self, point: int) -> Path:
+        """``OUT/.blocks/point_<k:05d>``: a point's block files and staged frames."""
+        return self.blocks_root / point_dir_name(point)
+
+    def block_dirs(self) -> Iterator[Path]:
+        """The points' block folders present."""
+        return (p for p in self.blocks_root.glob("point_*") if p.is_dir())
+
+    def block_file(self, point: int, r0: int, c0: int) -> Path:
+        """The block file of point ``point``'s tile starting at row ``r0``, column ``c0``."""
+        return self.blocks(point) / block_name(r0, c0)
+
+    def staged(self, point: int) -> Path:
+        """``OUT/.blocks/point_<k:05d>/frames.stage``: a point's staged frames."""
+        return self.blocks(point) / STAGE_NAME
+
+    def depths(self, point: int) -> Path:
+        """``OUT/depths/point_<k:05d>``: a point's per-depth files."""
+        return self.depths_root / point_dir_name(point)
+
+    def temporaries(self) -> Iterator[Path]:
+        """Files left under their temporary names in OUT and in the points' block folders."""
+        for folder in (self.root, *self.block_dirs()):
+            yield from folder.glob(f"*{TMP_MARK}*")
