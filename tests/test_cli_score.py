@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from laueflow.cli import main, read_point_profiles
+from laueflow.cli import main
 from laueflow.config import load
 from laueflow.evaluate import load_truth
-from laueflow.io import results
-from laueflow.io.results import point_files
+from laueflow.io.blocks import write_block
+from laueflow.io.layout import point_files, point_name
+from laueflow.io.pointfile import read_profiles, write_point
 from laueflow.simulate import simulate
 
 SHIFT = 10  # depth bins (1 um each) by which point 1's profiles are displaced
@@ -28,10 +29,10 @@ def _write_point(out: Path, cfg, point: int, rows: np.ndarray, cols: np.ndarray,
                               energy_sigma=np.full(n, np.nan))
     depths = cfg.geo.source.depths
     block = out / f"block_{point}.npz"
-    results.write_block(block, point=point, tile=cfg.file.frame, config_fingerprint=cfg.fingerprint(),
+    write_block(block, point=point, tile=cfg.file.frame, config_fingerprint=cfg.fingerprint(),
                         n_depths=depths.size, decoded=decoded)
-    path = out / results.point_name(point)
-    results.write_point(path, [block], frame=cfg.file.frame, depths_mm=depths,
+    path = out / point_name(point)
+    write_point(path, [block], frame=cfg.file.frame, depths_mm=depths,
                         provenance={"laueflow_version": "test"})
     block.unlink()
     return path
@@ -64,7 +65,7 @@ def _invoke(*args: object):
 def test_read_point_profiles_round_trip(run_dir):
     out, truth_file = run_dir
     truth = load_truth(truth_file).for_point(0)
-    rows, cols, profiles = read_point_profiles(out / results.point_name(0))
+    rows, cols, profiles = read_profiles(out / point_name(0))
     assert profiles.shape == (rows.size, truth.depth.size)
     key = {(int(r), int(c)): i for i, (r, c) in enumerate(zip(rows, cols, strict=True))}
     got = profiles[[key[(int(r), int(c))] for r, c in truth.pixels]]
@@ -112,6 +113,6 @@ def test_score_nothing_to_score(run_dir, tmp_path, args, message):
 
 def test_score_rejects_a_file_that_is_not_a_truth_file(run_dir):
     out, _ = run_dir
-    r = _invoke(out, "--truth", out / results.point_name(0))
+    r = _invoke(out, "--truth", out / point_name(0))
     assert r.exit_code == 2
     assert "not a truth file" in r.stderr

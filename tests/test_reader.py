@@ -329,6 +329,22 @@ def test_select_points() -> None:
             select_points(spec, 8)
 
 
+
+def test_select_points_among_known_points() -> None:
+    """The same rules for a run's points (laueflow export --points): numbers name points, slices take
+    the points that exist, lists may hold slices."""
+    run = [0, 2, 4, 5]
+    assert select_points(None, run) == run and select_points("all", run) == run
+    assert select_points("2:5", run) == [2, 4]
+    assert select_points(":", run) == run and select_points("-1", run) == [5]
+    assert select_points("5,0:3", run) == [5, 0, 2]
+    assert select_points("0:3,7", 10) == [0, 1, 2, 7]
+    with pytest.raises(ScanError, match=r"point 3 is out of range, this run has points 0, 2, 4, 5"):
+        select_points("0,3", run, "this run")
+    with pytest.raises(ScanError, match="selects no point of this run"):
+        select_points("3:4", run, "this run")
+
+
 def test_pickle_round_trip(tmp_path: Path) -> None:
     write_frames(tmp_path / "run", 5)
     scan = open_scan(config(tmp_path / "run"))

@@ -668,8 +668,8 @@ def test_large_full_frames(root: Path) -> None:
 def test_large_point_reconstructs(root: Path, tmp_path: Path) -> None:
     """A point of 201 frames decodes as simulate()'s do: the truth's spot pixels at their depths."""
     from laueflow import sites
-    from laueflow.cli import read_point_profiles
     from laueflow.evaluate import score
+    from laueflow.io.pointfile import read_profiles
     from laueflow.workflow import run
 
     out = root / "large_201"
@@ -677,7 +677,7 @@ def test_large_point_reconstructs(root: Path, tmp_path: Path) -> None:
     site = sites.site_config("threads", workers=1, run_dir=str(tmp_path / "runinfo"))
     result = run(out, cfg_of(out), tmp_path / "recon", block_pixels=48 * 48, site_config=site)
     assert result.exit_code == 0
-    rows, cols, profiles = read_point_profiles(tmp_path / "recon" / "point_00000.h5")
+    rows, cols, profiles = read_profiles(tmp_path / "recon" / "point_00000.h5")
     s = score(load_truth(out / "truth.h5").for_point(0), rows, cols, profiles)
     assert s.spot_pixels == info["spot_pixels"] and s.covered > 0.95
     assert s.centroid_median < 0.5 and s.within_2um > 0.9 and s.correlation_mean > 0.9

@@ -30,10 +30,10 @@ import pytest
 import slurm_cluster
 from test_workflow import check_point_file
 
-from laueflow.cli import read_point_profiles
 from laueflow.config import Config, load
 from laueflow.evaluate import load_truth, score
 from laueflow.io import results
+from laueflow.io.pointfile import read_profiles
 from laueflow.simulate import simulate
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1200)]  # the first apt-get install may be slow
@@ -175,7 +175,7 @@ def test_workers_ran_in_a_slurm_job(slurm_run):
 def test_reconstruction_matches_truth(slurm_run):
     truth = load_truth(slurm_run.scan / "truth.h5")
     for k in range(POINTS):
-        s = score(truth.for_point(k), *read_point_profiles(slurm_run.out / results.point_name(k)))
+        s = score(truth.for_point(k), *read_profiles(slurm_run.out / results.point_name(k)))
         assert s.finite and s.spot_pixels > 0
         assert s.covered >= 0.99, s.summary()
         assert s.centroid_median <= 0.5, s.summary()

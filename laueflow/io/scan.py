@@ -110,17 +110,26 @@ def make_block(point: int, tile: Tile, data: np.ndarray, scale: np.ndarray | Non
 # Point selection
 
 
-def select_points(spec: str | None, n_points: int) -> list[int]:
-    """Parse a point selection: None or "all" (every point), "5", "0,2,4", or a slice "3:7" / "::2".
+def select_points(spec: str | None, points: int | Iterable[int], what: str = "the scan") -> list[int]:
+    """Parse a point selection among ``points`` (a count n: points 0 to n-1, or the point numbers that
+    exist, e.g. a run's): None or "all" (every point), "5", "0,2,4", a slice "3:7" / "::2", or a list
+    of both ("0:3,7").
 
-    Slices follow Python semantics (end exclusive, negative counts from the end), but bounds
-    beyond the scan are an error rather than silently clipped.
+    Numbers name points; slices follow Python semantics over the numbers 0 to the last point (end
+    exclusive, negative counts from the end) and take the points among them that exist.  A point
+    that does not exist, or a slice bound beyond the last point, is an error rather than silently
+    dropped.  The order given is kept, repeats are dropped.  ``what`` names the points' owner in errors.
     """
+    known = list(range(points)) if isinstance(points, int) else sorted(set(points))
     if spec is None or spec.strip().lower() == "all":
-        return list(range(n_points))
+        return known
     text = spec.strip()
     if not text:
         raise ScanError("point selection is empty (give e.g. '5', '0,2,4' or '3:7')")
+    n = known[-1] + 1 if known else 0  # the number line the selection counts on
+    exists = set(known)
+    where = (f"{what} has {n} points (0-{n - 1})" if len(known) == n
+             else f"{what} has points {', '.join(map(str, known)) or 'none'}")
 
     def index(s: str) -> int:
         try:
@@ -128,30 +137,32 @@ def select_points(spec: str | None, n_points: int) -> list[int]:
         except ValueError:
             raise ScanError(f"point selection {spec!r}: {s!r} is not an integer") from None
 
-    if ":" in text:
-        parts = [p.strip() for p in text.split(":")]
-        if len(parts) > 3:
-            raise ScanError(f"point selection {spec!r}: a slice has at most start:stop:step")
-        start, stop, step = (index(p) if p else None for p in parts + [""] * (3 - len(parts)))
-        if step == 0:
-            raise ScanError(f"point selection {spec!r}: slice step must not be 0")
-        for bound in (start, stop):
-            if bound is not None and not -n_points <= bound <= n_points:
-                raise ScanError(f"point selection {spec!r}: {bound} is out of range, the scan has "
-                                f"{n_points} points (0-{n_points - 1})")
-        chosen = list(range(n_points))[slice(start, stop, step)]
-        if not chosen:
-            raise ScanError(f"point selection {spec!r} selects no point of the {n_points} in the scan")
-        return chosen
-    chosen = []
-    for s in text.split(","):
-        k = index(s.strip())
-        if not -n_points <= k < n_points:
-            raise ScanError(f"point selection {spec!r}: point {k} is out of range, the scan has "
-                            f"{n_points} points (0-{n_points - 1})")
-        k %= n_points
-        if k not in chosen:
-            chosen.append(k)
+    chosen: list[int] = []
+    missing: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if ":" in part:
+            bounds = [b.strip() for b in part.split(":")]
+            if len(bounds) > 3:
+                raise ScanError(f"point selection {spec!r}: a slice has at most start:stop:step")
+            start, stop, step = (index(b) if b else None for b in bounds + [""] * (3 - len(bounds)))
+            if step == 0:
+                raise ScanError(f"point selection {spec!r}: slice step must not be 0")
+            for bound in (start, stop):
+                if bound is not None and not -n <= bound <= n:
+                    raise ScanError(f"point selection {spec!r}: {bound} is out of range, {where}")
+            picked = [k for k in range(n)[slice(start, stop, step)] if k in exists]
+        else:
+            k = index(part)
+            k = k + n if -n <= k < 0 else k
+            if k not in exists:
+                missing.append(k)
+            picked = [k]
+        chosen += [k for k in picked if k not in chosen]
+    if missing:
+        raise ScanError(f"point selection {spec!r}: point {missing[0]} is out of range, {where} "
+                        f"(missing: {missing})")
+    if not chosen:
+        raise ScanError(f"point selection {spec!r} selects no point of {what}")
     return chosen
 
 
