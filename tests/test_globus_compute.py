@@ -38,7 +38,8 @@ from globus_compute_sdk.serialize import ComputeSerializer  # noqa: E402
 
 SITE = "globus-compute"
 ENDPOINT = "2f1d3c4b-5a69-4788-9a0b-1c2d3e4f5a6b"
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "configs" / "endpoints" / "polaris"
+# laueflow.sites.ENDPOINT_TEMPLATES / "polaris", spelled out (this module imports laueflow only in tests)
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "laueflow" / "sites" / "endpoints" / "polaris"
 REGION, BLOCK = 16, 64  # 4 tiles of 8 x 8 pixels per point
 
 

@@ -1,7 +1,13 @@
-"""The cluster sites (polaris, slurm, in-job), built offline: no scheduler is contacted."""
+"""The sites: the cluster sites (polaris, slurm, in-job) built offline (no scheduler is contacted), the
+user site example in configs/, and the named sites and endpoint template of an installed wheel."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -12,13 +18,13 @@ from laueflow import sites
 from laueflow.cli import main
 
 SITE_ENV = ("PBS_NODEFILE", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+REPO = Path(__file__).resolve().parent.parent
+NAMED = ("globus-compute", "in-job", "local", "polaris", "slurm", "threads")
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
     """No site option or allocation leaks in from the environment running the tests."""
-    import os
-
     for var in list(os.environ):
         if var.startswith("LAUEFLOW_") and var != "LAUEFLOW_SITES" or var in SITE_ENV:
             monkeypatch.delenv(var)
@@ -132,3 +138,90 @@ def test_sites_show():
     assert r.exit_code == 0, r.output
     assert "LAUEFLOW_POLARIS_ACCOUNT" in r.stdout and "(required)" in r.stdout
     assert "walltime = '01:00:00'" in r.stdout
+
+
+def test_threads_options_resolve_like_every_site(tmp_path, monkeypatch):
+    assert sites.site_config("threads", run_dir=str(tmp_path)).executors[1].max_threads == 2
+    monkeypatch.setenv("LAUEFLOW_THREADS_STITCH_THREADS", "3")
+    assert sites.site_config("threads", run_dir=str(tmp_path)).executors[1].max_threads == 3
+    with pytest.raises(sites.SiteError, match=r"unknown options \['nodes'\]"):
+        sites.site_config("threads", run_dir=str(tmp_path), nodes=2)
+
+
+def test_base_is_not_a_site():
+    assert [name for name, _ in sites.list_sites()] == list(NAMED)
+    with pytest.raises(sites.SiteError, match="unknown site"):
+        sites.find_site("base")
+
+
+def test_example_user_site(tmp_path):
+    """configs/example_site.py, the starting point for a user's own site, loads by path."""
+    example = REPO / "configs" / "example_site.py"
+    cfg = sites.site_config(example, run_dir=str(tmp_path), gpus=2, workers_per_gpu=2)
+    assert _labels(cfg) == {"decode", "stitch"}
+    assert cfg.executors[0].available_accelerators == ["0", "0", "1", "1"]
+    r = CliRunner().invoke(main, ["sites", "show", str(example)])
+    assert r.exit_code == 0 and "LAUEFLOW_EXAMPLE_WORKERS_PER_GPU" in r.stdout, r.output
+
+
+# setuptools builds wheels itself from 70.1 on; older ones need the wheel package (in the dev extra)
+CAN_BUILD_WHEELS = (importlib.util.find_spec("wheel") is not None
+                    or importlib.util.find_spec("setuptools.command.bdist_wheel") is not None)
+
+INSTALLED_CHECK = """
+import sys
+from pathlib import Path
+
+import laueflow
+from laueflow import sites
+
+site, repo = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
+assert Path(laueflow.__file__).resolve().is_relative_to(site), laueflow.__file__
+assert all(Path(p or ".").resolve() != repo for p in sys.path), sys.path
+names = [name for name, _ in sites.list_sites()]
+assert names == sys.argv[3].split(","), names
+for name in names:
+    module = sites.load_site(name)
+    assert Path(module.__file__).resolve().is_relative_to(site), module.__file__
+    assert callable(module.config) and module.OPTIONS
+template = sites.ENDPOINT_TEMPLATES / "polaris"
+assert template.resolve().is_relative_to(site), template
+for name in ("config.yaml", "user_config_schema.json", "user_config_template.yaml.j2"):
+    assert (template / name).is_file(), name
+print("installed ok")
+"""
+
+
+@pytest.mark.skipif(not CAN_BUILD_WHEELS, reason="building a wheel offline needs the wheel package "
+                    "or setuptools>=70.1 (pip install -e '.[dev]')")
+def test_installed_wheel_has_every_site(tmp_path):
+    """A wheel of the project, installed away from the source tree, lists and loads every named site and
+    has the endpoint template (``pip install .`` once gave no sites: they lay beside the package).
+    Offline: no build isolation, no index; the dependencies come from this environment."""
+    source, wheels, site, elsewhere = (tmp_path / d for d in ("source", "wheels", "site", "elsewhere"))
+    source.mkdir()
+    elsewhere.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    # a copy, so that the build writes its build/ and egg-info there, not in the working tree
+    shutil.copytree(REPO / "laueflow", source / "laueflow", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("LAUEFLOW_SITES", None)
+
+    def run(*args: str | Path, **extra: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([str(a) for a in args], cwd=elsewhere, env={**env, **extra},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{args}\n{done.stdout}\n{done.stderr}"
+        return done
+
+    pip = (sys.executable, "-m", "pip")
+    run(*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, source)
+    (wheel,) = wheels.glob("laueflow-*.whl")
+    run(*pip, "install", "--no-deps", "--target", site, wheel)
+
+    only_site = {"PYTHONPATH": str(site)}
+    done = run(sys.executable, "-c", INSTALLED_CHECK, site, REPO, ",".join(NAMED), **only_site)
+    assert "installed ok" in done.stdout
+    listed = run(sys.executable, site / "bin" / "laueflow", "sites", **only_site).stdout
+    assert [line.split()[0] for line in listed.splitlines()[:-1]] == list(NAMED), listed
+    assert str(site.resolve()) in listed.splitlines()[-1], listed

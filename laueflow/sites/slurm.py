@@ -6,19 +6,18 @@ With ``gpus_per_node`` > 0 each node gets that many decode workers, one per GPU.
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
 
 from parsl.config import Config
-from parsl.executors import HighThroughputExecutor
 from parsl.launchers import SrunLauncher
 from parsl.providers import SlurmProvider
 
-from laueflow.sites import COMMON_OPTIONS, assemble, option_env_var, resolve_options, this_environment
+from .base import COMMON_OPTIONS, Option, option_env_var, resolve_options, workers_config
 
 SITE = "slurm"
 
 # name: (default, type, help)
-OPTIONS: dict[str, tuple[Any, type, str]] = {
+OPTIONS: dict[str, Option] = {
     "partition": ("", str, "#SBATCH --partition (empty: the cluster's default)"),
     "account": ("", str, "#SBATCH --account (empty: your default account)"),
     "qos": ("", str, "#SBATCH --qos (e.g. debug, regular on Perlmutter)"),
@@ -34,42 +33,33 @@ OPTIONS: dict[str, tuple[Any, type, str]] = {
 }
 
 
-def env_var(name: str) -> str:
-    return option_env_var(SITE, name)
-
-
-def _options(options: dict) -> dict:
-    return resolve_options(SITE, OPTIONS, options)
+env_var = partial(option_env_var, SITE)
 
 
 def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> Config:
     """A Parsl configuration for a Slurm cluster; ``workers``: decode workers per node."""
-    opts = _options(options)
+    opts = resolve_options(SITE, OPTIONS, options)
     gpus = opts["gpus_per_node"]
-    init, keywords = this_environment(opts["worker_init"])
-    provider = SlurmProvider(
-        partition=opts["partition"] or None,
-        account=opts["account"] or None,
-        qos=opts["qos"] or None,
-        constraint=opts["constraint"] or None,
-        walltime=opts["walltime"],
-        nodes_per_block=opts["nodes_per_block"],
-        cores_per_node=opts["cores_per_node"] or None,
-        gpus_per_node=gpus or None,
-        init_blocks=1,
-        min_blocks=0,
-        max_blocks=opts["max_blocks"],
-        scheduler_options=opts["scheduler_options"],
-        worker_init=init,
-        launcher=SrunLauncher(),
-    )
-    decode = HighThroughputExecutor(
-        label="decode",
+    return workers_config(
+        opts, run_dir,
+        lambda init: SlurmProvider(
+            partition=opts["partition"] or None,
+            account=opts["account"] or None,
+            qos=opts["qos"] or None,
+            constraint=opts["constraint"] or None,
+            walltime=opts["walltime"],
+            nodes_per_block=opts["nodes_per_block"],
+            cores_per_node=opts["cores_per_node"] or None,
+            gpus_per_node=gpus or None,
+            init_blocks=1,
+            min_blocks=0,
+            max_blocks=opts["max_blocks"],
+            scheduler_options=opts["scheduler_options"],
+            worker_init=init,
+            launcher=SrunLauncher(),
+        ),
         address=opts["address"] or None,
         max_workers_per_node=workers or gpus or None,
         available_accelerators=gpus or (),
         cpu_affinity="block" if gpus else "none",
-        provider=provider,
-        **keywords,
     )
-    return assemble(decode, run_dir, opts["stitch_threads"], opts["retries"])

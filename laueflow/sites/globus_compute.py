@@ -5,7 +5,8 @@ Compute SDK's ``Executor`` (wrapped by Parsl's ``GlobusComputeExecutor``); the r
 stitching and writing the point files, stays in the driver.  Options (keyword, else
 ``LAUEFLOW_GLOBUS_COMPUTE_<OPTION>``, else the default): see ``laueflow sites show globus-compute``.
 ``account``, ``queue``, ``walltime``, ``nodes``, ``max_blocks`` and ``worker_init`` are variables of
-the endpoint's configuration template (``configs/endpoints/polaris/``), sent as ``user_endpoint_config``.
+the endpoint's configuration template (``laueflow/sites/endpoints/polaris/``, shipped with the package),
+sent as ``user_endpoint_config``.
 The endpoint must run the same Python, Parsl, globus-compute-sdk and laueflow versions as the driver.
 """
 
@@ -15,19 +16,26 @@ import json
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 from parsl.config import Config
 from parsl.executors import GlobusComputeExecutor
 
-from laueflow.sites import COMMON_OPTIONS, assemble, option_env_var, resolve_options
+from ..errors import SiteError
+from .base import COMMON_OPTIONS, Option, assemble, option_env_var, resolve_options
+
+try:
+    import globus_compute_sdk
+except ImportError:  # an optional dependency (laueflow[globus]): config() says so; the site still lists
+    globus_compute_sdk = None
 
 SITE = "globus-compute"
 TEMPLATE_VARIABLES = ("account", "queue", "walltime", "nodes", "max_blocks", "worker_init")
 
 # name: (default, type, help); None means required.  Empty / 0 template variables are not sent, so the
 # endpoint template's own defaults apply.
-OPTIONS: dict[str, tuple[Any, type, str]] = {
+OPTIONS: dict[str, Option] = {
     "endpoint": (None, str, "Globus Compute endpoint UUID (required; `laueflow run --endpoint UUID`)"),
     "account": ("", str, "template variable: PBS project to charge"),
     "queue": ("", str, "template variable: PBS queue (debug, debug-scaling, prod, preemptable, demand)"),
@@ -47,8 +55,7 @@ LOGIN_HINT = ("log in once in a terminal (the Globus Compute SDK asks for it on 
               "and GLOBUS_COMPUTE_CLIENT_SECRET for a service account")
 
 
-def env_var(name: str) -> str:
-    return option_env_var(SITE, name)
+env_var = partial(option_env_var, SITE)
 
 
 class RemoteTaskError(RuntimeError):
@@ -106,11 +113,11 @@ def _endpoint_config(opts: dict) -> dict[str, Any]:
         try:
             extra = json.loads(opts["user_endpoint_config"])
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{SITE} site: option user_endpoint_config ({env_var('user_endpoint_config')}) "
-                             f"is not valid JSON: {exc}") from None
+            raise SiteError(f"{SITE} site: option user_endpoint_config ({env_var('user_endpoint_config')}) "
+                            f"is not valid JSON: {exc}") from None
         if not isinstance(extra, dict):
-            raise ValueError(f"{SITE} site: option user_endpoint_config must be a JSON object, "
-                             f"not {type(extra).__name__}")
+            raise SiteError(f"{SITE} site: option user_endpoint_config must be a JSON object, "
+                            f"not {type(extra).__name__}")
     for name in TEMPLATE_VARIABLES:
         if opts[name]:
             extra[name] = opts[name]
@@ -124,27 +131,25 @@ def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> C
     """
     opts = resolve_options(SITE, OPTIONS, options)
     if workers is not None:
-        raise ValueError(f"{SITE} site: the endpoint's configuration sets the number of workers "
-                         "(max_workers_per_node); run without --workers")
+        raise SiteError(f"{SITE} site: the endpoint's configuration sets the number of workers "
+                        "(max_workers_per_node); run without --workers")
     try:
         endpoint = str(uuid.UUID(opts["endpoint"]))
     except ValueError:
-        raise ValueError(f"{SITE} site: endpoint {opts['endpoint']!r} is not a Globus Compute endpoint UUID "
-                         f"(option endpoint, {env_var('endpoint')})") from None
+        raise SiteError(f"{SITE} site: endpoint {opts['endpoint']!r} is not a Globus Compute endpoint UUID "
+                        f"(option endpoint, {env_var('endpoint')})") from None
     template = _endpoint_config(opts)
-    try:
-        from globus_compute_sdk import Executor
-    except ImportError:
-        raise ValueError(f"{SITE} site: needs globus-compute-sdk: pip install 'laueflow[globus]'") from None
+    if globus_compute_sdk is None:
+        raise SiteError(f"{SITE} site: needs globus-compute-sdk: pip install 'laueflow[globus]'")
     kwargs: dict[str, Any] = {"endpoint_id": endpoint, "user_endpoint_config": template or None,
                               "batch_size": opts["batch_size"], "label": "laueflow"}
     if opts["amqp_port"]:
         kwargs["amqp_port"] = opts["amqp_port"]
     try:
-        executor = Executor(**kwargs)
+        executor = globus_compute_sdk.Executor(**kwargs)
     except Exception as exc:  # no login, no network, a service error: all stop the run before it starts
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ValueError(f"{SITE} site: cannot start the Globus Compute client ({type(exc).__name__}: "
-                         f"{text}); {LOGIN_HINT}") from exc
+        raise SiteError(f"{SITE} site: cannot start the Globus Compute client ({type(exc).__name__}: "
+                        f"{text}); {LOGIN_HINT}") from exc
     decode = EndpointExecutor(executor=executor, label="decode")
     return assemble(decode, run_dir, opts["stitch_threads"], opts["retries"])

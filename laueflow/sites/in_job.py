@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import os
 import re
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 from parsl.config import Config
-from parsl.executors import HighThroughputExecutor
 from parsl.launchers import MpiExecLauncher, SrunLauncher
 from parsl.providers import LocalProvider
 
-from laueflow.sites import COMMON_OPTIONS, assemble, option_env_var, resolve_options, this_environment
+from ..errors import SiteError
+from .base import COMMON_OPTIONS, Option, option_env_var, resolve_options, workers_config
 
 SITE = "in-job"
 
 # name: (default, type, help)
-OPTIONS: dict[str, tuple[Any, type, str]] = {
+OPTIONS: dict[str, Option] = {
     "gpus_per_node": (0, int, "GPUs per node: one decode worker per GPU (Polaris: 4)"),
     "cpu_affinity": ("none", str, "worker CPU binding (none, block, block-reverse, alternating, list:...)"),
     "mpiexec_overrides": ("--depth=64 --ppn 1", str, "extra mpiexec arguments (PBS allocations)"),
@@ -31,12 +31,7 @@ OPTIONS: dict[str, tuple[Any, type, str]] = {
 }
 
 
-def env_var(name: str) -> str:
-    return option_env_var(SITE, name)
-
-
-def _options(options: dict) -> dict:
-    return resolve_options(SITE, OPTIONS, options)
+env_var = partial(option_env_var, SITE)
 
 
 def expand_nodelist(text: str) -> list[str]:
@@ -67,30 +62,26 @@ def job_nodes() -> tuple[str, list[str]]:
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if nodelist:
         return "slurm", list(dict.fromkeys(expand_nodelist(nodelist)))
-    raise ValueError("in-job site: not inside a PBS or Slurm job (neither PBS_NODEFILE nor "
+    raise SiteError("in-job site: not inside a PBS or Slurm job (neither PBS_NODEFILE nor "
                      "SLURM_JOB_NODELIST is set); run the driver inside an allocation, "
                      "or use the polaris or slurm site")
 
 
 def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> Config:
     """A Parsl configuration using every node of the current job; ``workers``: decode workers per node."""
-    opts = _options(options)
+    opts = resolve_options(SITE, OPTIONS, options)
     scheduler, nodes = job_nodes()
     gpus = opts["gpus_per_node"]
     if scheduler == "pbs":
         launcher = MpiExecLauncher(bind_cmd="--cpu-bind", overrides=opts["mpiexec_overrides"])
     else:
         launcher = SrunLauncher(overrides=opts["srun_overrides"])
-    init, keywords = this_environment(opts["worker_init"])
-    provider = LocalProvider(nodes_per_block=len(nodes), init_blocks=1, min_blocks=0, max_blocks=1,
-                             launcher=launcher, worker_init=init)
-    decode = HighThroughputExecutor(
-        label="decode",
+    return workers_config(
+        opts, run_dir,
+        lambda init: LocalProvider(nodes_per_block=len(nodes), init_blocks=1, min_blocks=0, max_blocks=1,
+                                   launcher=launcher, worker_init=init),
         address=opts["address"] or None,
         max_workers_per_node=workers or gpus or None,
         available_accelerators=gpus or (),
         cpu_affinity=opts["cpu_affinity"],
-        provider=provider,
-        **keywords,
     )
-    return assemble(decode, run_dir, opts["stitch_threads"], opts["retries"])

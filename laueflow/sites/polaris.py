@@ -8,15 +8,15 @@ from inside an allocation.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from functools import partial
 
 from parsl.addresses import address_by_interface
 from parsl.config import Config
-from parsl.executors import HighThroughputExecutor
 from parsl.launchers import MpiExecLauncher
 from parsl.providers import PBSProProvider
 
-from laueflow.sites import COMMON_OPTIONS, assemble, option_env_var, resolve_options, this_environment
+from ..errors import SiteError
+from .base import COMMON_OPTIONS, Option, option_env_var, resolve_options, workers_config
 
 SITE = "polaris"
 QUEUES = ("debug", "debug-scaling", "prod", "preemptable", "demand")
@@ -24,7 +24,7 @@ QUEUES = ("debug", "debug-scaling", "prod", "preemptable", "demand")
 CPU_AFFINITY = "list:24-31,56-63:16-23,48-55:8-15,40-47:0-7,32-39"
 
 # name: (default, type, help); None with "required" in the help means there is no default.
-OPTIONS: dict[str, tuple[Any, type, str]] = {
+OPTIONS: dict[str, Option] = {
     "account": (None, str, "PBS project to charge (#PBS -A); required"),
     "queue": ("debug", str, "PBS queue: " + ", ".join(QUEUES)),
     "walltime": ("01:00:00", str, "walltime of each block (HH:MM:SS)"),
@@ -38,13 +38,7 @@ OPTIONS: dict[str, tuple[Any, type, str]] = {
     **COMMON_OPTIONS,
 }
 
-
-def env_var(name: str) -> str:
-    return option_env_var(SITE, name)
-
-
-def _options(options: dict) -> dict:
-    return resolve_options(SITE, OPTIONS, options)
+env_var = partial(option_env_var, SITE)
 
 
 def _address(opts: dict) -> str | None:
@@ -60,37 +54,34 @@ def _address(opts: dict) -> str | None:
 
 def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> Config:
     """A Parsl configuration for Polaris; ``workers``: decode workers per node (default one per GPU)."""
-    opts = _options(options)
+    opts = resolve_options(SITE, OPTIONS, options)
     if opts["queue"] not in QUEUES:
-        raise ValueError(f"{SITE} site: queue {opts['queue']!r} is not one of {', '.join(QUEUES)} "
-                         f"(option queue, {env_var('queue')})")
+        raise SiteError(f"{SITE} site: queue {opts['queue']!r} is not one of {', '.join(QUEUES)} "
+                        f"(option queue, {env_var('queue')})")
     gpus = opts["gpus_per_node"]
     workers = workers or gpus
     affinity = opts["cpu_affinity"] or (CPU_AFFINITY if workers == 4 == gpus else "block-reverse")
-    init, keywords = this_environment("export TMPDIR=/tmp", opts["worker_init"])
-    provider = PBSProProvider(
-        account=opts["account"],
-        queue=opts["queue"],
-        walltime=opts["walltime"],
-        nodes_per_block=opts["nodes_per_block"],
-        init_blocks=1,
-        min_blocks=0,
-        max_blocks=opts["max_blocks"],
-        cpus_per_node=64,
-        select_options=f"ngpus={gpus}",
-        # Parsl passes -A and -q to qsub; the same lines in the script keep it submittable by hand.
-        scheduler_options=(f"#PBS -l filesystems={opts['filesystems']}\n#PBS -A {opts['account']}\n"
-                           f"#PBS -q {opts['queue']}"),
-        worker_init=init,
-        launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--depth=64 --ppn 1"),
-    )
-    decode = HighThroughputExecutor(
-        label="decode",
+    return workers_config(
+        opts, run_dir,
+        lambda init: PBSProProvider(
+            account=opts["account"],
+            queue=opts["queue"],
+            walltime=opts["walltime"],
+            nodes_per_block=opts["nodes_per_block"],
+            init_blocks=1,
+            min_blocks=0,
+            max_blocks=opts["max_blocks"],
+            cpus_per_node=64,
+            select_options=f"ngpus={gpus}",
+            # Parsl passes -A and -q to qsub; the same lines in the script keep it submittable by hand.
+            scheduler_options=(f"#PBS -l filesystems={opts['filesystems']}\n#PBS -A {opts['account']}\n"
+                               f"#PBS -q {opts['queue']}"),
+            worker_init=init,
+            launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--depth=64 --ppn 1"),
+        ),
+        init=("export TMPDIR=/tmp",),
         address=_address(opts),
         max_workers_per_node=workers,
         available_accelerators=gpus,
         cpu_affinity=affinity,
-        provider=provider,
-        **keywords,
     )
-    return assemble(decode, run_dir, opts["stitch_threads"], opts["retries"])

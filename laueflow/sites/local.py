@@ -7,41 +7,33 @@ geometry and mask), staging frames, stitching and writing to ``stitch`` (threads
 from __future__ import annotations
 
 import os
-from typing import Any
+from functools import partial
 
 from parsl.config import Config
-from parsl.executors import HighThroughputExecutor
 from parsl.providers import LocalProvider
 
-from laueflow.sites import COMMON_OPTIONS, assemble, option_env_var, resolve_options, this_environment
+from .base import COMMON_OPTIONS, Option, option_env_var, resolve_options, workers_config
 
 SITE = "local"
 
-
-# name: (default, type, help)
-OPTIONS: dict[str, tuple[Any, type, str]] = {
+OPTIONS: dict[str, Option] = {
     "cores_per_worker": (1.0, float, "cores each decode worker may use"),
     **COMMON_OPTIONS,
 }
 
-
-def env_var(name: str) -> str:
-    return option_env_var(SITE, name)
+env_var = partial(option_env_var, SITE)
 
 
 def config(workers: int | None = None, run_dir: str = "runinfo", **options) -> Config:
     """A Parsl configuration for one machine; ``workers``: decode worker processes (default: one per
     core); options as in ``OPTIONS`` (keyword, else LAUEFLOW_LOCAL_<OPTION>, else the default)."""
     opts = resolve_options(SITE, OPTIONS, options)
-    workers = workers or os.cpu_count() or 1
-    init, keywords = this_environment(opts["worker_init"], sep="; ")
-    decode = HighThroughputExecutor(
-        label="decode",
+    return workers_config(
+        opts, run_dir,
+        lambda init: LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1, worker_init=init),
+        sep="; ",
         address="127.0.0.1",
         loopback_address="127.0.0.1",
-        max_workers_per_node=workers,
+        max_workers_per_node=workers or os.cpu_count() or 1,
         cores_per_worker=opts["cores_per_worker"],
-        provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1, worker_init=init),
-        **keywords,
     )
-    return assemble(decode, run_dir, opts["stitch_threads"], opts["retries"])
