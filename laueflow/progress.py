@@ -1,16 +1,23 @@
 """Progress of a run for people: a live bar on a terminal, quiet lines in logs and batch jobs.
 
-Both reporters take the :class:`laueflow.workflow.dag.ProgressEvent` stream of a run and show
-points and pixels done of the total, pixels per second, the time left and the failures.
+Both reporters are run hooks (:class:`ProgressHooks`) that take the
+:class:`laueflow.workflow.hooks.ProgressEvent` stream of a run and show points and pixels done of the
+total, pixels per second, the time left and the failures.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .workflow.hooks import ProgressEvent, RunHooks
+
+if TYPE_CHECKING:  # only for annotations: the driver loads Parsl and JAX
+    from .workflow.dag import RunResult
 
 
 def plural(n: int, word: str) -> str:
@@ -76,8 +83,22 @@ class _Tally:
                 f"{self.rate:,.0f} pixels/s, ETA {_duration(self.eta)}{fails}")
 
 
-def plain_reporter(every: float = 30.0, echo: Callable[[str], None] = click.echo
-                   ) -> tuple[Callable[[Any], None], Callable[[], None]]:
+class ProgressHooks(RunHooks):
+    """A reporter as a run hook: ``report`` takes each progress event, ``close`` ends the display when
+    the run ends (also when it was interrupted)."""
+
+    def __init__(self, report: Callable[[ProgressEvent], None], close: Callable[[], None]) -> None:
+        self.report = report
+        self.close = close
+
+    def on_event(self, event: ProgressEvent) -> None:
+        self.report(event)
+
+    def on_finish(self, result: RunResult | None) -> None:
+        self.close()
+
+
+def plain_reporter(every: float = 30.0, echo: Callable[[str], None] = click.echo) -> ProgressHooks:
     """Line-based progress for logs: the totals, one line per point, and a progress line every
     ``every`` seconds while blocks finish."""
     tally = _Tally()
@@ -97,14 +118,12 @@ def plain_reporter(every: float = 30.0, echo: Callable[[str], None] = click.echo
         if tally.blocks_done:
             echo(tally.line())
 
-    return report, close
+    return ProgressHooks(report, close)
 
 
-def live_reporter(console: Any) -> tuple[Callable[[Any], None], Callable[[], None]]:
+def live_reporter(console: Any) -> ProgressHooks:
     """A rich progress bar (blocks), with points, pixels, pixels per second, time left and failures;
     each finished point is printed above the bar (failures in red)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     tally = _Tally()
     bar = Progress(TextColumn("[bold]decoding"), BarColumn(), MofNCompleteColumn(), TextColumn("blocks"),
                    TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console)
@@ -127,9 +146,9 @@ def live_reporter(console: Any) -> tuple[Callable[[Any], None], Callable[[], Non
         if task:
             bar.update(task[0], completed=event.blocks_done, total=max(event.blocks_total, 1), info=info())
 
-    return report, bar.stop
+    return ProgressHooks(report, bar.stop)
 
 
-def reporter(console: Any) -> tuple[Callable[[Any], None], Callable[[], None]]:
+def reporter(console: Any) -> ProgressHooks:
     """The live bar on a terminal, plain lines otherwise."""
     return live_reporter(console) if console.is_terminal else plain_reporter()

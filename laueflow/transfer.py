@@ -17,20 +17,28 @@ tokens globus-sdk caches under ``~/.globus/app/``.  Secrets are never printed or
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import TransferConfig
+import yaml
+
+from .config import Config, ConfigError, ConfigWarning, TransferConfig, from_dict, load
 from .errors import TransferAuthError, TransferError  # noqa: F401 (re-exported)
-from .io.results import point_files
-from .workflow.status import STATUS_FILE, driver_alive
+from .io.export import default_dest
+from .io.layout import point_files
+from .io.pointfile import read_provenance
+from .workflow.hooks import RunHooks
+from .workflow.status import FILE_STATES, record_section
+
+if TYPE_CHECKING:  # only for annotations: the driver loads Parsl and JAX
+    from .workflow.dag import PointResult, RunResult
 
 ID_VAR, SECRET_VAR = "LAUEFLOW_GLOBUS_CLIENT_ID", "LAUEFLOW_GLOBUS_CLIENT_SECRET"
 COMPUTE_ID_VAR, COMPUTE_SECRET_VAR = "GLOBUS_COMPUTE_CLIENT_ID", "GLOBUS_COMPUTE_CLIENT_SECRET"
@@ -49,6 +57,7 @@ LOGIN_HINT = ("log in once on this machine with `laueflow transfer --login --con
 
 
 def _globus_sdk() -> Any:
+    """globus-sdk, an optional dependency (laueflow[globus]): imported only when transfers are used."""
     try:
         import globus_sdk
     except ImportError:
@@ -512,13 +521,6 @@ def run_files(out_dir: str | os.PathLike) -> list[Path]:
 def recorded_settings(out_dir: str | os.PathLike) -> TransferConfig | None:
     """The transfer settings of the configuration a run used, read from its first point file's provenance:
     the configuration file when it still exists, else the configuration recorded in the file."""
-    import warnings
-
-    import yaml
-
-    from .config import ConfigError, ConfigWarning, from_dict, load
-    from .io.results import read_provenance
-
     points = [p for p in run_files(out_dir) if p.parent == Path(out_dir)]
     for point in points[:1]:
         prov = read_provenance(point) or {}
@@ -539,19 +541,7 @@ def recorded_settings(out_dir: str | os.PathLike) -> TransferConfig | None:
 def record_status(out_dir: str | os.PathLike, snapshot: dict[str, Any]) -> bool:
     """Put a snapshot into ``OUT/status.json["transfers"]`` (atomically), unless a live driver owns the
     file (it records its own transfers) or there is no status file.  Returns whether it was written."""
-    from .io.results import atomic_path
-
-    path = Path(out_dir) / STATUS_FILE
-    try:
-        status = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(status, dict) or driver_alive(status) is not False:
-        return False
-    status["transfers"] = snapshot
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(status, indent=1) + "\n")
-    return True
+    return record_section(out_dir, "transfers", snapshot)
 
 
 def settings_dict(settings: TransferConfig) -> dict[str, Any]:
@@ -559,3 +549,59 @@ def settings_dict(settings: TransferConfig) -> dict[str, Any]:
     d = asdict(settings)
     d["data_access"] = list(d["data_access"])
     return d
+
+
+class TransferHooks(RunHooks):
+    """Globus Transfer of a run's results while it goes on, as a run hook: each written point file (and
+    its per-depth files) is queued as its point ends, Globus is asked about every ``poll_interval``
+    seconds, and the transfers' state goes into status.json (``transfers``).  After the run,
+    :meth:`finish` waits for the last transfers.  ``say`` prints results, ``note`` events and problems.
+    """
+
+    def __init__(self, transfers: Transfers, say: Callable[[str], None] = print,
+                 note: Callable[[str], None] = print) -> None:
+        self.transfers = transfers
+        self.say = say
+        self.note = note
+        self.last_poll = float("-inf")
+
+    @classmethod
+    def start(cls, cfg: Config, out_dir: str | os.PathLike, say: Callable[[str], None] = print,
+              note: Callable[[str], None] = print) -> TransferHooks | None:
+        """Hooks for the configuration's ``transfer`` section, or None without one; a missing login
+        raises TransferError here, before anything runs."""
+        if cfg.transfer is None:
+            return None
+        return cls(Transfers(cfg.transfer, out_dir, report=note), say=say, note=note)
+
+    def on_point_done(self, result: PointResult) -> None:
+        if result.file and result.status in FILE_STATES:
+            depth_files = sorted(default_dest(result.file, result.point).glob("*.h5"))
+            self.transfers.add([result.file, *depth_files])
+
+    def status_section(self) -> dict[str, Any]:
+        return {"transfers": self.transfers.snapshot()}
+
+    def tick(self) -> None:
+        """Called by the driver about every second: talk to Globus every ``poll_interval`` seconds
+        (5 by default), so that following many tasks stays well within Globus's request limits."""
+        now = time.monotonic()
+        if now - self.last_poll >= self.transfers.poll_interval:
+            self.last_poll = now
+            self.transfers.poll()
+
+    def finish(self, result: RunResult | None) -> RunResult | None:
+        """Wait for the last transfers (long enough for every retry) and record them in status.json; a
+        failed transfer marks ``result`` (the command exits non-zero).  ``result`` None: the run was
+        interrupted; then nothing is waited for (a rerun or `laueflow transfer` sends the rest)."""
+        if result is None:
+            record_status(self.transfers.out_dir, self.transfers.snapshot())
+            self.note(f"transfers: {self.transfers.pending} files not sent yet; run again or use "
+                      f"`laueflow transfer {self.transfers.out_dir}`")
+            return result
+        sent = self.transfers.finish(timeout=self.transfers.patience())
+        record_status(self.transfers.out_dir, self.transfers.snapshot())
+        self.say(self.transfers.summary())
+        if not sent:
+            result.transfers_failed = True
+        return result

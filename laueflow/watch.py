@@ -10,6 +10,7 @@ stopped, never is.  A frame that never completes holds back only its own point.
 :class:`LagBook` keeps, per point, when its last frame arrived, when it was handed to the driver and
 when its output came, and says when the lag grows (the reconstruction falling behind the beamline).
 :func:`watch_status` is what ``laueflow watch`` adds to ``OUT/status.json`` (the ``watch`` entry).
+:class:`WatchHooks` joins the two to a run as a hook: each point's lag is printed and recorded.
 """
 
 from __future__ import annotations
@@ -19,19 +20,25 @@ import math
 import os
 import signal
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 
 from .config import Config
 from .errors import WatchError  # noqa: F401 (re-exported)
 from .io.scan import _frame_files
+from .workflow.hooks import RunHooks
+from .workflow.status import PointState
+
+if TYPE_CHECKING:  # only for annotations: the driver loads Parsl and JAX
+    from .workflow.dag import PointResult
 
 # Frame files of points that are not ready yet, listed in status.json (the rest are counted).
 MAX_LISTED = 10
@@ -334,7 +341,7 @@ class PointLag:
     last_frame_at: float
     ready_at: float
     output_at: float
-    status: str = "done"
+    status: str = PointState.DONE
 
     @property
     def lag(self) -> float:
@@ -370,7 +377,7 @@ class LagBook:
         self.warning: str | None = None
 
     def record(self, point: int, last_frame_at: float, ready_at: float, output_at: float,
-               status: str = "done") -> PointLag:
+               status: str = PointState.DONE) -> PointLag:
         entry = PointLag(point, last_frame_at, ready_at, output_at, status)
         self.entries[point] = entry
         self._order.append(point)
@@ -421,8 +428,43 @@ def watch_status(feed: PointFeed, book: LagBook) -> dict[str, Any]:
         entry = book.entries.get(k)
         points[str(k)] = entry.to_dict() if entry is not None else {
             "last_frame_at": _iso(feed.arrival(k)), "ready_at": _iso(feed.ready_at(k)), "output_at": None,
-            "lag_seconds": None, "status": "resumed" if k in book.kept else "pending"}
+            "lag_seconds": None, "status": PointState.RESUMED if k in book.kept else PointState.PENDING}
     return {"watch": {**feed.summary(), "lag": book.summary(), "points": points}}
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+class WatchHooks(RunHooks):
+    """What watching adds to a run: each point's lag (from its last frame to its output) is recorded
+    in ``book`` and printed (``say``), a growing lag is warned about (``warn``), and status.json gets
+    the ``watch`` entry.  ``clock`` gives epoch seconds (the time of each output)."""
+
+    def __init__(self, feed: PointFeed, book: LagBook | None = None, *, say: Callable[[str], None] = print,
+                 warn: Callable[[str], None] = _warn, clock: Callable[[], float] = time.time) -> None:
+        self.feed = feed
+        self.book = book if book is not None else LagBook()
+        self.say = say
+        self.warn = warn
+        self.clock = clock
+
+    def on_point_done(self, result: PointResult) -> None:
+        arrival = self.feed.arrival(result.point)
+        if arrival is None:
+            return
+        if result.status == PointState.RESUMED:
+            self.book.keep(result.point)
+            return
+        entry = self.book.record(result.point, arrival, self.feed.ready_at(result.point), self.clock(),
+                                 result.status)
+        self.say(entry.line())
+        warning = self.book.falling_behind()
+        if warning:
+            self.warn(warning)
+
+    def status_section(self) -> dict[str, Any]:
+        return watch_status(self.feed, self.book)
 
 
 @contextmanager

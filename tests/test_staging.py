@@ -22,6 +22,7 @@ from laueflow.simulate import simulate
 from laueflow.workflow import run
 from laueflow.workflow import tasks as T
 from laueflow.workflow.dag import STAGE_NAME
+from laueflow.workflow.outcomes import StageOutcome
 
 
 def assert_same_block(a, b) -> None:
@@ -161,20 +162,20 @@ def test_blocks_from_a_staged_point_equal_direct_blocks(sim: Path, tmp_path: Pat
     cfg = load(sim / "config.yaml")
     tiles = T.cached_scan(str(sim), cfg).tiles(64)
     stage = T.stage_point(str(sim), cfg_path, 1, tiles, str(tmp_path / STAGE_NAME))
-    assert not stage.get("error") and not stage["reused"] and (tmp_path / STAGE_NAME).stat().st_size > 0
-    assert set(stage) == {*staging.READER_KEYS, "reused"}  # what travels with each block task
-    assert T.stage_point(str(sim), cfg_path, 1, tiles, str(tmp_path / STAGE_NAME))["reused"]
+    assert not stage.error and not stage.reused and (tmp_path / STAGE_NAME).stat().st_size > 0
+    assert set(stage.reader) == set(staging.READER_KEYS)  # what travels with each block task
+    assert T.stage_point(str(sim), cfg_path, 1, tiles, str(tmp_path / STAGE_NAME)).reused
     for tile in tiles:
         box = f"r{tile.r0}_c{tile.c0}"
         a = T.reconstruct_block(str(sim), cfg_path, 1, tile, str(tmp_path / f"staged_{box}.npz"), stage)
         b = T.reconstruct_block(str(sim), cfg_path, 1, tile, str(tmp_path / f"direct_{box}.npz"))
-        assert a["n_pixels"] == b["n_pixels"] > 0 and not a["error"]
-        ra, rb = results.read_block(a["block_file"]), results.read_block(b["block_file"])
+        assert a.n_pixels == b.n_pixels > 0 and not a.error
+        ra, rb = results.read_block(a.block_file), results.read_block(b.block_file)
         np.testing.assert_array_equal(ra.profiles, rb.profiles)
     # a scratch file that vanished (cleaned up under a running task): the frame files are read instead
     staging.remove(tmp_path / STAGE_NAME)
     c = T.reconstruct_block(str(sim), cfg_path, 1, tiles[0], str(tmp_path / "fallback.npz"), stage)
-    assert c["n_pixels"] > 0 and not c["error"]
+    assert c.n_pixels > 0 and not c.error
 
 
 def test_staging_errors_are_returned_not_raised(sim: Path, tmp_path: Path) -> None:
@@ -184,10 +185,10 @@ def test_staging_errors_are_returned_not_raised(sim: Path, tmp_path: Path) -> No
     (data / f"scan_{cfg.file.n_frames + 4}.h5").write_bytes(b"truncated")
     tiles = open_scan(cfg, data, check=False).tiles(64)
     stage = T.stage_point(str(data), str(data / "config.yaml"), 1, tiles, str(tmp_path / STAGE_NAME))
-    assert f"scan_{cfg.file.n_frames + 4}.h5" in stage["error"] and stage["file"] is None
+    assert f"scan_{cfg.file.n_frames + 4}.h5" in stage.error and stage.reader is None
     cfg_path = str(data / "config.yaml")
     out = T.reconstruct_block(str(data), cfg_path, 1, tiles[0], str(tmp_path / "b.npz"), stage)
-    assert f"scan_{cfg.file.n_frames + 4}.h5" in out["error"]  # read directly: the real cause is reported
+    assert f"scan_{cfg.file.n_frames + 4}.h5" in out.error  # read directly: the real cause is reported
 
 
 def test_an_unexpected_staging_failure_falls_back(sim: Path, tmp_path: Path,
@@ -201,10 +202,10 @@ def test_an_unexpected_staging_failure_falls_back(sim: Path, tmp_path: Path,
     cfg_path = str(sim / "config.yaml")
     tiles = T.cached_scan(str(sim), load(sim / "config.yaml")).tiles(64)
     stage = T.stage_point(str(sim), cfg_path, 1, tiles, str(tmp_path / STAGE_NAME))
-    assert stage == {"error": "staging point 1: RuntimeError: no staging today", "file": None}
+    assert stage == StageOutcome(error="staging point 1: RuntimeError: no staging today")
     out = T.reconstruct_block(str(sim), cfg_path, 1, tiles[0], str(tmp_path / "b.npz"), stage)
-    assert out["n_pixels"] > 0 and not out["error"]
-    assert out["staging_note"] == stage["error"]  # slower reading is reported, not silent
+    assert out.n_pixels > 0 and not out.error
+    assert out.staging_note == stage.error  # slower reading is reported, not silent
 
     # the same in a run: every point done, each saying that its blocks read the frame files
     result = run(sim, load(sim / "config.yaml"), tmp_path / "out", points=[1], block_pixels=64,

@@ -130,7 +130,7 @@ def test_finished_blocks_are_reused(scan, tmp_path):
     for tile in tiles[:3]:  # an interrupted run finished three of the four blocks
         name = block_dir / f"block_r{tile.r0:05d}_c{tile.c0:05d}.npz"
         info = T.reconstruct_block(str(scan), str(scan / "config.yaml"), 2, tile, str(name))
-        assert info["block_file"] == str(name) and not info["error"]
+        assert info.block_file == str(name) and not info.error
     result = run(scan, cfg, out, points=[2], block_pixels=BLOCK, site_config=_site("threads", out))
     (p,) = result.points
     assert p.status == "done" and p.reused_blocks == 3

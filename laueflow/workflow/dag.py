@@ -1,4 +1,4 @@
-"""The task graph of a reconstruction and the driver loop that runs it on a Parsl configuration.
+"""The task graph of a reconstruction and the :class:`Driver` that runs it on a Parsl configuration.
 
 Per scan point: one ``stage_point`` task (executor ``stitch``) that reads the point's frames once
 into a tile-major scratch file (:mod:`laueflow.io.staging`), one ``reconstruct_block`` task per
@@ -10,6 +10,7 @@ interrupted run loses at most the blocks in progress.
 
 Everything that can be checked before any task runs is checked first (scan, points, region,
 whether the mask can resolve the depth grid), and nothing is written until those checks pass.
+Front ends follow and extend a run through hooks (:mod:`laueflow.workflow.hooks`).
 """
 
 from __future__ import annotations
@@ -21,24 +22,33 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
+import parsl
 
-from .. import provenance
+from .. import provenance, sites
 from ..config import Config, ConfigWarning, load
 from ..errors import RunError  # noqa: F401 (re-exported)
-from ..io import results, staging
+from ..forward import Setup
+from ..geometry import check_reach
+from ..io import blocks, pointfile, staging
+from ..io.atomic import atomic_path
+from ..io.export import ExportError, export_point
+from ..io.layout import BLOCKS_DIR, STAGE_NAME, RunFolder, block_name  # noqa: F401 (re-exported)
 from ..io.scan import Scan, ScanError, open_scan, select_points
-from .status import RunLock, RunLocked, StatusFile
+from . import apps
+from .hooks import PointFeed, ProgressCallback, ProgressEvent, RunHooks
+from .outcomes import BlockOutcome, StitchOutcome
+from .status import FILE_STATES, OK_STATES, PointState, RunLock, RunLocked, RunState, StatusFile
 
-BLOCKS_DIR = ".blocks"
-STAGE_NAME = "frames.stage"
+__all__ = ["Driver", "PointFeed", "PointResult", "ProgressEvent", "RunError", "RunHooks", "RunOptions",
+           "RunResult", "prepare", "run"]
+
 # scratch disk that staged points in flight may take (OUT/.blocks/point_<k>/frames.stage)
 STAGE_BUDGET_BYTES = 4 << 30
-OK_STATUSES = ("done", "resumed")
 
 
 @dataclass
@@ -46,7 +56,7 @@ class PointResult:
     """How one scan point ended: done, resumed (existing file still valid), skipped, partial, failed."""
 
     point: int
-    status: str
+    status: PointState
     file: str | None = None
     n_pixels: int = 0
     depth_range_um: tuple[float, float] | None = None
@@ -59,17 +69,17 @@ class PointResult:
     @property
     def ok(self) -> bool:
         """False when something went wrong (a skipped point is fine when no block failed)."""
-        return self.status in OK_STATUSES or (self.status == "skipped" and self.failed_blocks == 0)
+        return self.status in OK_STATES or (self.status == PointState.SKIPPED and self.failed_blocks == 0)
 
     def line(self) -> str:
         """One line for humans."""
         head = f"point {self.point:5d}: {self.status:<8s}"
-        if self.status in ("skipped", "failed"):
+        if self.status in (PointState.SKIPPED, PointState.FAILED):
             return f"{head} {self.reason}"
         rng = (f"signal {self.depth_range_um[0]:.1f} to {self.depth_range_um[1]:.1f} um"
                if self.depth_range_um else "no signal")
         text = f"{head} {self.n_pixels} pixels, {rng}"
-        if self.status != "resumed":
+        if self.status != PointState.RESUMED:
             text += f", {self.seconds:.1f} s (decoding {self.block_seconds:.1f} s)"
         if self.reason:
             text += f"; {self.reason}"
@@ -94,7 +104,7 @@ class RunResult:
         for p in self.points:
             counts[p.status] = counts.get(p.status, 0) + 1
         parts = ", ".join(f"{n} {s}" for s, n in counts.items())
-        pixels = sum(p.n_pixels for p in self.points if p.status in ("done", "partial", "resumed"))
+        pixels = sum(p.n_pixels for p in self.points if p.status in FILE_STATES)
         bad = sum(not p.ok for p in self.points)
         tail = f"; {bad} with errors" if bad else ""
         if self.transfers_failed:
@@ -104,20 +114,32 @@ class RunResult:
                 f"{self.seconds:.1f} s, results in {self.out_dir}{tail}")
 
 
-@dataclass
-class ProgressEvent:
-    """Sent to the ``progress`` callback: ``start`` (totals known), ``block`` (one block finished, with
-    its point and pixel count) and ``point`` (one point finished, with its result).  Totals grow when
-    points are added while the run goes on."""
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run goes, apart from what it reconstructs (scan, configuration, output folder).
 
-    kind: str
-    blocks_done: int
-    blocks_total: int
-    points_total: int
-    result: PointResult | None = None
-    point: int | None = None
-    n_pixels: int = 0
-    reused: bool = False  # a "block" event for finished blocks kept from an earlier run
+    ``points``: a selection such as ``"0:4"`` or a list (default: all); ``block_pixels``: pixels per
+    block task (default: ``recon.block_pixels``); ``site_config``: a ``parsl.Config`` with executors
+    labelled ``decode`` and ``stitch`` (default: the threads site); ``command_line``: recorded in the
+    provenance (default: this process's); ``force``: recompute up-to-date points and blocks;
+    ``per_depth_files``: also write one image file per depth for the indexing chain; ``staging``:
+    read each point's frames once into a scratch file for its block tasks (the points in flight are
+    limited so that their scratch files stay within ``stage_budget_bytes``, but at least two are),
+    else each block task reads its tile from the frame files; ``poll_interval``: seconds between two
+    looks at the feed, and between two hook ticks.
+    """
+
+    points: str | Sequence[int] | None = None
+    block_pixels: int | None = None
+    site_config: Any = None
+    command_line: str | None = None
+    force: bool = False
+    per_depth_files: bool = False
+    staging: bool = True
+    stage_budget_bytes: int = STAGE_BUDGET_BYTES
+    max_points_in_flight: int = 64
+    max_blocks_in_flight: int = 4096
+    poll_interval: float = 1.0
 
 
 @dataclass
@@ -130,10 +152,21 @@ class _Plan:
 
 @dataclass
 class _Point:
+    """A point whose tasks are submitted."""
+
     point: int
     t0: float
     block_futures: list[Future] = field(default_factory=list)
     block_tiles: list[tuple[int, ...]] = field(default_factory=list)
+
+
+@dataclass
+class _Counts:
+    """Blocks of the run, for the progress events (totals grow when points are added)."""
+
+    blocks_total: int = 0
+    blocks_done: int = 0
+    blocks_live: int = 0
 
 
 def _corner_pixels(frame: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -152,9 +185,6 @@ def prepare(scan_path: str | Path, cfg: Config, out_dir: str | Path,
             points: str | Sequence[int] | None = None, block_pixels: int | None = None) -> _Plan:
     """All checks that need no task: the scan opens, the points exist, the first point's files are
     sound, the output is not inside the input, and the mask can resolve the depth grid."""
-    from ..decode import check_reach
-    from ..forward import Setup
-
     scan = open_scan(cfg, scan_path, check=False)
     if points is None or isinstance(points, str):
         chosen = select_points(points, scan.n_points)
@@ -190,15 +220,13 @@ def _worker_config(cfg: Config, out_dir: Path) -> tuple[str, str]:
             on_disk = load(cfg.source_file)
         if on_disk.fingerprint() == cfg.fingerprint():
             return str(Path(cfg.source_file).resolve()), on_disk.fingerprint()
-    from dataclasses import replace
-
     mask = cfg.geo.mask
     if mask.path is not None:
         mask = replace(mask, path=str(cfg.resolve(mask.path).resolve()))
     fixed = replace(cfg, geo=replace(cfg.geo, mask=mask))
-    path = out_dir / BLOCKS_DIR / "config.yaml"
+    path = RunFolder(out_dir).config
     path.parent.mkdir(parents=True, exist_ok=True)
-    with results.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(fixed.to_yaml())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)
@@ -209,7 +237,7 @@ def _resumable(scan: Scan, cfg: Config, point: int, out_file: Path, block_dir: P
     """A result for a point whose file exists, is complete and matches the configuration and the inputs."""
     if not out_file.is_file():
         return None
-    prov = results.read_provenance(out_file)
+    prov = pointfile.read_provenance(out_file)
     if (not prov or not prov.get("complete") or prov.get("point") != point
             or prov.get(provenance.CONFIG_FINGERPRINT) != cfg.fingerprint()):
         return None
@@ -220,22 +248,21 @@ def _resumable(scan: Scan, cfg: Config, point: int, out_file: Path, block_dir: P
     if current != prov.get(provenance.INPUT_FINGERPRINT):
         shutil.rmtree(block_dir, ignore_errors=True)  # inputs changed: their blocks are stale too
         return None
-    info = results.point_summary(out_file)
-    return PointResult(point=point, status="resumed", file=str(out_file), n_pixels=info["n_pixels"],
+    info = pointfile.point_summary(out_file)
+    return PointResult(point=point, status=PointState.RESUMED, file=str(out_file), n_pixels=info["n_pixels"],
                        depth_range_um=info["depth_range_um"], reason="file up to date, kept")
 
 
-def _reusable_block(block_file: Path, point: int, box: tuple[int, ...], fingerprint: str) -> dict | None:
-    """The summary of a finished block file that can be reused, else None."""
-    from .tasks import block_summary
-
+def _reusable_block(block_file: Path, point: int, box: tuple[int, int, int, int],
+                    fingerprint: str) -> BlockOutcome | None:
+    """The outcome of a finished block file that can be reused, else None."""
     if not block_file.is_file():
         return None
-    meta = results.read_block_meta(block_file)
+    meta = blocks.read_block_meta(block_file)
     if not meta or meta["config_fingerprint"] != fingerprint or meta["point"] != point or meta["tile"] != box:
         return None
-    return block_summary(point, box, n_pixels=meta["n_pixels"], seconds=meta["seconds"],
-                         skipped=meta["skipped"], block_file=str(block_file), host=meta["host"], reused=True)
+    return BlockOutcome(point, box, n_pixels=meta["n_pixels"], seconds=meta["seconds"],
+                        skipped=meta["skipped"], block_file=str(block_file), host=meta["host"], reused=True)
 
 
 def _root_cause(state: _Point) -> str:
@@ -247,255 +274,12 @@ def _root_cause(state: _Point) -> str:
     return ""
 
 
-class PointFeed(Protocol):
-    """Points that become ready while a run goes on (``laueflow watch``): ``poll`` returns the points
-    that became ready since the last call; ``done`` is True once no more will come."""
-
-    def poll(self) -> Sequence[int]: ...
-
-    @property
-    def done(self) -> bool: ...
-
-
-def run(scan_path: str | Path, cfg: Config, out_dir: str | Path, points: str | Sequence[int] | None = None,
-        block_pixels: int | None = None, site_config: Any = None,
-        progress: Callable[[ProgressEvent], None] | None = None, command_line: str | None = None,
-        max_points_in_flight: int = 64, max_blocks_in_flight: int = 4096, force: bool = False,
-        per_depth_files: bool = False, feed: PointFeed | None = None,
-        tick: Callable[[], None] | None = None, status_extra: Callable[[], dict] | None = None,
-        poll_interval: float = 1.0, staging: bool = True,
-        stage_budget_bytes: int = STAGE_BUDGET_BYTES) -> RunResult:
-    """Reconstruct the chosen points of a scan into ``out_dir``; returns what happened to each point.
-
-    ``site_config`` is a ``parsl.Config`` with executors labelled ``decode`` and ``stitch`` (see
-    :mod:`laueflow.sites`; default: the threads site).  Raises ScanError or RunError, before
-    writing anything, when the run cannot start, and RunError when another run holds ``out_dir``.
-    Existing complete point files whose configuration and input fingerprints match are kept and
-    finished block files are reused, unless ``force``.  ``per_depth_files`` also writes one image
-    file per depth for the indexing chain.  ``feed`` adds points while the run goes on; ``tick`` is
-    called about every ``poll_interval`` seconds; ``status_extra`` adds entries to ``status.json``.
-    ``staging``: read each point's frames once into a scratch file for its block tasks (the points
-    in flight are limited so that their scratch files stay within ``stage_budget_bytes``, but at least
-    two are); without it each block task reads its tile from the frame files.
-    """
-    import parsl
-
-    from .apps import reconstruct_block, stage_point, stitch_point
-
-    t_start = time.perf_counter()
-    start_time = provenance.now()
-    scan_path = Path(scan_path).resolve()
-    out_dir = Path(out_dir).resolve()
-    plan = prepare(scan_path, cfg, out_dir, points, block_pixels)
-    emit = progress or (lambda event: None)
-    try:
-        parsl.dfk()
-    except parsl.errors.NoDataFlowKernelError:
-        pass
-    else:
-        raise RunError("a Parsl configuration is already loaded in this process; "
-                       "call parsl.dfk().cleanup() first (laueflow loads its site itself)")
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out_dir)
-    try:
-        lock.acquire()
-    except RunLocked as exc:
-        raise RunError(str(exc)) from None
-    try:
-        return _drive(plan=plan, scan_path=scan_path, cfg=cfg, out_dir=out_dir, site_config=site_config,
-                      emit=emit, command_line=command_line, start_time=start_time, t_start=t_start,
-                      max_points_in_flight=max_points_in_flight, max_blocks_in_flight=max_blocks_in_flight,
-                      force=force, per_depth_files=per_depth_files, feed=feed, tick=tick,
-                      status_extra=status_extra, poll_interval=poll_interval,
-                      stage_point=stage_point if staging else None, stage_budget_bytes=stage_budget_bytes,
-                      reconstruct_block=reconstruct_block, stitch_point=stitch_point)
-    finally:
-        lock.release()
-
-
-def _drive(*, plan: _Plan, scan_path: Path, cfg: Config, out_dir: Path, site_config: Any,
-           emit: Callable[[ProgressEvent], None], command_line: str | None, start_time: str, t_start: float,
-           max_points_in_flight: int, max_blocks_in_flight: int, force: bool, per_depth_files: bool,
-           feed: PointFeed | None, tick: Callable[[], None] | None, status_extra: Callable[[], dict] | None,
-           poll_interval: float, stage_point: Any, stage_budget_bytes: int, reconstruct_block: Any,
-           stitch_point: Any) -> RunResult:
-    """The body of :func:`run`, once the output folder is locked (``stage_point`` None: no staging)."""
-    import parsl
-
-    if site_config is None:
-        from .. import sites
-
-        site_config = sites.site_config("threads", run_dir=str(out_dir / ".runinfo"))
-    cfg_path, worker_fp = _worker_config(cfg, out_dir)
-    source = Path(cfg.source_file) if cfg.source_file else None
-    source_text = source.read_text() if source is not None and source.is_file() else None
-    command = command_line if command_line is not None else provenance.command_line()
-    meta_common = {
-        "scan_path": str(scan_path), "cfg_path": cfg_path, "frame": [int(v) for v in cfg.file.frame],
-        "depths_mm": [float(z) for z in cfg.geo.source.depths], "config_yaml": cfg.to_yaml(),
-        "config_fingerprint": cfg.fingerprint(), "start_time": start_time,
-        "command_line": command, "host": socket.gethostname(), "config_file": cfg.source_file or "",
-        "config_source": source_text, "per_depth_files": per_depth_files,
-    }
-    _remove_stale_temporaries(out_dir, keep_staged=plan.points if stage_point is not None else ())
-    status = StatusFile(out_dir, scan=str(scan_path), command=command, extra=status_extra)
-    outcome = RunResult(out_dir=str(out_dir))
-    n_tiles = len(plan.tiles)
-    done_results: dict[int, PointResult] = {}
-    order: list[int] = []
-    seen: set[int] = set()
-    queue: deque[int] = deque()
-    counts = {"blocks_total": 0, "blocks_done": 0}
-    if stage_point is not None:
-        r0, r1, c0, c1 = cfg.file.frame
-        per_point = staging.staged_bytes(cfg.file.n_frames, (r1 - r0) * (c1 - c0))
-        max_points_in_flight = min(max_points_in_flight, max(2, stage_budget_bytes // max(per_point, 1)))
-
-    def event(kind: str, result: PointResult | None = None, point: int | None = None,
-              n_pixels: int = 0, reused: bool = False) -> ProgressEvent:
-        return ProgressEvent(kind, counts["blocks_done"], counts["blocks_total"], len(order), result,
-                             point=point, n_pixels=n_pixels, reused=reused)
-
-    def add_points(new: Sequence[int]) -> None:
-        """Queue points (skipping those already in the run); points with up-to-date files are done."""
-        for k in new:
-            if k in seen:
-                continue
-            seen.add(k)
-            if k >= plan.scan.n_points:  # a scan that grows while it is watched
-                plan.scan = open_scan(cfg, scan_path, check=False)
-            order.append(k)
-            status.add_point(k, n_tiles)
-            resumed = None if force else _resumable(plan.scan, cfg, k, out_dir / results.point_name(k),
-                                                     _block_dir(out_dir, k))
-            if resumed is not None:
-                if per_depth_files:
-                    _export_kept(resumed)
-                done_results[k] = resumed
-                status.point_finished(resumed, write=started)
-                if started:  # points of the initial selection are announced after "start"
-                    emit(event("point", resumed))
-            else:
-                if force:
-                    shutil.rmtree(_block_dir(out_dir, k), ignore_errors=True)
-                queue.append(k)
-                counts["blocks_total"] += n_tiles
-
-    started = False
-    final_state = "failed"
-    try:
-        add_points(plan.points)
-        started = True
-        emit(event("start"))
-        for k in order:
-            if k in done_results:
-                emit(event("point", done_results[k]))
-        status.write(force=True)
-        if queue or (feed is not None and not feed.done):
-            with warnings.catch_warnings(), parsl.load(site_config):
-                # JAX warns on every fork; Parsl's providers fork only to exec shell commands, which is safe
-                warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-                live: dict[Future, tuple[str, int]] = {}
-                last_stage: list[Future] = []  # the latest point's staging: the next one waits for it
-                active: dict[int, _Point] = {}
-                blocks_live = 0
-                last_tick = time.monotonic()
-
-                def submit(k: int) -> int:
-                    """Submit one point's blocks and its stitching; returns the number of block tasks."""
-                    block_dir = _block_dir(out_dir, k)
-                    state = _Point(point=k, t0=time.perf_counter())
-                    deps: list[Any] = []
-                    files: list[str] = []
-                    todo = []
-                    for tile in plan.tiles:
-                        box = (tile.r0, tile.r1, tile.c0, tile.c1)
-                        bf = block_dir / f"block_r{tile.r0:05d}_c{tile.c0:05d}.npz"
-                        files.append(str(bf))
-                        reused = _reusable_block(bf, k, box, worker_fp)
-                        deps.append(reused)
-                        if reused is None:
-                            todo.append((len(deps) - 1, tile, box, bf))
-                    stage = None
-                    if stage_point is not None and todo:
-                        stage = stage_point(str(scan_path), cfg_path, k, [t for _, t, _, _ in todo],
-                                            str(block_dir / STAGE_NAME), inputs=last_stage[-1:])
-                        last_stage[:] = [stage]
-                    for i, tile, box, bf in todo:
-                        fut = reconstruct_block(str(scan_path), cfg_path, k, tile, str(bf), stage)
-                        live[fut] = ("block", k)
-                        state.block_futures.append(fut)
-                        state.block_tiles.append(box)
-                        deps[i] = fut
-                    meta = {**meta_common, "point": k}
-                    stitch = stitch_point(files, str(out_dir / results.point_name(k)), meta, inputs=deps)
-                    live[stitch] = ("point", k)
-                    active[k] = state
-                    return len(state.block_futures)
-
-                while True:
-                    if feed is not None and not feed.done:
-                        add_points(feed.poll())
-                    while queue and len(active) < max_points_in_flight and (
-                            blocks_live < max_blocks_in_flight or not active):
-                        k = queue.popleft()
-                        n_new = submit(k)
-                        blocks_live += n_new
-                        reused = n_tiles - n_new
-                        status.point_running(k, reused_blocks=reused)
-                        if reused:
-                            counts["blocks_done"] += reused
-                            emit(event("block", point=k, reused=True))
-                    if not live and not queue and (feed is None or feed.done):
-                        break
-                    if tick is not None and time.monotonic() - last_tick >= poll_interval:
-                        tick()
-                        last_tick = time.monotonic()
-                    if live:
-                        finished, _ = wait(list(live), timeout=poll_interval, return_when=FIRST_COMPLETED)
-                    else:  # waiting for the feed: wait() on no futures would return at once (a busy loop)
-                        finished = set()
-                        time.sleep(poll_interval)
-                    if not finished:
-                        status.write()
-                    for fut in finished:
-                        kind, k = live.pop(fut)
-                        if kind == "block":
-                            blocks_live -= 1
-                            counts["blocks_done"] += 1
-                            info = fut.result() if fut.exception() is None else {"error": "task failed"}
-                            n_pixels = int(info.get("n_pixels", 0))
-                            status.block_done(k, n_pixels=n_pixels, failed=bool(info.get("error")))
-                            emit(event("block", point=k, n_pixels=n_pixels))
-                            continue
-                        state = active.pop(k)
-                        result = _point_result(k, fut, state)
-                        if result.status == "done":
-                            shutil.rmtree(_block_dir(out_dir, k), ignore_errors=True)
-                        else:  # the block files stay for a rerun; the scratch frames need not
-                            staging.remove(_block_dir(out_dir, k) / STAGE_NAME)
-                        done_results[k] = result
-                        status.point_finished(result)
-                        emit(event("point", result))
-        final_state = "finished"
-    except KeyboardInterrupt:
-        final_state = "interrupted"
-        raise
-    finally:
-        blocks_root = out_dir / BLOCKS_DIR
-        if blocks_root.is_dir() and not any(p.is_dir() for p in blocks_root.iterdir()):
-            shutil.rmtree(blocks_root, ignore_errors=True)
-        status.finish(final_state)
-    outcome.points = [done_results[k] for k in order]
-    outcome.seconds = time.perf_counter() - t_start
-    return outcome
+def _block_dir(out_dir: Path, point: int) -> Path:
+    return RunFolder(out_dir).blocks(point)
 
 
 def _export_kept(result: PointResult) -> None:
     """Per-depth files of a point file that is kept: a failed export is noted, the point stays done."""
-    from ..io.export import ExportError, export_point
-
     try:
         export_point(result.file)
     except (ExportError, OSError) as exc:
@@ -506,16 +290,13 @@ def _remove_stale_temporaries(out_dir: Path, keep_staged: Sequence[int] = ()) ->
     """Remove files an interrupted run left half-written under their temporary names, and its staged
     points except those of ``keep_staged`` (this run may reuse them; the others would only hold disk
     space).  Safe: this run holds the folder's lock, so no other run is writing there."""
-    keep = {_block_dir(out_dir, k) for k in keep_staged}
-    for folder in (out_dir, *(p for p in out_dir.joinpath(BLOCKS_DIR).glob("point_*") if p.is_dir())):
-        for tmp in folder.glob(f"*{results.TMP_MARK}*"):
-            tmp.unlink(missing_ok=True)
-        if folder != out_dir and folder not in keep:
+    run_folder = RunFolder(out_dir)
+    for tmp in run_folder.temporaries():
+        tmp.unlink(missing_ok=True)
+    keep = {run_folder.blocks(k) for k in keep_staged}
+    for folder in run_folder.block_dirs():
+        if folder not in keep:
             staging.remove(folder / STAGE_NAME)
-
-
-def _block_dir(out_dir: Path, point: int) -> Path:
-    return out_dir / BLOCKS_DIR / f"point_{point:05d}"
 
 
 def _point_result(k: int, fut: Future, state: _Point) -> PointResult:
@@ -525,13 +306,314 @@ def _point_result(k: int, fut: Future, state: _Point) -> PointResult:
     if exc is not None:
         cause = _root_cause(state) or f"{type(exc).__name__}: {exc}"
         failed = sum(1 for f in state.block_futures if f.exception() is not None)
-        return PointResult(point=k, status="failed", seconds=seconds, failed_blocks=max(failed, 1),
+        return PointResult(point=k, status=PointState.FAILED, seconds=seconds, failed_blocks=max(failed, 1),
                            reason=cause)
-    r = fut.result()
-    rng = r.get("depth_range_um")
-    return PointResult(point=k, status=r["status"], file=r.get("file"), n_pixels=int(r.get("n_pixels", 0)),
-                       depth_range_um=tuple(rng) if rng else None, seconds=seconds,
-                       block_seconds=float(r.get("block_seconds", 0.0)),
-                       failed_blocks=int(r.get("failed_blocks", 0)),
-                       reused_blocks=int(r.get("reused_blocks", 0)),
-                       reason=r.get("reason", ""))
+    r: StitchOutcome = fut.result()
+    return PointResult(point=k, status=r.status, file=r.file, n_pixels=r.n_pixels,
+                       depth_range_um=r.depth_range_um, seconds=seconds, block_seconds=r.block_seconds,
+                       failed_blocks=r.failed_blocks, reused_blocks=r.reused_blocks, reason=r.reason)
+
+
+class Driver:
+    """One run of the task graph; its steps, in order:
+
+    - :meth:`prepare`: every check that needs no task, and the plan (points, tiles);
+    - then, with the output folder locked, :meth:`drive`: points are queued (:meth:`add_points`; up-to-date
+      points are kept), and while tasks run, the points that fit are submitted (:meth:`submit`: their
+      :meth:`stage` task, their block tasks and their :meth:`stitch` task), finished tasks are
+      collected (:meth:`collect`), and each point that ends is reported (:meth:`report`) to
+      ``status.json`` and to the hooks.
+    """
+
+    def __init__(self, scan_path: str | Path, cfg: Config, out_dir: str | Path, options: RunOptions,
+                 hooks: Sequence[RunHooks] = (), feed: PointFeed | None = None) -> None:
+        self.scan_path = Path(scan_path).resolve()
+        self.cfg = cfg
+        self.out_dir = Path(out_dir).resolve()
+        self.options = options
+        self.hooks = list(hooks)
+        self.feed = feed
+        self.t_start = time.perf_counter()
+        self.start_time = provenance.now()
+        self.plan: _Plan | None = None
+        self.counts = _Counts()
+        self.done: dict[int, PointResult] = {}  # the points that ended, by point
+        self.order: list[int] = []  # the points of the run, in the order they came
+        self.seen: set[int] = set()  # the same, to look up
+        self.queue: deque[int] = deque()  # points waiting for their tasks
+        self.active: dict[int, _Point] = {}  # points whose tasks are submitted
+        self.live: dict[Future, tuple[str, int]] = {}  # unfinished tasks: ("block" | "point", point)
+        self.last_stage: Future | None = None  # the latest point's staging: the next one waits for it
+        self.started = False
+        self.status: StatusFile | None = None
+        self.max_points_in_flight = options.max_points_in_flight
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        """Check, lock the output folder, drive the tasks; the hooks' ``on_finish`` follows the unlock."""
+        self.prepare()
+        outcome: RunResult | None = None
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(self.out_dir)
+            try:
+                lock.acquire()
+            except RunLocked as exc:
+                raise RunError(str(exc)) from None
+            try:
+                outcome = self.drive()
+            finally:
+                lock.release()
+        finally:
+            for hook in self.hooks:
+                hook.on_finish(outcome)
+        return outcome
+
+    def prepare(self) -> None:
+        """Everything that can be checked before anything is written (raises ScanError or RunError)."""
+        o = self.options
+        self.plan = prepare(self.scan_path, self.cfg, self.out_dir, o.points, o.block_pixels)
+        try:
+            parsl.dfk()
+        except parsl.errors.NoDataFlowKernelError:
+            pass
+        else:
+            raise RunError("a Parsl configuration is already loaded in this process; "
+                           "call parsl.dfk().cleanup() first (laueflow loads its site itself)")
+
+    def drive(self) -> RunResult:
+        """Run the tasks of every point (the output folder is locked) and return what became of them."""
+        o, cfg, plan = self.options, self.cfg, self.plan
+        site_config = o.site_config
+        if site_config is None:
+            site_config = sites.site_config("threads", run_dir=str(RunFolder(self.out_dir).runinfo))
+        self.cfg_path, self.worker_fp = _worker_config(cfg, self.out_dir)
+        source = Path(cfg.source_file) if cfg.source_file else None
+        source_text = source.read_text() if source is not None and source.is_file() else None
+        command = o.command_line if o.command_line is not None else provenance.command_line()
+        self.meta_common = {
+            "scan_path": str(self.scan_path), "cfg_path": self.cfg_path,
+            "frame": [int(v) for v in cfg.file.frame], "depths_mm": [float(z) for z in cfg.geo.source.depths],
+            "config_yaml": cfg.to_yaml(), "config_fingerprint": cfg.fingerprint(),
+            "start_time": self.start_time,
+            "command_line": command, "host": socket.gethostname(), "config_file": cfg.source_file or "",
+            "config_source": source_text, "per_depth_files": o.per_depth_files,
+        }
+        _remove_stale_temporaries(self.out_dir, keep_staged=plan.points if o.staging else ())
+        self.status = StatusFile(self.out_dir, scan=str(self.scan_path), command=command,
+                                 extra=self.status_sections)
+        if o.staging:
+            r0, r1, c0, c1 = cfg.file.frame
+            per_point = staging.staged_bytes(cfg.file.n_frames, (r1 - r0) * (c1 - c0))
+            self.max_points_in_flight = min(self.max_points_in_flight,
+                                            max(2, o.stage_budget_bytes // max(per_point, 1)))
+        final_state = RunState.FAILED
+        try:
+            self.add_points(plan.points)
+            self.started = True
+            self.emit("start")
+            for k in self.order:  # points of the initial selection are announced after "start"
+                if k in self.done:
+                    self.announce(self.done[k])
+            self.status.write(force=True)
+            if self.queue or self.feed_open:
+                with warnings.catch_warnings(), parsl.load(site_config):
+                    # JAX warns on every fork; Parsl's providers fork only to exec shell commands (safe)
+                    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
+                                            category=RuntimeWarning)
+                    self.loop()
+            final_state = RunState.FINISHED
+        except KeyboardInterrupt:
+            final_state = RunState.INTERRUPTED
+            raise
+        finally:
+            blocks_root = RunFolder(self.out_dir).blocks_root
+            if blocks_root.is_dir() and not any(p.is_dir() for p in blocks_root.iterdir()):
+                shutil.rmtree(blocks_root, ignore_errors=True)
+            self.status.finish(final_state)
+        return RunResult(out_dir=str(self.out_dir), points=[self.done[k] for k in self.order],
+                         seconds=time.perf_counter() - self.t_start)
+
+    @property
+    def feed_open(self) -> bool:
+        """Whether the feed may still add points."""
+        return self.feed is not None and not self.feed.done
+
+    def loop(self) -> None:
+        """Submit what fits, wait for tasks, collect them, until no point is left or to come."""
+        o = self.options
+        last_tick = time.monotonic()
+        while True:
+            if self.feed_open:
+                self.add_points(self.feed.poll())
+            self.submit_ready()
+            if not self.live and not self.queue and not self.feed_open:
+                break
+            if time.monotonic() - last_tick >= o.poll_interval:
+                for hook in self.hooks:
+                    hook.tick()
+                last_tick = time.monotonic()
+            if self.live:
+                finished, _ = wait(list(self.live), timeout=o.poll_interval, return_when=FIRST_COMPLETED)
+            else:  # waiting for the feed: wait() on no futures would return at once (a busy loop)
+                finished = set()
+                time.sleep(o.poll_interval)
+            if not finished:
+                self.status.write()
+            for fut in finished:
+                self.collect(fut)
+
+    # -- the steps --------------------------------------------------------------------------------
+
+    def add_points(self, new: Sequence[int]) -> None:
+        """Queue points (skipping those already in the run); points with up-to-date files are done."""
+        cfg, plan, n_tiles = self.cfg, self.plan, len(self.plan.tiles)
+        for k in new:
+            if k in self.seen:
+                continue
+            self.seen.add(k)
+            if k >= plan.scan.n_points:  # a scan that grows while it is watched
+                plan.scan = open_scan(cfg, self.scan_path, check=False)
+            self.order.append(k)
+            self.status.add_point(k, n_tiles)
+            block_dir = _block_dir(self.out_dir, k)
+            resumed = None if self.options.force else _resumable(
+                plan.scan, cfg, k, RunFolder(self.out_dir).point_file(k), block_dir)
+            if resumed is not None:
+                if self.options.per_depth_files:
+                    _export_kept(resumed)
+                self.done[k] = resumed
+                self.status.point_finished(resumed, write=self.started)
+                if self.started:
+                    self.announce(resumed)
+            else:
+                if self.options.force:
+                    shutil.rmtree(block_dir, ignore_errors=True)
+                self.queue.append(k)
+                self.counts.blocks_total += n_tiles
+
+    def submit_ready(self) -> None:
+        """Submit the queued points that fit within the limits on points and blocks in flight."""
+        n_tiles = len(self.plan.tiles)
+        while self.queue and len(self.active) < self.max_points_in_flight and (
+                self.counts.blocks_live < self.options.max_blocks_in_flight or not self.active):
+            k = self.queue.popleft()
+            n_new = self.submit(k)
+            self.counts.blocks_live += n_new
+            reused = n_tiles - n_new
+            self.status.point_running(k, reused_blocks=reused)
+            if reused:
+                self.counts.blocks_done += reused
+                self.emit("block", point=k, reused=True)
+
+    def submit(self, k: int) -> int:
+        """Submit one point's staging, blocks and stitching; returns the number of block tasks."""
+        block_dir = _block_dir(self.out_dir, k)
+        state = _Point(point=k, t0=time.perf_counter())
+        deps: list[Any] = []
+        files: list[str] = []
+        todo = []
+        for tile in self.plan.tiles:
+            box = (tile.r0, tile.r1, tile.c0, tile.c1)
+            bf = block_dir / block_name(tile.r0, tile.c0)
+            files.append(str(bf))
+            reused = _reusable_block(bf, k, box, self.worker_fp)
+            deps.append(reused)
+            if reused is None:
+                todo.append((len(deps) - 1, tile, box, bf))
+        stage = self.stage(k, [t for _, t, _, _ in todo]) if todo else None
+        for i, tile, box, bf in todo:
+            fut = apps.reconstruct_block(str(self.scan_path), self.cfg_path, k, tile, str(bf), stage)
+            self.live[fut] = ("block", k)
+            state.block_futures.append(fut)
+            state.block_tiles.append(box)
+            deps[i] = fut
+        self.stitch(k, files, deps)
+        self.active[k] = state
+        return len(state.block_futures)
+
+    def stage(self, k: int, tiles: Sequence[Any]) -> Future | None:
+        """Submit the staging of a point's frames for the tiles to decode (None without staging); it
+        waits for the previous point's staging, so that one point is staged at a time."""
+        if not self.options.staging:
+            return None
+        stage = apps.stage_point(str(self.scan_path), self.cfg_path, k, tiles,
+                                 str(RunFolder(self.out_dir).staged(k)),
+                                 inputs=[self.last_stage] if self.last_stage is not None else [])
+        self.last_stage = stage
+        return stage
+
+    def stitch(self, k: int, files: Sequence[str], deps: Sequence[Future | BlockOutcome]) -> Future:
+        """Submit the stitching of a point, to run once its block tasks (``deps``) have finished."""
+        meta = {**self.meta_common, "point": k}
+        fut = apps.stitch_point(list(files), str(RunFolder(self.out_dir).point_file(k)), meta,
+                                inputs=list(deps))
+        self.live[fut] = ("point", k)
+        return fut
+
+    def collect(self, fut: Future) -> None:
+        """A finished task: a block is counted, a stitching ends its point."""
+        kind, k = self.live.pop(fut)
+        if kind == "block":
+            self.counts.blocks_live -= 1
+            self.counts.blocks_done += 1
+            info: BlockOutcome | None = fut.result() if fut.exception() is None else None
+            n_pixels = info.n_pixels if info is not None else 0
+            self.status.block_done(k, n_pixels=n_pixels, failed=info is None or bool(info.error))
+            self.emit("block", point=k, n_pixels=n_pixels)
+            return
+        state = self.active.pop(k)
+        result = _point_result(k, fut, state)
+        if result.status == PointState.DONE:
+            shutil.rmtree(_block_dir(self.out_dir, k), ignore_errors=True)
+        else:  # the block files stay for a rerun; the scratch frames need not
+            staging.remove(RunFolder(self.out_dir).staged(k))
+        self.report(result)
+
+    def report(self, result: PointResult) -> None:
+        """A point ended: into status.json, then to the hooks."""
+        self.done[result.point] = result
+        self.status.point_finished(result)
+        self.announce(result)
+
+    # -- the hooks --------------------------------------------------------------------------------
+
+    def emit(self, kind: str, result: PointResult | None = None, point: int | None = None,
+             n_pixels: int = 0, reused: bool = False) -> None:
+        """Send a progress event to every hook."""
+        event = ProgressEvent(kind, self.counts.blocks_done, self.counts.blocks_total, len(self.order),
+                              result, point=point, n_pixels=n_pixels, reused=reused)
+        for hook in self.hooks:
+            hook.on_event(event)
+
+    def announce(self, result: PointResult) -> None:
+        """A point that ended, to the hooks: its progress event, then ``on_point_done``."""
+        self.emit("point", result)
+        for hook in self.hooks:
+            hook.on_point_done(result)
+
+    def status_sections(self) -> dict[str, Any]:
+        """The hooks' entries of status.json."""
+        extra: dict[str, Any] = {}
+        for hook in self.hooks:
+            extra.update(hook.status_section())
+        return extra
+
+
+def run(scan_path: str | Path, cfg: Config, out_dir: str | Path, options: RunOptions | None = None, *,
+        hooks: Sequence[RunHooks] = (), feed: PointFeed | None = None,
+        progress: Callable[[ProgressEvent], None] | None = None, **overrides: Any) -> RunResult:
+    """Reconstruct the chosen points of a scan into ``out_dir``; returns what happened to each point.
+
+    ``options`` (:class:`RunOptions`), or its fields given by name here (``points=``,
+    ``block_pixels=``, ``site_config=``, ...), say how.  Raises ScanError or RunError, before writing
+    anything, when the run cannot start, and RunError when another run holds ``out_dir``.  Existing
+    complete point files whose configuration and input fingerprints match are kept and finished
+    block files are reused, unless ``force``.  ``hooks`` follow and extend the run (see
+    :mod:`laueflow.workflow.hooks`); ``progress`` is a plain callable for the progress events (it
+    comes before the hooks); ``feed`` adds points while the run goes on (``laueflow watch``).
+    """
+    opts = replace(options or RunOptions(), **overrides)
+    chain = [*([ProgressCallback(progress)] if progress is not None else []), *hooks]
+    return Driver(scan_path, cfg, out_dir, opts, chain, feed).run()

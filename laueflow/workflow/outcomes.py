@@ -1,0 +1,59 @@
+"""What the tasks of a run send back to the driver: small, picklable dataclasses (Parsl returns them).
+
+Arrays never travel this way; they go through the block and point files.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """One staged point: what its block tasks need to read it (``reader``, see
+    :func:`laueflow.io.staging.for_readers`), whether an earlier run's staging was kept, or why it could
+    not be staged (``error``; ``reader`` is then None and the block tasks read the frame files)."""
+
+    reader: dict[str, Any] | None = None
+    reused: bool = False
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class BlockOutcome:
+    """One block task: its tile [r0, r1, c0, c1], the pixels it decoded into ``block_file``, and what
+    went wrong (``error``: the tile's data could not be used; ``skipped``: nothing to decode there;
+    ``staging_note``: the staged point was unusable, the frame files were read instead)."""
+
+    point: int
+    tile: tuple[int, int, int, int]
+    n_pixels: int = 0
+    seconds: float = 0.0
+    skipped: str = ""
+    error: str = ""
+    block_file: str | None = None
+    host: str = field(default_factory=socket.gethostname)
+    reused: bool = False  # a finished block file of an earlier run, not decoded again
+    staging_note: str = ""
+
+
+@dataclass(frozen=True)
+class StitchOutcome:
+    """One stitched point: its status (done, partial or skipped), its file and what it holds."""
+
+    point: int
+    status: str
+    reason: str = ""
+    file: str | None = None
+    n_pixels: int = 0
+    depth_range_um: tuple[float, float] | None = None
+    block_seconds: float = 0.0
+    n_blocks: int = 0
+    failed_blocks: int = 0
+    reused_blocks: int = 0
+    errors: tuple[str, ...] = ()  # the first three block errors
+    stitch_seconds: float = 0.0
+    input_fingerprint: str = ""
+    depth_files: int = 0  # per-depth files written beside it
