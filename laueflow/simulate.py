@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,10 +27,14 @@ from . import __version__
 from . import config as C
 from . import geometry as G
 from .forward import Setup, traces
+from .geometry import SATURATED, SUBSAMPLE_OFFSETS
 from .io.results import atomic_h5
 from .mask import debruijn, load_code
 
-PRESETS = ("thin", "extended", "overlap", "multipoint")
+PRESETS = ("thin", "extended", "overlap", "multipoint", "film")
+FILM_THICKNESS = 1.5  # um, the film preset's membrane
+FILM_DEPTH = 50.0  # um, the film preset's default depth
+POSE_KEYS = ("cenx", "dist", "cenz", "anglex", "angley", "anglez")  # geo.mask.focus: mm and degrees
 GEOMETRIES = {
     # anglez about 44 deg, diagonal scan axis, 1 um steps
     "tilted": {"anglez": 44.0, "axis": [0.707, 0.707, 0.0], "step": 1.0},
@@ -37,8 +42,6 @@ GEOMETRIES = {
     "flat": {"anglez": -1.3, "axis": [1.0, 0.0, 0.0], "step": 0.5},
 }
 DETECTOR_KEY = "/entry1/data/data"
-_SUB_OFFSETS = (np.arange(4) + 0.5) / 4 - 0.5  # sub-sample positions within a depth bin, in bins
-SATURATED = 65535
 OVERLAP_GAP = 40.0  # um: the overlap preset's pixels see two grains at least this far apart
 MIN_REGION = 8  # pixels, side of the simulated region
 MIN_FRAMES = 8  # frames per scan point
@@ -89,8 +92,11 @@ class Grain:
 
 
 def _grains(preset: str, rng: np.random.Generator, region: tuple[int, int, int, int],
-            depth_um: np.ndarray) -> list[Grain]:
-    """Random grains and spots for a preset, within the region and well inside the depth grid."""
+            depth_um: np.ndarray, film_depth: float = FILM_DEPTH) -> list[Grain]:
+    """Random grains and spots for a preset, within the region and well inside the depth grid.
+
+    ``film``: one thin film (FILM_THICKNESS) centred at ``film_depth`` um, all spots from it.
+    """
     r0, r1, c0, c1 = region
     area = (r1 - r0) * (c1 - c0)
     n_spots = max(3, int(round(area / 4096 * 12)))
@@ -118,6 +124,8 @@ def _grains(preset: str, rng: np.random.Generator, region: tuple[int, int, int, 
         tops = spread(2, 80.0)
         for t in tops:
             grains.append(Grain(top=t, thickness=rng.uniform(30, 60), decay=rng.uniform(20, 50)))
+    elif preset == "film":
+        grains.append(Grain(top=film_depth - FILM_THICKNESS / 2, thickness=FILM_THICKNESS))
     elif preset == "overlap":
         # two pairs, each of two grains 45+ um apart; where the depth grid allows, every grain is also
         # 40+ um from the grains of the other pair (their spots are kept apart besides, below)
@@ -216,15 +224,27 @@ def _write_truth(path: Path, truth: dict[str, list[np.ndarray]], grain_rows: lis
 def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: int | None = None,
              points: int = 1, noise: bool = True, single_file: bool = False, config: str | Path | None = None,
              region: int = 64, geometry: str = "tilted", background: float = 50.0,
-             prefix: str = "scan") -> dict:
+             prefix: str = "scan", film_depth: float | None = None,
+             pose_error: dict[str, float] | None = None) -> dict:
     """Write a synthetic scan to ``out_dir`` and return a summary (paths and counts).
 
     ``config`` names a beamline YAML whose geometry (and mask, region, frames) is used instead of the
     built-in ``geometry`` ("tilted" or "flat").  ``multipoint`` is the thin preset over several
-    points (at least 3), each with its own grains; point k uses frames [kN, (k+1)N).
+    points (at least 3), each with its own grains; point k uses frames [kN, (k+1)N).  ``film`` is
+    one thin film centred at ``film_depth`` um (calibration data).
+
+    ``pose_error`` ({cenx: mm, ..., anglez: deg}, see :data:`POSE_KEYS`) is added to the mask pose
+    written to config.yaml, while the frames are simulated with the true pose, which the truth file
+    keeps (attribute ``focus``): a nominal configuration that is off, as after a mask installation.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if film_depth is not None and preset != "film":
+        raise ValueError(f"a film depth is for the film preset, not {preset!r}")
+    pose_error = dict(pose_error or {})
+    bad = sorted(set(pose_error) - set(POSE_KEYS))
+    if bad:
+        raise ValueError(f"unknown pose parameter(s) {', '.join(bad)}; choose from {', '.join(POSE_KEYS)}")
     # arguments are checked before anything is written
     if points < 1:
         raise ValueError(f"points must be >= 1, got {points}")
@@ -269,12 +289,27 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
             raise ValueError(f"region must be at least {MIN_REGION} x {MIN_REGION} pixels, got "
                              f"{fr1 - fr0} x {fc1 - fc0} (file.frame of {config})")
 
+    written = copy.deepcopy(data)
+    if pose_error:  # the configuration is off by pose_error; the frames use the true pose
+        focus = written["geo"]["mask"].setdefault("focus", {})
+        for k, v in pose_error.items():
+            focus[k] = float(focus.get(k, getattr(C.Focus(), k))) + float(v)
+    if preset == "film":
+        film_depth = FILM_DEPTH if film_depth is None else float(film_depth)
+        grid_cfg = user if config is not None else C.from_dict(data, check_files=False)
+        grid_um = grid_cfg.geo.source.depths * 1e3
+        if not grid_um[0] + FILM_THICKNESS <= film_depth <= grid_um[-1] - FILM_THICKNESS:
+            raise ValueError(f"film depth {film_depth:g} um is outside the depth grid "
+                             f"[{grid_um[0]:g}, {grid_um[-1]:g}] um")
+
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "mask.npy", code)
     (out / "config.yaml").write_text(
         f"# Synthetic scan written by laueflow simulate (preset {preset}, seed {seed})\n"
-        + yaml.safe_dump(data, sort_keys=False))
+        + yaml.safe_dump(written, sort_keys=False))
     cfg = C.load(out / "config.yaml")
+    if pose_error:
+        cfg = C.from_dict(data, source=str(out / "config.yaml"))
     setup = Setup.from_config(cfg)
     reg = tuple(cfg.file.frame)
     r0, r1, c0, c1 = reg
@@ -300,7 +335,8 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
             i0_all = np.empty(points * n_frames)
         n_written = 0
         for k in range(points):
-            grains = _grains("thin" if preset == "multipoint" else preset, rng, reg, depth_um)
+            grains = _grains("thin" if preset == "multipoint" else preset, rng, reg, depth_um,
+                             FILM_DEPTH if film_depth is None else film_depth)
             signal = np.zeros((h * w, n_frames))
             prof_total = np.zeros((h * w, depth_um.size))
             contrib = np.zeros((h * w, len(grains)))  # each grain's total counts per frame in each pixel
@@ -311,8 +347,8 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
                 # a grain is continuous in depth: each bin's share is spread over SUBSAMPLES points
                 # inside the bin (only over the grain's bins, which also keeps this fast)
                 on = np.flatnonzero(shape_z > 0)
-                sub_z = (depths_mm[on][:, None] + dz_mm * _SUB_OFFSETS[None, :]).ravel()
-                sub_f = np.repeat(shape_z[on] / _SUB_OFFSETS.size, _SUB_OFFSETS.size)
+                sub_z = (depths_mm[on][:, None] + dz_mm * SUBSAMPLE_OFFSETS[None, :]).ravel()
+                sub_f = np.repeat(shape_z[on] / SUBSAMPLE_OFFSETS.size, SUBSAMPLE_OFFSETS.size)
                 for s in grain.spots:
                     wgt = _spot_weights(s, rows, cols)
                     near = np.flatnonzero(wgt >= 0.5)  # pixels receiving at least half a count per frame
@@ -359,14 +395,35 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
         if single_file:
             stack["entry1/monitor/I0"] = i0_all
 
-    _write_truth(out / "truth.h5", truth, grain_rows, depth_um,
-                 {"preset": preset, "seed": seed, "noise": noise, "points": points,
-                  "frames_per_point": n_frames, "background": background})
+    attrs = {"preset": preset, "seed": seed, "noise": noise, "points": points,
+             "frames_per_point": n_frames, "background": background}
+    if preset == "film" or pose_error:
+        f = cfg.geo.mask.focus  # the true pose, mm and degrees
+        attrs["focus"] = json.dumps({k: getattr(f, k) for k in POSE_KEYS})
+        attrs["pose_error"] = json.dumps(pose_error)
+    if preset == "film":
+        attrs.update({"film_depth_um": film_depth, "film_thickness_um": FILM_THICKNESS})
+    _write_truth(out / "truth.h5", truth, grain_rows, depth_um, attrs)
     n_truth = int(sum(len(p) for p in truth["pixels"]))
     return {"out_dir": str(out), "config": str(out / "config.yaml"), "truth": str(out / "truth.h5"),
             "frames": n_written, "points": points, "frames_per_point": n_frames, "region": list(reg),
             "spot_pixels": n_truth, "layout": "stack" if single_file else "frames",
-            "grains": len(grain_rows)}
+            "grains": len(grain_rows), "film_depth": film_depth, "pose_error": pose_error}
+
+
+def parse_pose(text: str) -> dict[str, float]:
+    """``cenx=0.02,dist=-0.03,angley=0.3`` (mm and degrees) as a dict; ValueError names a bad item."""
+    out: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in POSE_KEYS:
+            raise ValueError(f"{item!r}: expected NAME=VALUE with NAME one of {', '.join(POSE_KEYS)}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ValueError(f"{item!r}: {value.strip()!r} is not a number") from None
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,8 +561,8 @@ def simulate_large(out_dir: str | Path, *, region: int = 1200, frames: int = 201
         idx_g = idx_g.astype(np.int64)
         shape_z = grain.profile(depth_um)
         on = np.flatnonzero(shape_z > 0)
-        sub_z = (depths_mm[on][:, None] + dz_mm * _SUB_OFFSETS[None, :]).ravel()
-        sub_f = np.repeat(shape_z[on] / _SUB_OFFSETS.size, _SUB_OFFSETS.size)
+        sub_z = (depths_mm[on][:, None] + dz_mm * SUBSAMPLE_OFFSETS[None, :]).ravel()
+        sub_f = np.repeat(shape_z[on] / SUBSAMPLE_OFFSETS.size, SUBSAMPLE_OFFSETS.size)
         n_g = idx_g.size
         signal_g = np.zeros((0, frames))
         if n_g:

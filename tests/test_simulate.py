@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import replace
@@ -20,7 +21,7 @@ from laueflow.evaluate import Truth, load_truth
 from laueflow.forward import Setup, traces
 from laueflow.io.scan import open_scan
 from laueflow.mask import load_code
-from laueflow.simulate import default_config_dict, simulate, simulate_large
+from laueflow.simulate import default_config_dict, parse_pose, simulate, simulate_large
 
 KEY = "/entry1/data/data"
 MONITOR = "/entry1/monitor/I0"
@@ -691,3 +692,48 @@ def test_large_arguments_checked(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=match):
             simulate_large(tmp_path / "scan", **{"region": 32, "frames": 8, **kwargs})
     assert not (tmp_path / "scan").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration data: the film preset and a nominal pose that is off
+
+
+def test_film_preset_and_pose_error(root: Path) -> None:
+    """The film preset is one 1.5 um film at --film-depth with every spot; a pose error changes only
+    config.yaml (frames and truth as with the true pose, which truth.h5 keeps)."""
+    true_out, info = sim(root, "film_true", preset="film", film_depth=30.0)
+    off_out, off = sim(root, "film_off", preset="film", film_depth=30.0,
+                       pose_error={"cenx": 0.02, "dist": -0.03, "angley": 0.3})
+    assert info["grains"] == 1 and info["film_depth"] == 30.0
+    t = load_truth(off_out / "truth.h5")
+    assert t.grain_top[0] == pytest.approx(30.0 - 0.75) and t.grain_thickness[0] == pytest.approx(1.5)
+    assert same_files(true_out, off_out, FRAMES)
+    f_true, f_off = cfg_of(true_out).geo.mask.focus, cfg_of(off_out).geo.mask.focus
+    assert f_off.cenx == pytest.approx(f_true.cenx + 0.02) and f_off.dist == pytest.approx(f_true.dist - 0.03)
+    assert f_off.angley == pytest.approx(f_true.angley + 0.3) and f_off.anglez == f_true.anglez
+    with h5py.File(off_out / "truth.h5", "r") as f:
+        a = f["truth"].attrs
+        assert json.loads(a["focus"])["dist"] == f_true.dist and a["film_depth_um"] == 30.0
+        assert json.loads(a["pose_error"]) == {"cenx": 0.02, "dist": -0.03, "angley": 0.3}
+
+
+def test_parse_pose() -> None:
+    assert parse_pose("cenx=0.02, dist=-0.03,angley=0.3") == {"cenx": 0.02, "dist": -0.03, "angley": 0.3}
+    assert parse_pose("") == {}
+    for bad in ("tilt=1", "cenx", "cenx=abc"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            parse_pose(bad)
+
+
+@pytest.mark.parametrize(("args", "word"), [(["--preset", "film", "--film-depth", "900"], "outside"),
+                                            (["--preset", "thin", "--film-depth", "20"], "film preset"),
+                                            (["--preset", "film", "--pose-error", "tilt=1"], "tilt")],
+                         ids=["depth_off_grid", "depth_not_film", "bad_pose"])
+def test_cli_film_options_refused(tmp_path: Path, args: list[str], word: str) -> None:
+    """A film depth off the grid or without the film preset, a pose error naming no pose parameter:
+    one error line, exit status 2, nothing written."""
+    out = tmp_path / "scan"
+    r = CliRunner().invoke(main, ["simulate", str(out), *args, "--frames", "8", "--region", "8"])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: ") and word in r.output
+    assert not out.exists()
