@@ -18,6 +18,7 @@ import click
 
 from . import __version__
 from .errors import LaueflowError
+from .io.layout import RunFolder, point_dir_name, point_files
 from .progress import plural as _plural
 
 INPUT_ERROR = 2
@@ -26,6 +27,10 @@ INPUT_ERROR = 2
 def _fail(message: str) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(INPUT_ERROR)
+
+
+def _echo_err(line: str) -> None:
+    click.echo(line, err=True)
 
 
 @contextmanager
@@ -149,79 +154,27 @@ def prepare_run(scan_dir: Path, config_file: Path | None, out_dir: Path | None, 
     location = _scan_location(scan_dir, cfg)
     out_dir = (out_dir or default_out_dir(scan_dir)).resolve()
     options = _site_options(site_option, endpoint)
+    folder = RunFolder(out_dir)
     with _input_errors():
-        parsl_config = sites.site_config(site, workers=workers, run_dir=str(out_dir / ".runinfo"), **options)
+        parsl_config = sites.site_config(site, workers=workers, run_dir=str(folder.runinfo), **options)
     click.echo(f"scan:   {location}")
     click.echo(f"config: {Path(config_file).resolve()} (fingerprint {cfg.fingerprint()})")
-    click.echo(f"output: {out_dir}/point_<k>.h5 (site {site}, Parsl logs in {out_dir / '.runinfo'}, "
-               f"progress in {out_dir / 'status.json'})")
+    click.echo(f"output: {out_dir}/point_<k>.h5 (site {site}, Parsl logs in {folder.runinfo}, "
+               f"progress in {folder.status})")
     return RunSetup(cfg, location, out_dir, parsl_config, Console())
 
 
-@dataclass
-class TransferHooks:
-    """Globus Transfer of a run's results while it goes on (see :mod:`laueflow.transfer`)."""
+def start_transfers(cfg: Any, out_dir: Path) -> Any:
+    """The Globus Transfer hooks of the configuration's ``transfer`` section (None without one); a
+    missing login stops here (exit 2), before anything runs."""
+    from .transfer import TransferHooks
 
-    transfers: Any
-    last_poll: float = float("-inf")
-
-    @classmethod
-    def start(cls, cfg: Any, out_dir: Path) -> TransferHooks | None:
-        """Hooks for the configuration's ``transfer`` section, or None without one; a missing login
-        stops here (exit 2), before anything runs."""
-        if cfg.transfer is None:
-            return None
-        from .transfer import TransferError, Transfers
-
-        try:
-            transfers = Transfers(cfg.transfer, out_dir, report=lambda line: click.echo(line, err=True))
-        except TransferError as exc:
-            _fail(str(exc))
-        click.echo(f"transfer: finished files go to {cfg.transfer.destination}:{transfers.destination_dir}")
-        return cls(transfers)
-
-    def progress(self, report: Callable[[Any], None]) -> Callable[[Any], None]:
-        """``report`` that also queues each written point file (and its per-depth files)."""
-        from .io.export import default_dest
-
-        def forward(event: Any) -> None:
-            report(event)
-            result = event.result
-            if event.kind == "point" and result.file and result.status in ("done", "partial", "resumed"):
-                depth_files = sorted(default_dest(result.file, result.point).glob("*.h5"))
-                self.transfers.add([result.file, *depth_files])
-
-        return forward
-
-    def status(self) -> dict[str, Any]:
-        return {"transfers": self.transfers.snapshot()}
-
-    def tick(self) -> None:
-        """Called by the driver about every second: talk to Globus every ``poll_interval`` seconds
-        (5 by default), so that following many tasks stays well within Globus's request limits."""
-        import time
-
-        now = time.monotonic()
-        if now - self.last_poll >= self.transfers.poll_interval:
-            self.last_poll = now
-            self.transfers.poll()
-
-    def finish(self, result: Any) -> Any:
-        """Wait for the last transfers (long enough for every retry); a failed transfer makes the
-        command exit non-zero."""
-        from .transfer import record_status
-
-        if result is None:  # interrupted: do not wait; a rerun or `laueflow transfer` sends the rest
-            record_status(self.transfers.out_dir, self.transfers.snapshot())
-            click.echo(f"transfers: {self.transfers.pending} files not sent yet; run again or use "
-                       f"`laueflow transfer {self.transfers.out_dir}`", err=True)
-            return result
-        sent = self.transfers.finish(timeout=self.transfers.patience())
-        record_status(self.transfers.out_dir, self.transfers.snapshot())
-        click.echo(self.transfers.summary())
-        if not sent:
-            result.transfers_failed = True
-        return result
+    with _input_errors():
+        hooks = TransferHooks.start(cfg, out_dir, say=click.echo, note=_echo_err)
+    if hooks is not None:
+        click.echo(f"transfer: finished files go to {cfg.transfer.destination}:"
+                   f"{hooks.transfers.destination_dir}")
+    return hooks
 
 
 def finish_run(result: Any, console: Any) -> NoReturn:
@@ -255,21 +208,16 @@ def run(scan_dir: Path, points: str | None, config_file: Path | None, out_dir: P
     from .workflow import dag
 
     setup = prepare_run(scan_dir, config_file, out_dir, site, site_option, endpoint, workers)
-    transfers = TransferHooks.start(setup.cfg, setup.out_dir)
-    report, close = reporter(setup.console)
+    transfers = start_transfers(setup.cfg, setup.out_dir)
+    hooks = [reporter(setup.console), *([transfers] if transfers else [])]
+    options = dag.RunOptions(points=points, block_pixels=block_pixels, site_config=setup.site_config,
+                             command_line=provenance.command_line(), force=force,
+                             per_depth_files=per_depth_files, staging=staging)
     with _input_errors(), sigterm_as_interrupt():
         try:
-            result = dag.run(setup.location, setup.cfg, setup.out_dir, points=points,
-                             block_pixels=block_pixels, site_config=setup.site_config,
-                             progress=transfers.progress(report) if transfers else report,
-                             command_line=provenance.command_line(), force=force,
-                             per_depth_files=per_depth_files, staging=staging,
-                             tick=transfers.tick if transfers else None,
-                             status_extra=transfers.status if transfers else None)
+            result = dag.run(setup.location, setup.cfg, setup.out_dir, options, hooks=hooks)
         except KeyboardInterrupt:
             result = None
-        finally:
-            close()
     if transfers is not None:
         result = transfers.finish(result)
     finish_run(result, setup.console)
@@ -299,57 +247,32 @@ def watch(scan_dir: Path, max_points: int | None, until_idle: float | None, poll
     those of `laueflow run`; each point's lag (from its last frame to its output) is printed and kept
     in status.json.  Ctrl-C stops it; a restart resumes.
     """
-    import time
-
     from . import provenance
     from .progress import reporter
-    from .watch import LagBook, PointFeed, sigterm_as_interrupt, watch_status
+    from .watch import PointFeed, WatchHooks, sigterm_as_interrupt
     from .workflow import dag
 
     setup = prepare_run(scan_dir, config_file, out_dir, site, site_option, endpoint, workers)
     with _input_errors():
         feed = PointFeed(setup.cfg, setup.location, poll_interval=poll_interval, until_idle=until_idle,
                          max_points=max_points)
-    book = LagBook()
     click.echo(f"watch:  {feed.describe()}")
-    transfers = TransferHooks.start(setup.cfg, setup.out_dir)
-    report, close = reporter(setup.console)
-    if transfers is not None:
-        report = transfers.progress(report)
-
-    def status_extra() -> dict[str, Any]:
-        return {**watch_status(feed, book), **(transfers.status() if transfers else {})}
-
-    def progress(event: Any) -> None:
-        report(event)
-        r = event.result
-        if event.kind != "point" or feed.arrival(r.point) is None:
-            return
-        if r.status == "resumed":
-            book.keep(r.point)
-            return
-        entry = book.record(r.point, feed.arrival(r.point), feed.ready_at(r.point), time.time(), r.status)
-        click.echo(entry.line())
-        warning = book.falling_behind()
-        if warning:
-            click.echo(f"warning: {warning}", err=True)
-
+    transfers = start_transfers(setup.cfg, setup.out_dir)
+    watching = WatchHooks(feed, say=click.echo, warn=lambda message: _echo_err(f"warning: {message}"))
+    hooks = [reporter(setup.console), watching, *([transfers] if transfers else [])]
     result, interrupted = None, False
     with _input_errors(), sigterm_as_interrupt():
         try:
             first = feed.wait_first()
             if first:
-                result = dag.run(setup.location, setup.cfg, setup.out_dir, points=first,
-                                 block_pixels=block_pixels, site_config=setup.site_config, progress=progress,
-                                 command_line=provenance.command_line(), force=force,
-                                 per_depth_files=per_depth_files, staging=staging, feed=feed,
-                                 poll_interval=poll_interval,
-                                 tick=transfers.tick if transfers else None,
-                                 status_extra=status_extra)
+                options = dag.RunOptions(points=first, block_pixels=block_pixels,
+                                         site_config=setup.site_config,
+                                         command_line=provenance.command_line(), force=force,
+                                         per_depth_files=per_depth_files, staging=staging,
+                                         poll_interval=poll_interval)
+                result = dag.run(setup.location, setup.cfg, setup.out_dir, options, hooks=hooks, feed=feed)
         except KeyboardInterrupt:
             interrupted = True
-        finally:
-            close()
     if feed.stop_reason and not interrupted:
         click.echo(f"watch stopped: {feed.stop_reason}")
     pending = feed.incomplete()
@@ -494,22 +417,6 @@ def sites_show(name: str) -> None:
 # score
 
 
-def read_point_profiles(path: Path) -> tuple[Any, Any, Any]:
-    """rows, cols (P,) and depth profiles (P, J) of the reconstructed pixels of a point file."""
-    import h5py
-    import numpy as np
-
-    with h5py.File(path, "r") as f:
-        rec = f["entry/reconstruction"]
-        vol = rec["volume"]
-        r0, _, c0, _ = (int(v) for v in vol.attrs["frame"])
-        index = np.asarray(rec["pixels/index"][()], dtype=np.int64).reshape(-1, 2)
-        rows, cols = index[:, 0], index[:, 1]
-        volume = vol[()]
-    profiles = volume[:, rows - r0, cols - c0].T if rows.size else np.zeros((0, volume.shape[0]))
-    return rows, cols, profiles
-
-
 @main.command("score")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--truth", "truth_file", required=True,
@@ -522,7 +429,7 @@ def score_command(run_dir: Path, truth_file: Path, point: int | None) -> None:
     Exit status 0 when every point file was scored, 1 when some could not be read, 2 when there is
     nothing to score or the truth file is unusable."""
     from .evaluate import load_truth, score
-    from .io.results import point_files
+    from .io.pointfile import read_profiles
 
     files = point_files(run_dir)
     if point is not None:
@@ -539,7 +446,7 @@ def score_command(run_dir: Path, truth_file: Path, point: int | None) -> None:
     unreadable = 0
     for k, path in files.items():
         try:
-            rows, cols, profiles = read_point_profiles(path)
+            rows, cols, profiles = read_profiles(path)
         except (OSError, KeyError) as exc:
             click.echo(f"point {k:5d}: unreadable point file {path}: {exc}", err=True)
             unreadable += 1
@@ -612,8 +519,8 @@ def transfer_command(out_dir: Path | None, config_file: Path | None, wait: float
     transfers.add(files)
     ok = transfers.finish(transfers.patience() if wait is None else wait)
     if not record_status(out_dir, transfers.snapshot()):
-        click.echo(f"(transfer states not recorded: {out_dir / 'status.json'} is missing or its run is still "
-                   "going)", err=True)
+        click.echo(f"(transfer states not recorded: {RunFolder(out_dir).status} is missing or its run is "
+                   "still going)", err=True)
     click.echo(transfers.summary())
     sys.exit(0 if ok else 1)
 
@@ -668,31 +575,6 @@ def show(point_file: Path, out_dir: Path | None, use_truth: bool, truth_file: Pa
         click.echo(f"wrote {name:<10s}  {path}")
 
 
-def _export_selection(spec: str, known: list[int]) -> list[int]:
-    """Points named by ``--points`` (5, 0,2,4, 3:7 with the end exclusive, or all) among ``known``."""
-    if spec.strip().lower() == "all":
-        return list(known)
-    chosen: list[int] = []
-    for part in (p.strip() for p in spec.split(",")):
-        try:
-            if ":" in part:
-                a, b = part.split(":", 1)
-                lo = int(a) if a.strip() else min(known, default=0)
-                hi = int(b) if b.strip() else max(known, default=-1) + 1
-                chosen += [k for k in known if lo <= k < hi]
-            else:
-                chosen.append(int(part))
-        except ValueError:
-            _fail(f"--points {spec!r}: {part!r} is not a point number or a range a:b")
-    missing = sorted({k for k in chosen if k not in known})
-    if missing:
-        _fail(f"--points {spec!r}: points {missing} are not part of this run "
-              f"(points: {', '.join(map(str, known)) or 'none'})")
-    if not chosen:
-        _fail(f"--points {spec!r} selects no point of this run")
-    return sorted(set(chosen))
-
-
 @main.command("export")
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--points", help="Points to export: 5, 0,2,4, 3:7 (end exclusive) or all (default: every "
@@ -708,7 +590,8 @@ def export_command(out_dir: Path, points: str | None, dest: Path | None, force: 
     and entry1/depth (um), the layout the indexing chain reads.  Files that are up to date are kept.
     Exit status 0 when every selected point was exported, 1 when some could not be (not finished,
     unreadable), 2 on bad input."""
-    from .io.export import DEPTHS_DIR, ExportError, export_point_detailed
+    from .io.export import ExportError, export_point_detailed
+    from .io.scan import select_points
     from .runs import ResultError, open_run
 
     try:
@@ -717,8 +600,9 @@ def export_command(out_dir: Path, points: str | None, dest: Path | None, force: 
         _fail(str(exc))
     if not run_.points:
         _fail(f"{out_dir}: no scan points here (no point_<k>.h5 files and no status.json)")
-    chosen = _export_selection(points, list(run_.points)) if points else list(run_.points)
-    root = (dest if dest is not None else out_dir / DEPTHS_DIR).resolve()
+    with _input_errors():
+        chosen = sorted(select_points(points, run_.points, "this run")) if points else list(run_.points)
+    root = (dest if dest is not None else RunFolder(out_dir).depths_root).resolve()
     exported, waiting, failed, written, kept = 0, [], 0, 0, 0
     for k in chosen:
         info = run_.points[k]
@@ -728,7 +612,7 @@ def export_command(out_dir: Path, points: str | None, dest: Path | None, force: 
                 click.echo(f"point {k:5d}: not exported, no result file (state {info.state})", err=True)
             continue
         try:
-            r = export_point_detailed(info.file, root / f"point_{k:05d}", force=force)
+            r = export_point_detailed(info.file, root / point_dir_name(k), force=force)
         except ExportError as exc:
             click.echo(f"point {k:5d}: not exported: {exc}", err=True)
             failed += 1
