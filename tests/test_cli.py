@@ -10,7 +10,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from laueflow.cli import default_out_dir, main
+from laueflow.cli import main
+from laueflow.cli.run import default_out_dir
 from laueflow.mask import debruijn
 from laueflow.simulate import default_config_dict
 

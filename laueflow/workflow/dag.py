@@ -346,6 +346,9 @@ class Driver:
         self.last_stage: Future | None = None  # the latest point's staging: the next one waits for it
         self.started = False
         self.status: StatusFile | None = None
+        self.cfg_path = ""  # set by drive(): the configuration file the workers load
+        self.worker_fp = ""  # its fingerprint as the workers see it
+        self.meta_common: dict[str, Any] = {}  # what every stitching task records
         self.max_points_in_flight = options.max_points_in_flight
 
     # -- the run ----------------------------------------------------------------------------------

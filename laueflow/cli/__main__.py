@@ -1,0 +1,5 @@
+"""``python -m laueflow.cli``: the ``laueflow`` command."""
+
+from . import main
+
+main()
