@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import math
+import os
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ruamel.yaml import YAML
 
 from .errors import ConfigError  # noqa: F401 (re-exported)
 
@@ -177,6 +180,7 @@ class Config:
     recon: ReconConfig = field(default_factory=ReconConfig)
     comp: dict = field(default_factory=dict)
     algo: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)  # how the mask pose was calibrated (laueflow calibrate)
     source_file: str | None = None
     unknown: tuple[str, ...] = ()
     transfer: TransferConfig | None = None
@@ -189,6 +193,8 @@ class Config:
         out = {"file": f, "comp": d["comp"], "geo": d["geo"], "algo": d["algo"], "recon": d["recon"]}
         if self.transfer is not None:
             out["transfer"] = d["transfer"]
+        if self.calibration:
+            out["calibration"] = d["calibration"]
         return _plain(out)
 
     def to_yaml(self) -> str:
@@ -200,6 +206,7 @@ class Config:
         d["file"] = {k: v for k, v in d["file"].items() if k != "path"}
         d.pop("comp", None)
         d.pop("transfer", None)  # where results are sent does not change them
+        d.pop("calibration", None)  # the record of how the pose was found; the pose itself counts
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def resolve(self, relative: str | None) -> Path | None:
@@ -328,7 +335,7 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
             f"{source}: expected a YAML mapping with sections file / geo, got {type(data).__name__}"
         )
     r = _Reader(data, source)
-    for sec in ("file", "geo", "recon", "comp", "algo", "transfer"):
+    for sec in ("file", "geo", "recon", "comp", "algo", "transfer", "calibration"):
         r.section(sec)
     num, integer, boolean, string = r.number, r.integer, r.boolean, r.string
     d = FileConfig(path="")
@@ -464,9 +471,11 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
     transfer = _transfer(r) if r.section("transfer") else None
 
     comp = copy.deepcopy(dict(r.section("comp")))
+    calibration = copy.deepcopy(dict(r.section("calibration")))
     algo = copy.deepcopy(dict(r.section("algo")))
-    unknown = [k for k in r.unknown_keys() if k.split(".")[0] not in _UNUSED_SECTIONS]
-    unused = [k for k in r.unknown_keys() if k.split(".")[0] in _UNUSED_SECTIONS]
+    unread = [k for k in r.unknown_keys() if k.split(".")[0] != "calibration"]  # a record, kept as it is
+    unknown = [k for k in unread if k.split(".")[0] not in _UNUSED_SECTIONS]
+    unused = [k for k in unread if k.split(".")[0] in _UNUSED_SECTIONS]
 
     cfg = Config(
         file=fcfg,
@@ -474,6 +483,7 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
         recon=recon,
         comp=comp,
         algo=algo,
+        calibration=calibration,
         source_file=None if source.startswith("<") else source,
         unknown=tuple(unknown + unused),
         transfer=transfer,
@@ -573,3 +583,43 @@ def load(path: str | Path, check_files: bool = True) -> Config:
 def dump(cfg: Config, path: str | Path) -> None:
     """Write a configuration in the beamline schema."""
     Path(path).write_text(cfg.to_yaml())
+
+
+def write_calibrated(nominal: str | Path, out: str | Path, values: Mapping[str, float],
+                     record: Mapping) -> None:
+    """Write ``out``: the nominal file with the calibrated pose and a ``calibration`` record.
+
+    ``values`` are geo.mask.focus keys (and ``shift``, ``thickness`` of geo.mask); every other key,
+    value and comment of the nominal file is kept (ruamel.yaml round trip), except that relative
+    ``file.path`` and ``geo.mask.path`` become absolute when ``out`` lies in another folder.  The
+    result is validated before it is written, and it is written whole or not at all; the nominal file
+    is never touched.
+    """
+    nominal, out = Path(nominal), Path(out)
+    if out.resolve() == nominal.resolve():
+        raise ConfigError(f"{out}: is the nominal configuration; write the calibrated one to another file")
+    rt = YAML()
+    rt.preserve_quotes = True
+    data = rt.load(nominal.read_text())
+    mask = data["geo"]["mask"]
+    for key, value in values.items():
+        if key in ("shift", "thickness"):
+            mask[key] = float(value)
+        else:
+            mask.setdefault("focus", {})[key] = float(value)
+    if out.parent.resolve() != nominal.parent.resolve():  # relative paths would point elsewhere
+        for section, key in (("file", "path"), ("mask", "path")):
+            node = data["file"] if section == "file" else mask
+            value = node.get(key)
+            if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+                node[key] = str((nominal.parent / value).resolve())
+    data["calibration"] = _plain(dict(record))
+    buf = io.StringIO()
+    rt.dump(data, buf)
+    text = buf.getvalue()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        from_dict(yaml.safe_load(text), source=str(out), check_files=False)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)

@@ -52,6 +52,14 @@ class ExportError(LaueflowError, ValueError):
     """Per-depth files cannot be written (a folder holding other files, a bad point file)."""
 
 
+class CalibrationError(LaueflowError, ValueError):
+    """Film scans cannot calibrate the mask pose (no film, mismatched scans, film depths off the grid)."""
+
+
+class CalibrationFailed(CalibrationError):
+    """The pose fit ran but failed (no convergence, a bound reached): exit status 1, nothing written."""
+
+
 class TransferError(LaueflowError, ValueError):
     """Globus Transfer settings or credentials are missing or wrong."""
 

@@ -1,0 +1,173 @@
+"""`laueflow.calibration` and `laueflow calibrate`: the mask pose from two simulated film scans."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from laueflow.calibration import fit as F
+from laueflow.calibration.films import read_film
+from laueflow.cli import main
+from laueflow.config import ConfigWarning, from_dict, load
+from laueflow.simulate import simulate
+
+ERROR = {"cenx": 0.02, "dist": -0.03, "cenz": 0.03, "angley": 0.3, "anglez": 0.3}
+DEPTHS = (20.0, 80.0)
+FRAMES = 121
+REGION = 48
+PIXELS = 150
+# what a 48-pixel region fixes: the mask's position along the beam and the depth scale
+DETERMINED_TOLERANCE = {"cenx": 0.001, "dist": 0.002, "anglez": 0.02}
+
+
+@pytest.fixture(scope="module")
+def films(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("calibrate")
+    out = []
+    for seed, depth in enumerate(DEPTHS):
+        folder = root / f"film_{depth:g}"
+        simulate(folder, preset="film", film_depth=depth, seed=seed, frames=FRAMES, region=REGION,
+                 pose_error=ERROR)
+        out.append(folder)
+    return out
+
+
+def true_focus(scan: Path) -> dict:
+    with h5py.File(scan / "truth.h5", "r") as f:
+        return json.loads(f["truth"].attrs["focus"])
+
+
+def calibrate(films: list[Path], out: Path, *extra: str, depths=DEPTHS):
+    args = ["calibrate", *map(str, films), "--config", str(films[0] / "config.yaml"), "--out", str(out),
+            "--pixels", str(PIXELS)]
+    for d in depths:
+        args += ["--film-depth", str(d)]
+    return CliRunner().invoke(main, [*args, *extra])
+
+
+def test_fit_recovers_the_pose(films: list[Path]) -> None:
+    """From a nominal pose off by 20-30 um and 0.3 deg, the fit finds cenx, dist and anglez within their
+    uncertainty of the truth, names cenz (along the bars) as not determined, and puts both films at
+    their depths within 1 um."""
+    cfg = load(films[0] / "config.yaml")
+    data = [read_film(cfg, s, d, PIXELS) for s, d in zip(films, DEPTHS, strict=True)]
+    assert all(len(np.unique(f.spots)) >= 4 for f in data)
+    result = F.fit_pose(cfg, data)
+    truth = true_focus(films[0])
+    got = result.values()
+    for name, tol in DETERMINED_TOLERANCE.items():
+        i = result.names.index(name)
+        assert result.determined[i], result.undetermined
+        assert abs(got[name] - truth[name]) <= max(5 * result.sigma[i], tol), (name, got[name], truth[name])
+        assert abs(result.nominal[i] - truth[name]) > 5 * result.sigma[i]  # the nominal value was off
+    assert not result.determined[result.names.index("cenz")]
+    assert any("cenz" in line for line in result.undetermined)
+    assert 0.5 < result.chi2_red < 2.0
+    for film in result.films:
+        assert film.within_1um_before < 0.1 and film.within_1um_after >= 0.9
+        assert np.all(np.abs(film.after - film.depth_um) < 1.0)
+
+
+def test_cli_calibrate_writes_the_calibrated_configuration(films: list[Path], tmp_path: Path) -> None:
+    """The table, the calibrated YAML (nominal keys, values and comments kept, focus replaced, a
+    calibration record that config loading keeps and does not call unknown), the nominal untouched."""
+    nominal = films[0] / "config.yaml"
+    before = nominal.read_bytes()
+    out = tmp_path / "calibrated.yaml"
+    r = calibrate(films, out)
+    assert r.exit_code == 0, r.output
+    assert "determined" in r.stdout and "cenx" in r.stdout and "not determined: cenz" in r.stdout
+    assert "spread over spots" in r.stdout and f"wrote {out}" in r.stdout
+    assert nominal.read_bytes() == before
+    text = out.read_text()
+    assert text.startswith("# Synthetic scan written by laueflow simulate")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        cal = load(out, check_files=False)
+    nom = load(nominal)
+    truth = true_focus(films[0])
+    assert abs(cal.geo.mask.focus.dist - truth["dist"]) < 0.002 and abs(cal.geo.mask.focus.cenx) < 0.001
+    assert cal.geo.detector == nom.geo.detector and cal.geo.scanner == nom.geo.scanner
+    # in another folder, relative paths become absolute ones to the same files
+    assert cal.resolve(cal.file.path) == nom.resolve(nom.file.path).resolve()
+    assert cal.file.frame == nom.file.frame and cal.file.range == nom.file.range
+    assert cal.calibration["scans"][1]["film_depth_um"] == 80.0
+    assert "cenz" in cal.calibration["not_determined"]
+    assert "calibration" in cal.to_dict()
+    r = CliRunner().invoke(main, ["config", "show", str(out)])
+    assert r.exit_code == 0 and "calibration:" in r.stdout
+
+
+@pytest.mark.parametrize(("case", "word"), [("count", "one --film-depth per scan"),
+                                            ("grid", "outside the depth grid"),
+                                            ("same", "nominal configuration")])
+def test_cli_bad_input_exits_2(films: list[Path], tmp_path: Path, case: str, word: str) -> None:
+    """One depth for two scans, a film depth off the grid, --out naming the nominal file: exit 2,
+    nothing written."""
+    out = tmp_path / "calibrated.yaml"
+    if case == "count":
+        r = calibrate(films, out, depths=DEPTHS[:1])
+    elif case == "grid":
+        r = calibrate(films, out, depths=(20.0, 900.0))
+    else:
+        out = films[0] / "config.yaml"
+        before = out.read_bytes()
+        r = calibrate(films, out)
+        assert out.read_bytes() == before
+    assert r.exit_code == 2, r.output
+    assert word in r.output
+    if case != "same":
+        assert not out.exists()
+
+
+def test_cli_scan_without_film_exits_2(films: list[Path], tmp_path: Path) -> None:
+    """A scan of background only: no bright spots, exit 2, nothing written."""
+    empty = tmp_path / "empty"
+    simulate(empty, preset="film", film_depth=20.0, frames=FRAMES, region=REGION, background=50.0, noise=True)
+    rng = np.random.default_rng(0)
+    for n in range(FRAMES):  # the same files with the film's signal gone
+        with h5py.File(empty / f"scan_{n}.h5", "r+") as f:
+            d = f["/entry1/data/data"]
+            r0, r1, c0, c1 = load(empty / "config.yaml").file.frame
+            d[r0:r1, c0:c1] = rng.poisson(50.0, (r1 - r0, c1 - c0)).astype(np.uint16)
+    out = tmp_path / "calibrated.yaml"
+    r = calibrate([empty, films[1]], out)
+    assert r.exit_code == 2, r.output
+    assert "no bright spots" in r.output and not out.exists()
+
+
+def test_cli_failed_fit_exits_1(films: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fit that lands on a bound (bounds made tiny here) exits 1 and writes nothing."""
+    monkeypatch.setattr(F, "BOUND", {k: 1e-4 for k in F.BOUND})
+    out = tmp_path / "calibrated.yaml"
+    r = calibrate(films, out)
+    assert r.exit_code == 1, r.output
+    assert "calibration failed" in r.output and "bound" in r.output and not out.exists()
+
+
+def test_config_calibration_section_is_kept_not_unknown() -> None:
+    """A calibration record is kept as it is, reported by to_dict, not warned about, not fingerprinted."""
+    base = yaml.safe_load(
+        """
+file: {path: ., frame: [0, 8, 0, 8]}
+geo:
+  mask: {focus: {dist: 1.0}}
+  scanner: {step: 1.0}
+  detector: {rot: [-1.2, -1.21, -1.22], pos: [28.8, 2.7, 513.0]}
+  source: {grid: [-0.1, 0.2, 0.001]}
+"""
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        cfg = from_dict({**base, "calibration": {"by": "x", "sigma": {"dist": 1e-4}}})
+    assert cfg.calibration["sigma"]["dist"] == 1e-4 and cfg.unknown == ()
+    assert cfg.to_dict()["calibration"]["by"] == "x"
+    assert "calibration" not in from_dict(base).to_dict()
+    assert cfg.fingerprint() == from_dict(base).fingerprint()
