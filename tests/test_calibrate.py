@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -140,13 +141,12 @@ def test_cli_bad_input_exits_2(films: list[Path], tmp_path: Path, case: str, wor
 def test_cli_scan_without_film_exits_2(films: list[Path], tmp_path: Path) -> None:
     """A scan of background only: no bright spots, exit 2, nothing written."""
     empty = tmp_path / "empty"
-    simulate(empty, preset="film", film_depth=20.0, frames=FRAMES, region=REGION, background=50.0, noise=True)
+    shutil.copytree(films[0], empty)
+    r0, r1, c0, c1 = load(empty / "config.yaml").file.frame
     rng = np.random.default_rng(0)
     for n in range(FRAMES):  # the same files with the film's signal gone
         with h5py.File(empty / f"scan_{n}.h5", "r+") as f:
-            d = f["/entry1/data/data"]
-            r0, r1, c0, c1 = load(empty / "config.yaml").file.frame
-            d[r0:r1, c0:c1] = rng.poisson(50.0, (r1 - r0, c1 - c0)).astype(np.uint16)
+            f["/entry1/data/data"][r0:r1, c0:c1] = rng.poisson(50.0, (r1 - r0, c1 - c0)).astype(np.uint16)
     out = tmp_path / "calibrated.yaml"
     r = calibrate([empty, films[1]], out)
     assert r.exit_code == 2, r.output
@@ -154,12 +154,27 @@ def test_cli_scan_without_film_exits_2(films: list[Path], tmp_path: Path) -> Non
 
 
 def test_cli_failed_fit_exits_1(films: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fit that lands on a bound (bounds made tiny here) exits 1 and writes nothing."""
+    """A fit that lands on a bound (bounds made tiny here) exits 1 and writes nothing; with one scan the
+    command says that the depth scale is not fixed."""
     monkeypatch.setattr(F, "BOUND", {k: 1e-4 for k in F.BOUND})
     out = tmp_path / "calibrated.yaml"
-    r = calibrate(films, out)
+    r = calibrate(films[:1], out, depths=DEPTHS[:1])
     assert r.exit_code == 1, r.output
     assert "calibration failed" in r.output and "bound" in r.output and not out.exists()
+    assert "two or more scans at different film depths" in r.output
+
+
+def test_cli_scan_of_another_region_exits_2(films: list[Path], tmp_path: Path) -> None:
+    """A scan whose own config.yaml has another detector region: exit 2, nothing written."""
+    other = tmp_path / "other"
+    other.mkdir()
+    data = yaml.safe_load((films[1] / "config.yaml").read_text())
+    data["file"]["frame"] = [0, 16, 0, 16]
+    (other / "config.yaml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "calibrated.yaml"
+    r = calibrate([films[0], other], out)
+    assert r.exit_code == 2, r.output
+    assert "another detector region" in r.output and not out.exists()
 
 
 def test_config_calibration_section_is_kept_not_unknown() -> None:

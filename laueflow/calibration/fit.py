@@ -496,6 +496,8 @@ def fit_pose(
 ) -> Calibration:
     """Fit the mask pose of ``cfg`` (the nominal one) to thin-film scans; see the module docstring.
 
+    ``progress`` receives a line per stage and each warning (also kept in the result's ``warnings``).
+
     Raises CalibrationError for input the fit cannot use (no film pixels, unknown parameters), and
     CalibrationFailed when the fit ran but did not converge, landed on a bound or does not describe
     the traces.
@@ -521,6 +523,8 @@ def fit_pose(
             "all scans have the film at one depth: the depth scale rests on the nominal geometry "
             "alone; give two or more scans at different film depths to fix it"
         )
+    for line in warn:  # said now: they matter also when the fit fails
+        say(f"warning: {line}")
     with jax.enable_x64(True):
         prob = _problem(cfg, films, tuple(fit))
         search = _search_depths(cfg)
@@ -563,6 +567,7 @@ def fit_pose(
             if not changed:
                 break
         seconds["code fit"] = time.perf_counter() - t0
+        _check_bounds(fit, prob.theta0[prob.fit], np.asarray(prob.theta(jnp.asarray(start)))[prob.fit])
         say(f"start from the code coordinates: {seconds['code fit']:.1f} s")
 
         # 3. every trace, frame by frame, from that start; then without the undetermined directions
@@ -618,16 +623,7 @@ def fit_pose(
                 f"(reduced chi-square {chi2_red:.2f}); check the film depths and the "
                 "nominal pose (within 50 um and 0.5 deg of the truth)"
             )
-        for name, nom, val in zip(fit, nominal, fitted, strict=True):
-            if (
-                abs(val - nom) > BOUND[name]
-                or (name == "dist" and val <= 0)
-                or (name == "thickness" and val <= 0)
-            ):
-                raise CalibrationFailed(
-                    f"the fit landed on a bound: {name} {nom:g} -> {val:g} {UNITS[name]} "
-                    f"(at most {BOUND[name]:g} from the nominal value)"
-                )
+        _check_bounds(fit, nominal, fitted)
         if chi2_red > CHI2_LIMIT:
             raise CalibrationFailed(
                 f"the fitted model does not describe the film traces (reduced chi-square "
@@ -659,6 +655,16 @@ def fit_pose(
         seconds=seconds,
         warnings=warn,
     )
+
+
+def _check_bounds(names: tuple[str, ...], nominal: np.ndarray, fitted: np.ndarray) -> None:
+    """CalibrationFailed when a parameter moved further than :data:`BOUND` or left its physical range."""
+    for name, nom, val in zip(names, nominal, fitted, strict=True):
+        if abs(val - nom) > BOUND[name] or (name in ("dist", "thickness") and val <= 0):
+            raise CalibrationFailed(
+                f"the fit landed on a bound: {name} {nom:g} -> {val:g} {UNITS[name]} "
+                f"(at most {BOUND[name]:g} from the nominal value)"
+            )
 
 
 def _spot_depths(film: Film, before: np.ndarray, after: np.ndarray) -> SpotDepths:

@@ -96,8 +96,6 @@ def calibrate(
             click.echo(f"error: calibration failed: {exc}; nothing written", err=True)
             sys.exit(FIT_FAILED)
     result.seconds = {"reading": t_read, **result.seconds}
-    for line in result.warnings:
-        echo_err(f"warning: {line}")
 
     click.echo(f"{'parameter':<10s} {'nominal':>12s} {'fitted':>12s} {'1-sigma':>10s}  unit  determined")
     for i, name in enumerate(result.names):
