@@ -318,11 +318,11 @@ class Driver:
     """One run of the task graph; its steps, in order:
 
     - :meth:`prepare`: every check that needs no task, and the plan (points, tiles);
-    - then, with the output folder locked, :meth:`drive`: points are queued (:meth:`add_points`; up-to-date
-      points are kept), and while tasks run, the points that fit are submitted (:meth:`submit`: their
-      :meth:`stage` task, their block tasks and their :meth:`stitch` task), finished tasks are
-      collected (:meth:`collect`), and each point that ends is reported (:meth:`report`) to
-      ``status.json`` and to the hooks.
+    - then, with the output folder locked, :meth:`start` (worker configuration, status.json) and
+      :meth:`drive`: points are queued (:meth:`add_points`; up-to-date points are kept), and while
+      tasks run, the points that fit are submitted (:meth:`submit`: their :meth:`stage` task, their
+      block tasks and their :meth:`stitch` task), finished tasks are collected (:meth:`collect`), and
+      each point that ends is reported (:meth:`report`) to ``status.json`` and to the hooks.
     """
 
     def __init__(self, scan_path: str | Path, cfg: Config, out_dir: str | Path, options: RunOptions,
@@ -385,12 +385,11 @@ class Driver:
             raise RunError("a Parsl configuration is already loaded in this process; "
                            "call parsl.dfk().cleanup() first (laueflow loads its site itself)")
 
-    def drive(self) -> RunResult:
-        """Run the tasks of every point (the output folder is locked) and return what became of them."""
-        o, cfg, plan = self.options, self.cfg, self.plan
-        site_config = o.site_config
-        if site_config is None:
-            site_config = sites.site_config("threads", run_dir=str(RunFolder(self.out_dir).runinfo))
+    def start(self) -> None:
+        """Once the output folder is locked: the configuration the workers read, what every point file
+        records, no half-written files of an interrupted run, status.json, and how many points may be
+        in flight (their staged frames within the scratch budget)."""
+        o, cfg = self.options, self.cfg
         self.cfg_path, self.worker_fp = _worker_config(cfg, self.out_dir)
         source = Path(cfg.source_file) if cfg.source_file else None
         source_text = source.read_text() if source is not None and source.is_file() else None
@@ -403,7 +402,7 @@ class Driver:
             "command_line": command, "host": socket.gethostname(), "config_file": cfg.source_file or "",
             "config_source": source_text, "per_depth_files": o.per_depth_files,
         }
-        _remove_stale_temporaries(self.out_dir, keep_staged=plan.points if o.staging else ())
+        _remove_stale_temporaries(self.out_dir, keep_staged=self.plan.points if o.staging else ())
         self.status = StatusFile(self.out_dir, scan=str(self.scan_path), command=command,
                                  extra=self.status_sections)
         if o.staging:
@@ -411,9 +410,16 @@ class Driver:
             per_point = staging.staged_bytes(cfg.file.n_frames, (r1 - r0) * (c1 - c0))
             self.max_points_in_flight = min(self.max_points_in_flight,
                                             max(2, o.stage_budget_bytes // max(per_point, 1)))
+
+    def drive(self) -> RunResult:
+        """Run the tasks of every point (the output folder is locked) and return what became of them."""
+        self.start()
+        site_config = self.options.site_config
+        if site_config is None:
+            site_config = sites.site_config("threads", run_dir=str(RunFolder(self.out_dir).runinfo))
         final_state = RunState.FAILED
         try:
-            self.add_points(plan.points)
+            self.add_points(self.plan.points)
             self.started = True
             self.emit("start")
             for k in self.order:  # points of the initial selection are announced after "start"
