@@ -22,6 +22,8 @@ from laueflow.io import results
 from laueflow.simulate import simulate
 from laueflow.workflow import RunError, run
 from laueflow.workflow import tasks as T
+from laueflow.workflow.hooks import RunHooks
+from laueflow.workflow.status import read_status
 
 REGION = 16
 BLOCK = 64  # 8 x 8 tiles: 4 tasks per point
@@ -92,12 +94,36 @@ def check_point_file(path: Path, cfg, point: int) -> None:
             assert prov.attrs[key]
 
 
+class Recorder(RunHooks):
+    """A hook that notes every call the driver makes."""
+
+    def __init__(self) -> None:
+        self.events, self.points, self.ticks, self.finished = [], [], 0, []
+
+    def on_event(self, event):
+        self.events.append(event)
+
+    def on_point_done(self, result):
+        self.points.append(result.point)
+
+    def tick(self):
+        self.ticks += 1
+
+    def status_section(self):
+        return {"recorder": {"points": len(self.points)}}
+
+    def on_finish(self, result):
+        self.finished.append(result)
+
+
 def test_htex_on_loopback_and_resume(scan, tmp_path):
     """The whole graph on the real HighThroughputExecutor (configs/local.py, 2 workers); a rerun keeps all."""
     cfg = load(scan / "config.yaml")
     out = tmp_path / "recon"
     events = []
-    result = run(scan, cfg, out, block_pixels=BLOCK, site_config=_site("local", out), progress=events.append)
+    hook = Recorder()
+    result = run(scan, cfg, out, block_pixels=BLOCK, site_config=_site("local", out), progress=events.append,
+                 hooks=[hook])
     assert result.exit_code == 0, [p.line() for p in result.points]
     assert [p.point for p in result.points] == [0, 1, 2]
     assert all(p.status == "done" for p in result.points)
@@ -109,6 +135,9 @@ def test_htex_on_loopback_and_resume(scan, tmp_path):
     assert events[0].kind == "start" and events[0].blocks_total == 12
     assert [e.blocks_done for e in events if e.kind == "block"][-1] == 12
     assert sorted(e.result.point for e in events if e.kind == "point") == [0, 1, 2]
+    # hooks see the same events, each point once it ended, the ticks, and the end after the unlock
+    assert hook.events == events and sorted(hook.points) == [0, 1, 2] and hook.ticks >= 1
+    assert hook.finished == [result] and read_status(out)["recorder"] == {"points": 3}
     deadline = time.time() + 20  # the executor's worker pool and interchange must be gone
     while _processes_mentioning(str(out)) and time.time() < deadline:
         time.sleep(0.5)
