@@ -3,17 +3,28 @@
 Lab frame: e1 along the incident beam, e2 up toward the detector, e3 completing a right-handed
 frame.  Lengths are mm except code coordinates, which are um.  Set-up (rotations, centres) is
 NumPy; the per-ray function :func:`code_coordinate` is written with ``jax.numpy`` so the forward
-model and the decoder can jit and vmap it.
+model and the decoder can jit and vmap it.  Also the detector's saturation level, the sub-sample
+positions within a bin, and the reach check (which depths the mask's code crosses during a scan).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import numpy as np
 
 from .config import Config
+
+if TYPE_CHECKING:  # forward imports this module
+    from .forward import Setup
+
+SATURATED = 65535  # detector counts of a saturated pixel (16-bit full scale)
+
+# sample positions across a bin, in bin widths: a depth bin (or a column of the decoder's code grid) is a
+# continuous slab, averaged over these points
+SUBSAMPLE_OFFSETS = (np.arange(4) + 0.5) / 4 - 0.5
 
 
 def rodrigues(v) -> np.ndarray:
@@ -165,3 +176,33 @@ def pixel_optics(geo: Geometry, pixels) -> PixelOptics:
     phi = np.arctan(p[..., 0] / p[..., 1])
     cos_pa = np.cos(phi + geo.anglez)
     return PixelOptics(blur=blur, path_factor=1.0 / cos_pa, kappa=np.cos(phi) / cos_pa, phi=phi)
+
+
+def check_reach(setup: Setup, cfg: Config, rows, cols, frames=None) -> str | None:
+    """None when the mask code crosses every depth of the grid for these pixels during the scan;
+    otherwise a message saying which depths the mask can resolve."""
+    geo = setup.geo
+    depths = cfg.geo.source.depths
+    n = cfg.file.n_frames if frames is None else len(frames)
+    step = cfg.file.range[2]
+    pix = pixel_centres(geo, np.asarray(rows), np.asarray(cols))
+    u = np.asarray(code_coordinates(geo, pix, depths, np.array([0.0, (n - 1) * step])))
+    lo, hi = np.minimum(u[:, 0], u[:, 1]), np.maximum(u[:, 0], u[:, 1])
+    # a depth is resolvable when its rays see some code (bars) in at least one frame
+    bars = setup.mask.bars
+    first, last = bars[0, 0], bars[-1, 1]
+    ok = ((hi > first) & (lo < last)).all(axis=0)
+    if ok.all():
+        return None
+    um = depths * 1e3
+    if not ok.any():
+        return (
+            f"the mask never crosses the rays during the scan for any depth of the grid "
+            f"[{um[0]:.1f}, {um[-1]:.1f}] um (code coordinates {lo.min():.0f}-{hi.max():.0f} um "
+            f"vs bars at {first:.0f}-{last:.0f} um): check geo.mask.focus and geo.scanner"
+        )
+    good = um[ok]
+    return (
+        f"the mask resolves only depths {good.min():.1f} to {good.max():.1f} um of the grid "
+        f"[{um[0]:.1f}, {um[-1]:.1f}] um for these pixels: narrow geo.source.grid or check the geometry"
+    )

@@ -212,18 +212,18 @@ def test_unusable_blocks_raise(setup_cfg):
 
 def test_check_reach(setup_cfg):
     cfg, setup = setup_cfg
-    assert D.check_reach(setup, cfg, [1000, 1015], [1000, 1015]) is None
+    assert G.check_reach(setup, cfg, [1000, 1015], [1000, 1015]) is None
     far = C.from_dict(
         cfg.to_dict() | {"geo": {**cfg.to_dict()["geo"], "source": {"grid": [5.0, 5.3, 0.001]}}},
         check_files=False,
     )
-    msg = D.check_reach(F.Setup.from_config(far), far, [1000, 1015], [1000, 1015])
+    msg = G.check_reach(F.Setup.from_config(far), far, [1000, 1015], [1000, 1015])
     assert msg is not None and "never crosses" in msg
     part = C.from_dict(
         cfg.to_dict() | {"geo": {**cfg.to_dict()["geo"], "source": {"grid": [-0.1, 2.5, 0.001]}}},
         check_files=False,
     )
-    msg = D.check_reach(F.Setup.from_config(part), part, [1000, 1015], [1000, 1015])
+    msg = G.check_reach(F.Setup.from_config(part), part, [1000, 1015], [1000, 1015])
     assert msg is not None and "resolves only depths" in msg
 
 

@@ -14,6 +14,14 @@ from laueflow import decode as D
 from laueflow import evaluate as E
 from laueflow import forward as F
 from laueflow import geometry as G
+from laueflow.decode import passes
+from laueflow.decode.block import Block
+from laueflow.decode.dictionary import rebin, unbin
+from laueflow.decode.energy import nearest_level
+from laueflow.decode.neighbourhood import components, grow, runs
+from laueflow.decode.settings import DecodeSettings
+from laueflow.decode.solvers import Level, fit_supports
+from laueflow.decode.support import component_energy, select_support
 from laueflow.mask import mu_thickness
 from laueflow.simulate import default_config_dict
 
@@ -25,7 +33,7 @@ def cfg():
     return C.from_dict(d, check_files=False)
 
 
-def _level(cfg, seed: int = 0, n: int = 200, k: int = 64) -> D._Level:
+def _level(cfg, seed: int = 0, n: int = 200, k: int = 64) -> Level:
     """A centred dictionary like a block's: shifted copies of one random code of 8-column bits, blurred
     (neighbouring columns nearly alike, as on the code-coordinate grid)."""
     rng = np.random.default_rng(seed)
@@ -33,10 +41,10 @@ def _level(cfg, seed: int = 0, n: int = 200, k: int = 64) -> D._Level:
     code = np.convolve(bits, np.ones(3) / 3, mode="same")
     gold = np.stack([code[j : j + n] for j in range(k)], axis=1)
     mu = 1.2
-    return D._Level(np.exp(-mu * gold), mu, cfg, np.float32)
+    return Level(np.exp(-mu * gold), mu, DecodeSettings.from_config(cfg))
 
 
-def _traces(level: D._Level, seed: int = 1) -> np.ndarray:
+def _traces(level: Level, seed: int = 1) -> np.ndarray:
     """Two noise-normalised traces: a thin grain, and an extended one with a gap."""
     rng = np.random.default_rng(seed)
     k = level.a.shape[1]
@@ -91,7 +99,7 @@ def test_support_fit_reaches_the_optimum_on_each_support(cfg):
     allowed[1, 28:38] = allowed[1, 41:52] = True
     weak = cfg.recon.sparsity * cfg.recon.refit_sparsity
     start = np.random.default_rng(2).random((2, k))
-    h, misfit = D._fit_supports([level], np.zeros(2, int), np.arange(2), d, allowed, start, weak)
+    h, misfit = fit_supports([level], np.zeros(2, int), np.arange(2), d, allowed, start, weak)
     assert (h[~allowed] == 0).all()
     for row in range(2):
         best = _optimum(level.a, d[row], weak * level.unit, cfg.recon.smoothness, allowed[row])
@@ -102,7 +110,7 @@ def test_support_fit_reaches_the_optimum_on_each_support(cfg):
 def test_rows_without_support_are_left_at_zero(cfg):
     level = _level(cfg)
     d = _traces(level)
-    h, misfit = D._fit_supports([level], np.zeros(2, int), np.arange(2), d,
+    h, misfit = fit_supports([level], np.zeros(2, int), np.arange(2), d,
                                 np.zeros((2, level.a.shape[1]), bool), np.ones((2, level.a.shape[1])), 0.1)
     assert (h == 0).all()
     assert misfit == pytest.approx((d**2).sum(axis=1))
@@ -124,13 +132,13 @@ def test_decoding_holds_blas_to_one_thread_and_restores_it(cfg, monkeypatch):
                       20.0, 50.0)
     traces = np.random.default_rng(0).poisson(traces).astype(float)
     inside = []
-    original = D._decode
+    original = passes._decode
 
     def watched(*args, **kwargs):
         inside.append(_blas_threads())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(D, "_decode", watched)
+    monkeypatch.setattr(passes, "_decode", watched)
     with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
         before = _blas_threads()
         r = D.decode(traces, rows, cols, frames, setup, cfg)
@@ -159,18 +167,19 @@ def grain_block(cfg):
     traces = F.traces(setup, G.pixel_centres(setup.geo, rows, cols), profiles, cfg.geo.source.depths, frames,
                       20.0, 50.0)
     traces = np.random.default_rng(5).poisson(traces).astype(float)
-    dct = D.build_dictionary(setup, cfg, rows, cols, frames)
-    blk = D._Block(cfg, traces, rows, cols, np.arange(rows.size), dct, np.float32)
+    settings = DecodeSettings.from_config(cfg)
+    dct = D.build_dictionary(setup, settings, rows, cols, frames)
+    blk = Block(settings, traces, rows, cols, np.arange(rows.size), dct)
     mu = float(mu_thickness(20.0, setup.geo.thickness)[0]) * float(np.mean(dct.path_factor))
-    level1 = np.full(rows.size, D._nearest_level(mu))
+    level1 = np.full(rows.size, nearest_level(mu))
     lit = np.zeros(rows.size, bool)
     lit[::2] = True
     level = blk.level(level1[0])
     h = np.zeros((rows.size, dct.w.size))
     h[lit] = level.full(blk.d[lit], blk.sparsity)
-    labels = D._components(h)
+    labels = components(h)
     gain = np.zeros((rows.size, labels.max() + 1))
-    gain[lit] = D._component_energy(h[lit], labels[lit], level.gram, blk.band)
+    gain[lit] = component_energy(h[lit], labels[lit], level.gram, blk.band)
     gain[:, 0] = 0.0
     edges = np.concatenate([dct.u_lo[:, grain][:, :1], dct.u_hi[:, grain][:, -1:]], axis=1)
     lo, hi = edges.min(axis=1, keepdims=True), edges.max(axis=1, keepdims=True)
@@ -180,11 +189,11 @@ def grain_block(cfg):
 
 def test_support_covers_the_grain_and_nothing_else(grain_block):
     blk, level1, lit, h, labels, gain, inside = grain_block
-    own = D._select_support(blk, level1, h, labels, gain)
+    own = select_support(blk, level1, h, labels, gain)
     assert not own[~lit].any()
     covered = (own & inside).sum(axis=1)[lit] / inside.sum(axis=1)[lit]
     assert covered.min() >= 0.9, covered
-    near = D._grow(inside, blk.band // 2)
+    near = grow(inside, blk.band // 2)
     assert not (own & ~near)[lit].any()
 
 
@@ -194,12 +203,12 @@ def test_a_component_that_explains_nothing_is_left_out(grain_block):
     blk, level1, lit, h, labels, gain, inside = grain_block
     k = h.shape[1]
     decoy = np.zeros(k, bool)
-    far = np.flatnonzero(~D._grow(inside, 3 * blk.band).any(axis=0))
+    far = np.flatnonzero(~grow(inside, 3 * blk.band).any(axis=0))
     decoy[far[: blk.band]] = True
     labels = labels.copy()
     labels[:, decoy] = labels.max() + 1
     gain = np.concatenate([gain, np.where(lit, 1e4, 0.0)[:, None]], axis=1)
-    own = D._select_support(blk, level1, h, labels, gain)
+    own = select_support(blk, level1, h, labels, gain)
     assert not own[:, decoy].any()
     assert ((own & inside).sum(axis=1)[lit] >= 0.9 * inside.sum(axis=1)[lit]).all()
 
@@ -214,7 +223,7 @@ def test_a_tail_pass_one_missed_is_added_beside_the_grain(grain_block):
         cols = np.flatnonzero(inside[p])
         front[p, cols[: cols.size // 2]] = True  # one half of the grain's code range
     labels[inside & ~front] = 0
-    own = D._select_support(blk, level1, h, labels, gain)
+    own = select_support(blk, level1, h, labels, gain)
     covered = (own & inside).sum(axis=1)[lit] / inside.sum(axis=1)[lit]
     assert np.median(covered) >= 0.9, covered
 
@@ -223,11 +232,11 @@ def test_runs_lists_each_run_of_each_row():
     mask = np.array(
         [[1, 1, 0, 0, 1, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 0, 0, 0, 1]], bool
     )
-    rows, runs = D._runs(mask)
+    rows, each = runs(mask)
     assert rows.tolist() == [0, 0, 0, 2, 2]
-    assert [np.flatnonzero(r).tolist() for r in runs] == [[0, 1], [4], [6, 7, 8], [1, 2, 3, 4], [8]]
-    rows, runs = D._runs(mask, min_size=3)
-    assert rows.tolist() == [0, 2] and runs.sum(axis=1).tolist() == [3, 4]
+    assert [np.flatnonzero(r).tolist() for r in each] == [[0, 1], [4], [6, 7, 8], [1, 2, 3, 4], [8]]
+    rows, each = runs(mask, min_size=3)
+    assert rows.tolist() == [0, 2] and each.sum(axis=1).tolist() == [3, 4]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,9 +249,9 @@ def test_unbin_is_the_inverse_of_rebin(grain_block):
     dct = grain_block[0].dct
     z = np.arange(dct.u_lo.shape[1])
     depth = np.exp(-0.5 * ((z[None, :] - np.array([[80], [150], [200], [260]])) / 15.0) ** 2)
-    code = D._unbin(depth, dct.w, dct.u_lo[:4], dct.u_hi[:4])
+    code = unbin(depth, dct.w, dct.u_lo[:4], dct.u_hi[:4])
     assert np.allclose(code.sum(axis=1), depth.sum(axis=1))
-    back = D._rebin(code, dct.w, dct.u_lo[:4], dct.u_hi[:4])
+    back = rebin(code, dct.w, dct.u_lo[:4], dct.u_hi[:4])
     assert np.abs(back - depth).max() <= 0.01
 
 
@@ -285,7 +294,7 @@ def test_faint_pixels_of_a_spot_take_its_shape(cfg, spot_block, monkeypatch):
     faint = spot & (profiles.sum(axis=1) < 300)
     faint[other] = False
     corr, _ = _decode_spot(cfg, spot_block)
-    monkeypatch.setattr(D, "_spot_shapes", lambda *args: None)
+    monkeypatch.setattr(passes, "_spot_shapes", lambda *args: None)
     alone, _ = _decode_spot(cfg, spot_block)
     assert faint.sum() >= 10
     assert corr[faint].mean() >= 0.9

@@ -30,7 +30,6 @@ from laueflow.config import Config
 from ..errors import ScanError  # noqa: F401 (re-exported)
 
 MONITOR_KEY = "/entry1/monitor/I0"
-SATURATED = 65535
 MIB = 1 << 20
 # Open-file cache of a Scan: reading all tiles of a point re-opens every frame file once per tile
 # without it.  Each open file also keeps an HDF5 chunk cache of CHUNK_CACHE_BYTES.
@@ -89,6 +88,8 @@ def make_block(point: int, tile: Tile, data: np.ndarray, scale: np.ndarray | Non
     frame is saturated (65535).  Traces are multiplied frame by frame by ``scale`` (mean(I0) / I0)
     when given.
     """
+    from ..geometry import SATURATED  # geometry loads JAX, which `laueflow status` need not wait for
+
     n = data.shape[0]
     h, w = tile.shape
     flat = data.reshape(n, h * w)
