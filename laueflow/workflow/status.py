@@ -41,8 +41,9 @@ from ..errors import RunLocked  # noqa: F401 (re-exported)
 from ..io.atomic import atomic_path
 from ..io.layout import LOCK_FILE, STATUS_FILE, RunFolder
 
-__all__ = ["FORMAT", "LOCK_FILE", "STATUS_FILE", "PointState", "RunLock", "RunLocked", "RunState",
-           "StatusFile", "age_seconds", "driver_alive", "load_status", "read_status", "record_section"]
+__all__ = ["FILE_STATES", "FINAL_STATES", "FORMAT", "LOCK_FILE", "OK_STATES", "STATUS_FILE", "PointState",
+           "RunLock", "RunLocked", "RunState", "StatusFile", "age_seconds", "driver_alive", "load_status",
+           "read_status", "record_section"]
 
 FORMAT = "laueflow-status/1"
 
@@ -58,16 +59,6 @@ class PointState(StrEnum):
     SKIPPED = "skipped"  # no file: every block was skipped or failed
     FAILED = "failed"
 
-    @property
-    def final(self) -> bool:
-        """Whether the point has ended."""
-        return self in FINAL_STATES
-
-    @property
-    def has_file(self) -> bool:
-        """Whether the state comes with a point file."""
-        return self in FILE_STATES
-
 
 class RunState(StrEnum):
     """A run's state: the four status.json records, and two that only a reader tells."""
@@ -80,10 +71,11 @@ class RunState(StrEnum):
     UNKNOWN = "unknown"  # no status.json
 
 
+# point states that have ended, that come with a point file, that ended well (a skipped point may too)
 FINAL_STATES = frozenset({PointState.DONE, PointState.RESUMED, PointState.PARTIAL, PointState.SKIPPED,
                           PointState.FAILED})
 FILE_STATES = frozenset({PointState.DONE, PointState.RESUMED, PointState.PARTIAL})
-OK_STATES = frozenset({PointState.DONE, PointState.RESUMED})  # ended well (a skipped point may too)
+OK_STATES = frozenset({PointState.DONE, PointState.RESUMED})
 # a driver that has not rewritten status.json for this long is taken to be gone (while it runs it
 # rewrites the file at least every few seconds)
 STALE_AFTER_S = 600.0
