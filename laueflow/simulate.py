@@ -241,10 +241,7 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if film_depth is not None and preset != "film":
         raise ValueError(f"a film depth is for the film preset, not {preset!r}")
-    pose_error = dict(pose_error or {})
-    bad = sorted(set(pose_error) - set(POSE_KEYS))
-    if bad:
-        raise ValueError(f"unknown pose parameter(s) {', '.join(bad)}; choose from {', '.join(POSE_KEYS)}")
+    pose_error = _check_pose(pose_error)
     # arguments are checked before anything is written
     if points < 1:
         raise ValueError(f"points must be >= 1, got {points}")
@@ -289,18 +286,10 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
             raise ValueError(f"region must be at least {MIN_REGION} x {MIN_REGION} pixels, got "
                              f"{fr1 - fr0} x {fc1 - fc0} (file.frame of {config})")
 
-    written = copy.deepcopy(data)
-    if pose_error:  # the configuration is off by pose_error; the frames use the true pose
-        focus = written["geo"]["mask"].setdefault("focus", {})
-        for k, v in pose_error.items():
-            focus[k] = float(focus.get(k, getattr(C.Focus(), k))) + float(v)
+    written = _posed(data, pose_error)
     if preset == "film":
-        film_depth = FILM_DEPTH if film_depth is None else float(film_depth)
         grid_cfg = user if config is not None else C.from_dict(data, check_files=False)
-        grid_um = grid_cfg.geo.source.depths * 1e3
-        if not grid_um[0] + FILM_THICKNESS <= film_depth <= grid_um[-1] - FILM_THICKNESS:
-            raise ValueError(f"film depth {film_depth:g} um is outside the depth grid "
-                             f"[{grid_um[0]:g}, {grid_um[-1]:g}] um")
+        film_depth = _film_depth(grid_cfg, film_depth)
 
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "mask.npy", code)
@@ -396,19 +385,53 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
             stack["entry1/monitor/I0"] = i0_all
 
     attrs = {"preset": preset, "seed": seed, "noise": noise, "points": points,
-             "frames_per_point": n_frames, "background": background}
-    if preset == "film" or pose_error:
-        f = cfg.geo.mask.focus  # the true pose, mm and degrees
-        attrs["focus"] = json.dumps({k: getattr(f, k) for k in POSE_KEYS})
-        attrs["pose_error"] = json.dumps(pose_error)
-    if preset == "film":
-        attrs.update({"film_depth_um": film_depth, "film_thickness_um": FILM_THICKNESS})
+             "frames_per_point": n_frames, "background": background,
+             **_pose_attrs(cfg, preset, film_depth, pose_error)}
     _write_truth(out / "truth.h5", truth, grain_rows, depth_um, attrs)
     n_truth = int(sum(len(p) for p in truth["pixels"]))
     return {"out_dir": str(out), "config": str(out / "config.yaml"), "truth": str(out / "truth.h5"),
             "frames": n_written, "points": points, "frames_per_point": n_frames, "region": list(reg),
             "spot_pixels": n_truth, "layout": "stack" if single_file else "frames",
             "grains": len(grain_rows), "film_depth": film_depth, "pose_error": pose_error}
+
+
+def _check_pose(pose_error: dict[str, float] | None) -> dict[str, float]:
+    pose_error = dict(pose_error or {})
+    bad = sorted(set(pose_error) - set(POSE_KEYS))
+    if bad:
+        raise ValueError(f"unknown pose parameter(s) {', '.join(bad)}; choose from {', '.join(POSE_KEYS)}")
+    return pose_error
+
+
+def _posed(data: dict, pose_error: dict[str, float]) -> dict:
+    """The configuration to write: ``data`` with its mask pose off by ``pose_error``."""
+    written = copy.deepcopy(data)
+    focus = written["geo"]["mask"].setdefault("focus", {})
+    for k, v in pose_error.items():
+        focus[k] = float(focus.get(k, getattr(C.Focus(), k))) + float(v)
+    return written
+
+
+def _film_depth(cfg: C.Config, film_depth: float | None) -> float:
+    """The film's depth (um; FILM_DEPTH by default), checked to lie inside the configuration's grid."""
+    film_depth = FILM_DEPTH if film_depth is None else float(film_depth)
+    grid_um = cfg.geo.source.depths * 1e3
+    if not grid_um[0] + FILM_THICKNESS <= film_depth <= grid_um[-1] - FILM_THICKNESS:
+        raise ValueError(f"film depth {film_depth:g} um is outside the depth grid "
+                         f"[{grid_um[0]:g}, {grid_um[-1]:g}] um")
+    return film_depth
+
+
+def _pose_attrs(cfg: C.Config, preset: str, film_depth: float | None, pose_error: dict[str, float]) -> dict:
+    """Truth attributes of calibration data: the true pose (``cfg``'s), the error written, the film."""
+    attrs: dict = {}
+    if preset == "film" or pose_error:
+        f = cfg.geo.mask.focus
+        attrs["focus"] = json.dumps({k: getattr(f, k) for k in POSE_KEYS})
+        attrs["pose_error"] = json.dumps(pose_error)
+    if preset == "film":
+        attrs.update({"film_depth_um": film_depth, "film_thickness_um": FILM_THICKNESS})
+    return attrs
 
 
 def parse_pose(text: str) -> dict[str, float]:
@@ -429,7 +452,7 @@ def parse_pose(text: str) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 # Production-size scan points, fast
 
-LARGE_PRESETS = ("thin", "extended")
+LARGE_PRESETS = ("thin", "extended", "film")
 SPOT_SEPARATION = 8 * 2.2  # px: 4 (sigma1 + sigma2) for the widest spots, as _grains keeps them apart
 LARGE_CHUNK = 1024  # pixels per forward-model call (one shape, so one compilation per grain)
 
@@ -444,6 +467,14 @@ def _layered_grains(preset: str, n: int, rng: np.random.Generator, depth_um: np.
     if preset == "thin":
         return [Grain(top=t, thickness=rng.uniform(5, 12)) for t in tops]
     return [Grain(top=t, thickness=rng.uniform(30, 60), decay=rng.uniform(20, 50)) for t in tops]
+
+
+def _large_grains(preset: str, n: int, rng: np.random.Generator, depth_um: np.ndarray,
+                  film_depth: float) -> list[Grain]:
+    """The grains of a large scan: :func:`_layered_grains`, or the film preset's one film."""
+    if preset == "film":
+        return [Grain(top=film_depth - FILM_THICKNESS / 2, thickness=FILM_THICKNESS)]
+    return _layered_grains(preset, n, rng, depth_um)
 
 
 def _spot_grid(rng: np.random.Generator, region: tuple[int, int, int, int], fraction: float,
@@ -484,7 +515,8 @@ def simulate_large(out_dir: str | Path, *, region: int = 1200, frames: int = 201
                    preset: str = "thin", grains: int | None = None, seed: int = 0, geometry: str = "tilted",
                    background: float = 50.0, noise: bool = True, full_frames: bool = True,
                    chunks: tuple[int, int] = (256, 256), prefix: str = "scan",
-                   progress: Callable[[str], None] | None = None) -> dict:
+                   progress: Callable[[str], None] | None = None, film_depth: float | None = None,
+                   pose_error: dict[str, float] | None = None) -> dict:
     """One scan point of production size (e.g. 1200 x 1200 pixels, 201 frames of 2048 x 2048), fast.
 
     The physics is that of :func:`simulate`: every pixel that receives at least half a count per
@@ -497,7 +529,8 @@ def simulate_large(out_dir: str | Path, *, region: int = 1200, frames: int = 201
 
     ``spot_fraction`` is the share of the region's pixels that the truth counts as spot pixels (summed
     profile >= 4 sqrt(background)); spots come from ``grains`` grains of the preset ("thin": 6 by
-    default, "extended": 3).  ``full_frames`` writes whole detector frames (background and noise
+    default, "extended": 3, "film": one film at ``film_depth`` um; ``pose_error`` as for
+    :func:`simulate`).  ``full_frames`` writes whole detector frames (background and noise
     outside the region too, as the detector does), compressed as :func:`simulate` writes them (gzip
     level 1 with byte shuffle) in ``chunks``; otherwise only the region's chunks are stored.
     ``progress`` receives a line now and then.  Returns a summary like :func:`simulate`'s.
@@ -511,7 +544,7 @@ def simulate_large(out_dir: str | Path, *, region: int = 1200, frames: int = 201
         raise ValueError(f"frames must be >= {MIN_FRAMES} per scan point, got {frames}")
     if not 0 < spot_fraction < 1:
         raise ValueError(f"spot_fraction must be between 0 and 1, got {spot_fraction}")
-    n_grains = grains if grains is not None else (6 if preset == "thin" else 3)
+    n_grains = 1 if preset == "film" else grains if grains is not None else (6 if preset == "thin" else 3)
     if n_grains < 1:
         raise ValueError(f"grains must be >= 1, got {n_grains}")
     if len(chunks) != 2 or min(chunks) < 1:
@@ -520,6 +553,11 @@ def simulate_large(out_dir: str | Path, *, region: int = 1200, frames: int = 201
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     data = default_config_dict(geometry, frames, region)
+    pose_error = _check_pose(pose_error)
+    if preset == "film":
+        film_depth = _film_depth(C.from_dict(data, check_files=False), film_depth)
+    elif film_depth is not None:
+        raise ValueError(f"a film depth is for the film preset, not {preset!r}")
     threshold = 4 * np.sqrt(background)  # the truth's spot pixels, as in simulate()
     # spots first: a fraction that does not fit stops before anything is written
     spots = _spot_grid(rng, tuple(data["file"]["frame"]), spot_fraction, threshold)
@@ -527,8 +565,8 @@ def simulate_large(out_dir: str | Path, *, region: int = 1200, frames: int = 201
     np.save(out / "mask.npy", debruijn(8))
     (out / "config.yaml").write_text(
         f"# Synthetic scan point written by laueflow.simulate.simulate_large (preset {preset}, seed {seed}, "
-        f"spot fraction {spot_fraction:g})\n" + yaml.safe_dump(data, sort_keys=False))
-    cfg = C.load(out / "config.yaml")
+        f"spot fraction {spot_fraction:g})\n" + yaml.safe_dump(_posed(data, pose_error), sort_keys=False))
+    cfg = C.from_dict(data, source=str(out / "config.yaml"))  # the true pose
     setup = Setup.from_config(cfg)
     r0, r1, c0, c1 = reg = tuple(cfg.file.frame)
     h, w = r1 - r0, c1 - c0
@@ -539,7 +577,7 @@ def simulate_large(out_dir: str | Path, *, region: int = 1200, frames: int = 201
     frame_idx = np.arange(frames)
 
     t0 = time.perf_counter()
-    grain_list = _layered_grains(preset, n_grains, rng, depth_um)
+    grain_list = _large_grains(preset, n_grains, rng, depth_um, film_depth)
     for k, s in enumerate(spots):
         grain_list[k % n_grains].spots.append(s)
 
@@ -630,7 +668,8 @@ def simulate_large(out_dir: str | Path, *, region: int = 1200, frames: int = 201
     grain_rows = [(0, g.top, g.thickness, g.decay) for g in grain_list]
     _write_truth(out / "truth.h5", truth, grain_rows, depth_um,
                  {"preset": preset, "seed": seed, "noise": noise, "points": 1, "frames_per_point": frames,
-                  "background": background, "spot_fraction": spot_fraction, "method": "simulate_large"})
+                  "background": background, "spot_fraction": spot_fraction, "method": "simulate_large",
+                  **_pose_attrs(cfg, preset, film_depth, pose_error)})
     n_spot = int(spot.sum())
     return {"out_dir": str(out), "config": str(out / "config.yaml"), "truth": str(out / "truth.h5"),
             "frames": frames, "points": 1, "frames_per_point": frames, "region": list(reg),

@@ -737,3 +737,21 @@ def test_cli_film_options_refused(tmp_path: Path, args: list[str], word: str) ->
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error: ") and word in r.output
     assert not out.exists()
+
+
+def test_large_film_with_pose_error(tmp_path: Path) -> None:
+    """simulate_large's film preset: one film at the depth, every spot from it; the pose error goes only
+    into config.yaml, the truth keeps the true pose."""
+    error = {"dist": -0.03, "anglez": 0.2}
+    info = simulate_large(tmp_path / "film", region=64, frames=16, spot_fraction=0.05, preset="film",
+                          film_depth=40.0, pose_error=error, full_frames=False)
+    t = load_truth(tmp_path / "film" / "truth.h5")
+    assert info["grains"] == 1 and t.grain_top[0] == pytest.approx(40.0 - 0.75)
+    cfg = cfg_of(tmp_path / "film")
+    with h5py.File(tmp_path / "film" / "truth.h5", "r") as f:
+        focus = json.loads(f["truth"].attrs["focus"])
+    assert cfg.geo.mask.focus.dist == pytest.approx(focus["dist"] - 0.03)
+    assert cfg.geo.mask.focus.anglez == pytest.approx(focus["anglez"] + 0.2)
+    with pytest.raises(ValueError, match="outside the depth grid"):
+        simulate_large(tmp_path / "bad", region=64, frames=16, preset="film", film_depth=500.0)
+    assert not (tmp_path / "bad").exists()
