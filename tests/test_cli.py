@@ -10,6 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from laueflow import sites
 from laueflow.cli import main
 from laueflow.cli.run import default_out_dir
 from laueflow.mask import debruijn
@@ -116,8 +117,6 @@ def test_sites_listing():
 
 def test_site_files_define_both_labels(monkeypatch):
     """Every site, given what it requires (an account, a job's node list), has both labels."""
-    from laueflow import sites
-
     monkeypatch.setenv("LAUEFLOW_POLARIS_ACCOUNT", "TEST")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "nid[001-002]")
     for name, _ in sites.list_sites():
@@ -128,8 +127,6 @@ def test_site_files_define_both_labels(monkeypatch):
 
 
 def test_unknown_site(tmp_path):
-    from laueflow import sites
-
     with pytest.raises(sites.SiteError, match="unknown site"):
         sites.find_site("nowhere")
     bad = tmp_path / "bad_site.py"

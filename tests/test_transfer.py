@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import socket
 import threading
 import time
 import uuid
@@ -461,15 +463,11 @@ def test_run_files_and_recorded_settings(tmp_path, run_dir):
 
 
 def _status(out: Path, state: str, pid: int = 1) -> None:
-    import socket
-
     (out / "status.json").write_text(json.dumps({"format": "laueflow-status/1", "state": state,
                                                  "host": socket.gethostname(), "pid": pid, "points": {}}))
 
 
 def test_record_status_respects_a_live_driver(tmp_path, run_dir):
-    import os
-
     assert record_status(run_dir, {"x": 1}) is False  # no status file: nothing written
     _status(run_dir, "running", pid=os.getpid())
     assert record_status(run_dir, {"x": 1}) is False

@@ -32,6 +32,7 @@ from test_workflow import check_point_file
 
 from laueflow.cli import main
 from laueflow.config import load
+from laueflow.simulate import simulate
 from laueflow.transfer import COMPUTE_ID_VAR, COMPUTE_SECRET_VAR, ID_VAR, SECRET_VAR, run_files
 
 SECRET = "very-s3cret-client-value"
@@ -42,8 +43,6 @@ RUN_OPTIONS = ["--site", "threads", "--workers", "1", "--block-pixels", "64", "-
 @pytest.fixture(scope="module")
 def scan(tmp_path_factory) -> Path:
     """A simulated three-point scan (24 frames a point, 16 x 16 pixels, a depth grid of 36 bins)."""
-    from laueflow.simulate import simulate
-
     folder = tmp_path_factory.mktemp("transfer_run") / "scan"
     simulate(folder, preset="multipoint", points=2, region=16, seed=3, frames=24)
     raw = yaml.safe_load((folder / "config.yaml").read_text())

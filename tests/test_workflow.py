@@ -11,10 +11,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import parsl
 import pytest
 import yaml
 from click.testing import CliRunner
 
+import laueflow.decode as D
 from laueflow import sites
 from laueflow.cli import main
 from laueflow.config import load
@@ -230,8 +232,6 @@ def test_cli_run_threads_and_config_change(scan, tmp_path):
 @pytest.mark.parametrize("error", ["decode", "crash"])
 def test_failing_blocks_are_reported(scan, tmp_path, monkeypatch, error):
     """A DecodeError skips the point with its reason; any other exception fails it; both exit non-zero."""
-    import laueflow.decode as D
-
     def broken(*args, **kwargs):
         if error == "decode":
             raise D.DecodeError("traces too short for this code")
@@ -251,8 +251,6 @@ def test_failing_blocks_are_reported(scan, tmp_path, monkeypatch, error):
 
 
 def test_refuses_when_parsl_is_already_loaded(scan, tmp_path):
-    import parsl
-
     with parsl.load(_site("threads", tmp_path)):
         with pytest.raises(RunError, match="already loaded"):
             run(scan, load(scan / "config.yaml"), tmp_path / "recon")
