@@ -1,6 +1,6 @@
 """Results of a reconstruction for scientists: ``laueflow.open_run(OUT)`` and what it gives.
 
-A run folder holds one point file per scan point (``point_<k:05d>.h5``, see :mod:`laueflow.io.results`)
+A run folder holds one point file per scan point (``point_<k:05d>.h5``, see :mod:`laueflow.io.pointfile`)
 and, while ``laueflow run`` or ``laueflow watch`` drives it, ``status.json`` with the state of every
 point.  :class:`Run` joins the two: the points with their state, and for every point that has a file
 a :class:`Point` giving lazy access to its depth axis, volume, depth slices, pixel profiles,

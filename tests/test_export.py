@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from laueflow import __version__, provenance
 from laueflow.cli import main
-from laueflow.io import export, results
+from laueflow.io import blocks, export, layout, pointfile
 from laueflow.simulate import default_config_dict
 
 FRAME = (1000, 1006, 1010, 1018)  # 6 x 8 pixels
@@ -37,7 +37,7 @@ def _volume(seed: int, n_depth: int = DEPTHS_MM.size) -> np.ndarray:
 
 def write_point_file(out: Path, point: int, volume: np.ndarray, depths_mm: np.ndarray = DEPTHS_MM,
                      complete: bool = True) -> Path:
-    """A real point file (io.results.write_point) holding ``volume``, every pixel of FRAME decoded."""
+    """A real point file (io.pointfile.write_point) holding ``volume``, every pixel of FRAME decoded."""
     r0, r1, c0, c1 = FRAME
     rows, cols = (g.ravel() for g in np.mgrid[r0:r1, c0:c1])
     n = rows.size
@@ -46,18 +46,19 @@ def write_point_file(out: Path, point: int, volume: np.ndarray, depths_mm: np.nd
         background=np.full(n, 50.0), residual=np.ones(n), quality=np.zeros(n, np.uint8),
         energy=np.full(n, np.nan), energy_sigma=np.full(n, np.nan))
     block = out / ".blocks" / f"point_{point:05d}" / "block.npz"
-    results.write_block(block, point=point, tile=FRAME, config_fingerprint="cfg", n_depths=volume.shape[0],
+    blocks.write_block(block, point=point, tile=FRAME, config_fingerprint="cfg", n_depths=volume.shape[0],
                         decoded=decoded)
     record = provenance.build(config_yaml=CONFIG, config_fingerprint="0123456789abcdef", inputs=INPUTS,
                               start_time=provenance.now(), command="laueflow run scan", point=point,
                               scan=str(out.parent / "scan"))
-    path = out / results.point_name(point)
-    results.write_point(path, [block], frame=FRAME, depths_mm=depths_mm, provenance=record, complete=complete)
+    path = out / layout.point_name(point)
+    pointfile.write_point(path, [block], frame=FRAME, depths_mm=depths_mm, provenance=record,
+                          complete=complete)
     return path
 
 
 def _leftovers(folder: Path) -> list[str]:
-    return [p.name for p in folder.rglob("*") if results.TMP_MARK in p.name]
+    return [p.name for p in folder.rglob("*") if layout.TMP_MARK in p.name]
 
 
 def test_one_file_per_depth_with_the_indexing_layout(tmp_path):
@@ -68,7 +69,7 @@ def test_one_file_per_depth_with_the_indexing_layout(tmp_path):
     assert files == sorted(files) and [f.parent for f in files] == [dest] * DEPTHS_MM.size
     assert sorted(p.name for p in dest.iterdir()) == [f.name for f in files]
     assert files[0].name == "depth_0000_-3.00um.h5" and files[-1].name == "depth_0005_4.50um.h5"
-    info = results.read_provenance(pf)
+    info = pointfile.read_provenance(pf)
     for j, f in enumerate(files):
         with h5py.File(f, "r") as h:
             data = h["entry1/data/data"]

@@ -19,7 +19,7 @@ from laueflow import provenance, quicklook  # noqa: E402
 from laueflow.cli import main  # noqa: E402
 from laueflow.config import load  # noqa: E402
 from laueflow.evaluate import load_truth  # noqa: E402
-from laueflow.io import results  # noqa: E402
+from laueflow.io import blocks, layout, pointfile  # noqa: E402
 from laueflow.runs import open_point  # noqa: E402
 from laueflow.simulate import simulate  # noqa: E402
 
@@ -27,7 +27,7 @@ REGION = 16
 
 
 def perfect_point_file(scan: Path, out: Path, point: int = 0, recorded_scan: Path | None = None) -> Path:
-    """A point file (io.results.write_point) whose volume is the scan's true profiles; its provenance
+    """A point file (io.pointfile.write_point) whose volume is the scan's true profiles; its provenance
     names ``recorded_scan`` (default: the scan) as the scan it came from."""
     cfg = load(scan / "config.yaml")
     truth = load_truth(scan / "truth.h5").for_point(point)
@@ -43,14 +43,14 @@ def perfect_point_file(scan: Path, out: Path, point: int = 0, recorded_scan: Pat
                               residual=np.ones(n), quality=quality, energy=np.full(n, np.nan),
                               energy_sigma=np.full(n, np.nan))
     block = out / ".blocks" / "block.npz"
-    results.write_block(block, point=point, tile=cfg.file.frame, config_fingerprint=cfg.fingerprint(),
+    blocks.write_block(block, point=point, tile=cfg.file.frame, config_fingerprint=cfg.fingerprint(),
                         n_depths=truth.depth.size, decoded=decoded)
     record = provenance.build(config_yaml=cfg.to_yaml(), config_fingerprint=cfg.fingerprint(),
                               inputs=[{"name": "scan_0.h5", "size": 1, "sha256": "00"}],
                               start_time=provenance.now(), point=point, scan=str(recorded_scan or scan),
                               config_file=str((recorded_scan or scan) / "config.yaml"))
-    path = out / results.point_name(point)
-    results.write_point(path, [block], frame=cfg.file.frame, depths_mm=cfg.geo.source.depths,
+    path = out / layout.point_name(point)
+    pointfile.write_point(path, [block], frame=cfg.file.frame, depths_mm=cfg.geo.source.depths,
                         provenance=record)
     return path
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from laueflow import __version__, provenance
-from laueflow.io import results
+from laueflow.io import atomic, layout, pointfile
+from laueflow.io import blocks as block_files
 
 FRAME = (10, 18, 20, 28)  # 8 x 8 region
 DEPTHS_MM = np.array([-0.002, -0.001, 0.0, 0.001, 0.002])
@@ -42,9 +43,9 @@ def blocks(tmp_path):
     b = _decoded([10, 12], [24, 27], seed=2)
     paths = [tmp_path / "blocks" / f"b{i}.npz" for i in range(3)]
     common = {"point": 3, "config_fingerprint": "fp", "n_depths": 5}
-    results.write_block(paths[0], tile=(10, 14, 20, 24), decoded=a, **common)
-    results.write_block(paths[1], tile=(10, 14, 24, 28), decoded=b, **common)
-    results.write_block(paths[2], point=3, tile=(14, 18, 20, 24), config_fingerprint="fp", n_depths=5,
+    block_files.write_block(paths[0], tile=(10, 14, 20, 24), decoded=a, **common)
+    block_files.write_block(paths[1], tile=(10, 14, 24, 28), decoded=b, **common)
+    block_files.write_block(paths[2], point=3, tile=(14, 18, 20, 24), config_fingerprint="fp", n_depths=5,
                         skipped="all traces are zero")
     return paths, (a, b)
 
@@ -55,7 +56,7 @@ def _leftovers(folder):
 
 def test_atomic_h5_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "point_00000.h5"
-    with pytest.raises(RuntimeError), results.atomic_h5(target) as f:
+    with pytest.raises(RuntimeError), atomic.atomic_h5(target) as f:
         f["x"] = np.arange(10)
         raise RuntimeError("killed while writing")
     assert not target.exists()
@@ -64,7 +65,7 @@ def test_atomic_h5_leaves_nothing_on_failure(tmp_path):
 
 def test_atomic_h5_replaces_whole_file(tmp_path):
     target = tmp_path / "out.h5"
-    with results.atomic_h5(target) as f:
+    with atomic.atomic_h5(target) as f:
         f["x"] = np.arange(3)
         assert not target.exists()  # only the temporary file exists while writing
         assert _leftovers(tmp_path) == [f"out.h5.tmp-{os.getpid()}"]
@@ -76,12 +77,12 @@ def test_atomic_h5_replaces_whole_file(tmp_path):
 def test_write_point_failure_keeps_previous_file(tmp_path, blocks):
     paths, _ = blocks
     out = tmp_path / "point_00003.h5"
-    results.write_point(out, paths, frame=FRAME, depths_mm=DEPTHS_MM, provenance=_provenance())
+    pointfile.write_point(out, paths, frame=FRAME, depths_mm=DEPTHS_MM, provenance=_provenance())
     before = out.read_bytes()
     broken = tmp_path / "blocks" / "broken.npz"
     broken.write_bytes(b"not a block")
     with pytest.raises(Exception):  # noqa: B017 - any error while stitching
-        results.write_point(out, [paths[0], broken], frame=FRAME, depths_mm=DEPTHS_MM,
+        pointfile.write_point(out, [paths[0], broken], frame=FRAME, depths_mm=DEPTHS_MM,
                             provenance=_provenance())
     assert out.read_bytes() == before
     assert _leftovers(tmp_path) == []
@@ -89,14 +90,14 @@ def test_write_point_failure_keeps_previous_file(tmp_path, blocks):
 
 def test_block_file_roundtrip(blocks):
     paths, (a, _) = blocks
-    meta = results.read_block_meta(paths[0])
+    meta = block_files.read_block_meta(paths[0])
     assert meta == {"point": 3, "tile": (10, 14, 20, 24), "config_fingerprint": "fp", "skipped": "",
                     "host": "", "seconds": 0.0, "n_pixels": 3}
-    b = results.read_block(paths[0])
+    b = block_files.read_block(paths[0])
     np.testing.assert_array_equal(b.profiles, a.profiles)
     np.testing.assert_array_equal(b.fields["quality"], a.quality)
-    assert results.read_block_meta(paths[2])["skipped"] == "all traces are zero"
-    assert results.read_block(paths[2]).profiles.shape == (0, 5)
+    assert block_files.read_block_meta(paths[2])["skipped"] == "all traces are zero"
+    assert block_files.read_block(paths[2]).profiles.shape == (0, 5)
 
 
 def test_block_files_store_only_pixels_with_signal(tmp_path):
@@ -105,12 +106,12 @@ def test_block_files_store_only_pixels_with_signal(tmp_path):
     d = _decoded(rows, cols, n_depth=300)
     d.profiles[np.arange(1000) % 10 != 0] = 0  # signal in one pixel of ten
     sparse, dense = tmp_path / "sparse.npz", tmp_path / "dense.npz"
-    results.write_block(sparse, point=0, tile=(0, 25, 0, 40), config_fingerprint="fp", n_depths=300,
+    block_files.write_block(sparse, point=0, tile=(0, 25, 0, 40), config_fingerprint="fp", n_depths=300,
                         decoded=d)
-    b = results.read_block(sparse)
+    b = block_files.read_block(sparse)
     np.testing.assert_array_equal(b.profiles, d.profiles)
     np.testing.assert_array_equal(b.rows, rows)
-    assert b.profiles.dtype == np.float32 and results.read_block_meta(sparse)["n_pixels"] == 1000
+    assert b.profiles.dtype == np.float32 and block_files.read_block_meta(sparse)["n_pixels"] == 1000
     np.savez(dense, profiles=d.profiles)
     assert sparse.stat().st_size < 0.2 * dense.stat().st_size
 
@@ -121,14 +122,14 @@ def test_block_files_of_another_format_are_not_reused(tmp_path, blocks):
         old = {k: z[k] for k in z.files}
     old["format"] = np.array(1)
     np.savez(tmp_path / "old.npz", **old)
-    assert results.read_block_meta(tmp_path / "old.npz") is None  # a rerun decodes the block again
+    assert block_files.read_block_meta(tmp_path / "old.npz") is None  # a rerun decodes the block again
 
 
 def test_point_file_layout(tmp_path, blocks):
     paths, (a, b) = blocks
-    out = tmp_path / results.point_name(3)
+    out = tmp_path / layout.point_name(3)
     assert out.name == "point_00003.h5"
-    summary = results.write_point(out, paths, frame=FRAME, depths_mm=DEPTHS_MM, provenance=_provenance())
+    summary = pointfile.write_point(out, paths, frame=FRAME, depths_mm=DEPTHS_MM, provenance=_provenance())
     assert summary["n_pixels"] == 5 and summary["complete"]
     with h5py.File(out, "r") as f:
         rec = f["/entry/reconstruction"]
@@ -160,7 +161,7 @@ def test_point_file_layout(tmp_path, blocks):
 def test_provenance_contents(tmp_path, blocks):
     paths, _ = blocks
     out = tmp_path / "p.h5"
-    results.write_point(out, paths, frame=FRAME, depths_mm=DEPTHS_MM,
+    pointfile.write_point(out, paths, frame=FRAME, depths_mm=DEPTHS_MM,
                         provenance=_provenance(scan="/data/scan"))
     with h5py.File(out, "r") as f:
         g = f["/entry/provenance"]
@@ -175,9 +176,9 @@ def test_provenance_contents(tmp_path, blocks):
         assert list(g["inputs/name"].asstr()[()]) == ["scan_0.h5", "scan_1.h5"]
         assert list(g["inputs/size"][()]) == [1234, 1240]
         assert list(g["inputs/sha256"].asstr()[()]) == ["ab" * 32, "cd" * 32]
-    back = results.read_provenance(out)
+    back = pointfile.read_provenance(out)
     assert back["complete"] is True and back["point"] == 3 and back["inputs"] == INPUTS
-    summary = results.point_summary(out)
+    summary = pointfile.point_summary(out)
     assert summary["n_pixels"] == 5 and summary["depth_range_um"] is not None
 
 
@@ -190,15 +191,15 @@ def test_input_fingerprint_sees_changes():
 def test_incomplete_point_is_marked(tmp_path, blocks):
     paths, _ = blocks
     out = tmp_path / "p.h5"
-    results.write_point(out, paths[:1], frame=FRAME, depths_mm=DEPTHS_MM, provenance=_provenance(),
+    pointfile.write_point(out, paths[:1], frame=FRAME, depths_mm=DEPTHS_MM, provenance=_provenance(),
                         complete=False)
-    assert results.read_provenance(out)["complete"] is False
-    assert results.read_provenance(tmp_path / "missing.h5") is None
+    assert pointfile.read_provenance(out)["complete"] is False
+    assert pointfile.read_provenance(tmp_path / "missing.h5") is None
 
 
 def test_signal_range():
     depth = np.arange(10.0)
-    assert results.signal_range(depth, np.zeros(10)) is None
+    assert pointfile.signal_range(depth, np.zeros(10)) is None
     intensity = np.ones(10)
     intensity[3:6] = [5, 10, 5]
-    assert results.signal_range(depth, intensity) == (3.0, 5.0)
+    assert pointfile.signal_range(depth, intensity) == (3.0, 5.0)

@@ -16,7 +16,7 @@ from test_reader import config, write_frames, write_stack
 
 from laueflow import sites
 from laueflow.config import load
-from laueflow.io import results, staging
+from laueflow.io import blocks, layout, staging
 from laueflow.io.scan import ScanError, Tile, open_scan
 from laueflow.simulate import simulate
 from laueflow.workflow import run
@@ -170,7 +170,7 @@ def test_blocks_from_a_staged_point_equal_direct_blocks(sim: Path, tmp_path: Pat
         a = T.reconstruct_block(str(sim), cfg_path, 1, tile, str(tmp_path / f"staged_{box}.npz"), stage)
         b = T.reconstruct_block(str(sim), cfg_path, 1, tile, str(tmp_path / f"direct_{box}.npz"))
         assert a.n_pixels == b.n_pixels > 0 and not a.error
-        ra, rb = results.read_block(a.block_file), results.read_block(b.block_file)
+        ra, rb = blocks.read_block(a.block_file), blocks.read_block(b.block_file)
         np.testing.assert_array_equal(ra.profiles, rb.profiles)
     # a scratch file that vanished (cleaned up under a running task): the frame files are read instead
     staging.remove(tmp_path / STAGE_NAME)
@@ -255,8 +255,8 @@ def test_run_with_and_without_staging(sim: Path, tmp_path: Path) -> None:
     assert max(seen_stages) == 2  # without the budget all three points are staged at the start
     assert not (tmp_path / "a" / ".blocks").exists()
     for k in range(3):
-        with h5py.File(tmp_path / "a" / results.point_name(k)) as fa, \
-                h5py.File(tmp_path / "b" / results.point_name(k)) as fb:
+        with h5py.File(tmp_path / "a" / layout.point_name(k)) as fa, \
+                h5py.File(tmp_path / "b" / layout.point_name(k)) as fb:
             va, vb = fa["entry/reconstruction/volume"][()], fb["entry/reconstruction/volume"][()]
         # the same traces; XLA's multithreaded sums may round a few voxels differently between runs
         np.testing.assert_allclose(va, vb, rtol=5e-3, atol=1e-3)
