@@ -7,7 +7,7 @@ folder, then measured in a fresh process (so peak memory and JIT compile times a
 - read:   ``Scan.read_block`` of every tile of point 0;
 - decode: ``laueflow.decode.decode`` of every block, twice; the first pass includes JIT compilation,
   the second is the steady state, and their difference is reported as the compile time;
-- write:  the block files and the stitched point file (``laueflow.io.results``);
+- write:  the block files and the stitched point file (``laueflow.io.blocks``, ``laueflow.io.pointfile``);
 - baseline: a straightforward per-pixel decoder on a subset of the same pixels: the pixel's exact
   design matrix (``laueflow.forward.design_matrices`` at the configured energy), the block's
   per-frame median as background, and inverse-variance weighted non-negative least squares
@@ -239,7 +239,9 @@ def measure(geometry: str, folder: str, opts: dict[str, Any], simulate_seconds: 
     from laueflow.decode import decode
     from laueflow.evaluate import centroids, correlations, load_truth
     from laueflow.forward import Setup
-    from laueflow.io import results
+    from laueflow.io.blocks import write_block
+    from laueflow.io.layout import point_name
+    from laueflow.io.pointfile import write_point
     from laueflow.io.scan import open_scan
 
     scan_dir = Path(folder)
@@ -290,11 +292,11 @@ def measure(geometry: str, folder: str, opts: dict[str, Any], simulate_seconds: 
         for i, (b, d) in enumerate(zip(blocks, decoded, strict=True)):
             t = b.tile
             files.append(Path(tmp) / f"block_{i:05d}.npz")
-            results.write_block(files[-1], point=0, tile=(t.r0, t.r1, t.c0, t.c1),
+            write_block(files[-1], point=0, tile=(t.r0, t.r1, t.c0, t.c1),
                                 config_fingerprint=cfg.fingerprint(), n_depths=depths.size, decoded=d)
         record = provenance.build(config_yaml=cfg.to_yaml(), config_fingerprint=cfg.fingerprint(), inputs=[],
                                   start_time=provenance.now(), point=0)
-        results.write_point(Path(tmp) / results.point_name(0), files, frame=cfg.file.frame, depths_mm=depths,
+        write_point(Path(tmp) / point_name(0), files, frame=cfg.file.frame, depths_mm=depths,
                             provenance=record)
     res.stages.append(Stage("write", n_dec, clk.wall, clk.cpu, clk.rss, "block files + point file"))
     if n_dec == 0 or opts["baseline_pixels"] < 1:

@@ -393,7 +393,9 @@ def measure_stages(scan_dir: str, opts: dict[str, Any]) -> dict[str, Any]:
         from laueflow.config import load
         from laueflow.decode import decode
         from laueflow.forward import Setup
-        from laueflow.io import results
+        from laueflow.io.blocks import read_block, write_block
+        from laueflow.io.layout import point_name
+        from laueflow.io.pointfile import write_point
         from laueflow.io.scan import open_scan
     stages = [Stage("imports", 0, clk.wall, clk.cpu, clk.rss, "jax and laueflow, in a fresh process")]
     scan_path = Path(scan_dir)
@@ -442,20 +444,20 @@ def measure_stages(scan_dir: str, opts: dict[str, Any]) -> dict[str, Any]:
         with _Clock() as clk:
             for f, b, d in zip(files, blocks, decoded, strict=True):
                 t = b.tile
-                results.write_block(f, point=0, tile=(t.r0, t.r1, t.c0, t.c1),
+                write_block(f, point=0, tile=(t.r0, t.r1, t.c0, t.c1),
                                     config_fingerprint=cfg.fingerprint(), n_depths=n_depths, decoded=d)
         size = sum(f.stat().st_size for f in files)
         stages.append(Stage("write block files", n_dec, clk.wall, clk.cpu, clk.rss,
                             f"{size / 2**20:.0f} MiB of .npz"))
         with _Clock() as clk:
             for f in files:
-                results.read_block(f)
+                read_block(f)
         stages.append(Stage("stitch: read block files", n_dec, clk.wall, clk.cpu, clk.rss, "warm OS cache"))
         record = provenance.build(config_yaml=cfg.to_yaml(), config_fingerprint=cfg.fingerprint(),
                                   inputs=scan.fingerprints(0), start_time=provenance.now(), point=0)
-        out = Path(tmp) / results.point_name(0)
+        out = Path(tmp) / point_name(0)
         with _Clock() as clk:
-            results.write_point(out, files, frame=cfg.file.frame, depths_mm=cfg.geo.source.depths,
+            write_point(out, files, frame=cfg.file.frame, depths_mm=cfg.geo.source.depths,
                                 provenance=record)
         stages.append(Stage("stitch + write point file", n_dec, clk.wall, clk.cpu, clk.rss,
                             f"write_point, {out.stat().st_size / 2**20:.0f} MiB (reads the blocks again)"))

@@ -28,7 +28,7 @@ from . import config as C
 from . import geometry as G
 from .forward import Setup, traces
 from .geometry import SATURATED, SUBSAMPLE_OFFSETS
-from .io.results import atomic_h5
+from .io.atomic import atomic_h5
 from .mask import debruijn, load_code
 
 PRESETS = ("thin", "extended", "overlap", "multipoint", "film")

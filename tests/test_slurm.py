@@ -32,7 +32,7 @@ from test_workflow import check_point_file
 
 from laueflow.config import Config, load
 from laueflow.evaluate import load_truth, score
-from laueflow.io import results
+from laueflow.io import layout
 from laueflow.io.pointfile import read_profiles
 from laueflow.simulate import simulate
 
@@ -141,10 +141,10 @@ def test_both_points_written(slurm_run):
     r = slurm_run
     assert f"{POINTS} points ({POINTS} done)" in r.done.stdout, r.done.stdout
     written = sorted(p.name for p in r.out.glob("point_*.h5"))
-    assert written == [results.point_name(k) for k in range(POINTS)]
+    assert written == [layout.point_name(k) for k in range(POINTS)]
     for k in range(POINTS):
-        check_point_file(r.out / results.point_name(k), r.cfg, k)
-        with h5py.File(r.out / results.point_name(k), "r") as f:
+        check_point_file(r.out / layout.point_name(k), r.cfg, k)
+        with h5py.File(r.out / layout.point_name(k), "r") as f:
             prov = f["entry/provenance"].attrs
             assert prov["worker_hosts"] == socket.gethostname()  # the node of the one-node cluster
             assert "--site slurm" in prov["command_line"]
@@ -175,7 +175,7 @@ def test_workers_ran_in_a_slurm_job(slurm_run):
 def test_reconstruction_matches_truth(slurm_run):
     truth = load_truth(slurm_run.scan / "truth.h5")
     for k in range(POINTS):
-        s = score(truth.for_point(k), *read_profiles(slurm_run.out / results.point_name(k)))
+        s = score(truth.for_point(k), *read_profiles(slurm_run.out / layout.point_name(k)))
         assert s.finite and s.spot_pixels > 0
         assert s.covered >= 0.99, s.summary()
         assert s.centroid_median <= 0.5, s.summary()

@@ -20,7 +20,7 @@ import laueflow.decode as D
 from laueflow import sites
 from laueflow.cli import main
 from laueflow.config import load
-from laueflow.io import results
+from laueflow.io import layout
 from laueflow.simulate import simulate
 from laueflow.workflow import RunError, run
 from laueflow.workflow import tasks as T
@@ -130,10 +130,10 @@ def test_htex_on_loopback_and_resume(scan, tmp_path):
     assert [p.point for p in result.points] == [0, 1, 2]
     assert all(p.status == "done" for p in result.points)
     written = sorted(p.name for p in out.iterdir() if p.suffix == ".h5")
-    assert written == [results.point_name(k) for k in range(3)]
+    assert written == [layout.point_name(k) for k in range(3)]
     assert not (out / ".blocks").exists()  # blocks of finished points are removed
     for k in range(3):
-        check_point_file(out / results.point_name(k), cfg, k)
+        check_point_file(out / layout.point_name(k), cfg, k)
     assert events[0].kind == "start" and events[0].blocks_total == 12
     assert [e.blocks_done for e in events if e.kind == "block"][-1] == 12
     assert sorted(e.result.point for e in events if e.kind == "point") == [0, 1, 2]
