@@ -37,7 +37,7 @@ from ..geometry import check_reach
 from ..io import blocks, pointfile, staging
 from ..io.atomic import atomic_path
 from ..io.export import ExportError, export_point
-from ..io.layout import BLOCKS_DIR, STAGE_NAME, RunFolder, block_name  # noqa: F401 (re-exported)
+from ..io.layout import STAGE_NAME, RunFolder
 from ..io.scan import Scan, ScanError, open_scan, select_points
 from . import apps
 from .hooks import PointFeed, ProgressCallback, ProgressEvent, RunHooks
@@ -274,10 +274,6 @@ def _root_cause(state: _Point) -> str:
     return ""
 
 
-def _block_dir(out_dir: Path, point: int) -> Path:
-    return RunFolder(out_dir).blocks(point)
-
-
 def _export_kept(result: PointResult) -> None:
     """Per-depth files of a point file that is kept: a failed export is noted, the point stays done."""
     try:
@@ -330,6 +326,7 @@ class Driver:
         self.scan_path = Path(scan_path).resolve()
         self.cfg = cfg
         self.out_dir = Path(out_dir).resolve()
+        self.folder = RunFolder(self.out_dir)  # every path this run writes
         self.options = options
         self.hooks = list(hooks)
         self.feed = feed
@@ -416,7 +413,7 @@ class Driver:
         self.start()
         site_config = self.options.site_config
         if site_config is None:
-            site_config = sites.site_config("threads", run_dir=str(RunFolder(self.out_dir).runinfo))
+            site_config = sites.site_config("threads", run_dir=str(self.folder.runinfo))
         final_state = RunState.FAILED
         try:
             self.add_points(self.plan.points)
@@ -437,7 +434,7 @@ class Driver:
             final_state = RunState.INTERRUPTED
             raise
         finally:
-            blocks_root = RunFolder(self.out_dir).blocks_root
+            blocks_root = self.folder.blocks_root
             if blocks_root.is_dir() and not any(p.is_dir() for p in blocks_root.iterdir()):
                 shutil.rmtree(blocks_root, ignore_errors=True)
             self.status.finish(final_state)
@@ -486,9 +483,9 @@ class Driver:
                 plan.scan = open_scan(cfg, self.scan_path, check=False)
             self.order.append(k)
             self.status.add_point(k, n_tiles)
-            block_dir = _block_dir(self.out_dir, k)
+            block_dir = self.folder.blocks(k)
             resumed = None if self.options.force else _resumable(
-                plan.scan, cfg, k, RunFolder(self.out_dir).point_file(k), block_dir)
+                plan.scan, cfg, k, self.folder.point_file(k), block_dir)
             if resumed is not None:
                 if self.options.per_depth_files:
                     _export_kept(resumed)
@@ -518,14 +515,13 @@ class Driver:
 
     def submit(self, k: int) -> int:
         """Submit one point's staging, blocks and stitching; returns the number of block tasks."""
-        block_dir = _block_dir(self.out_dir, k)
         state = _Point(point=k, t0=time.perf_counter())
         deps: list[Any] = []
         files: list[str] = []
         todo = []
         for tile in self.plan.tiles:
             box = (tile.r0, tile.r1, tile.c0, tile.c1)
-            bf = block_dir / block_name(tile.r0, tile.c0)
+            bf = self.folder.block_file(k, tile.r0, tile.c0)
             files.append(str(bf))
             reused = _reusable_block(bf, k, box, self.worker_fp)
             deps.append(reused)
@@ -548,7 +544,7 @@ class Driver:
         if not self.options.staging:
             return None
         stage = apps.stage_point(str(self.scan_path), self.cfg_path, k, tiles,
-                                 str(RunFolder(self.out_dir).staged(k)),
+                                 str(self.folder.staged(k)),
                                  inputs=[self.last_stage] if self.last_stage is not None else [])
         self.last_stage = stage
         return stage
@@ -556,7 +552,7 @@ class Driver:
     def stitch(self, k: int, files: Sequence[str], deps: Sequence[Future | BlockOutcome]) -> Future:
         """Submit the stitching of a point, to run once its block tasks (``deps``) have finished."""
         meta = {**self.meta_common, "point": k}
-        fut = apps.stitch_point(list(files), str(RunFolder(self.out_dir).point_file(k)), meta,
+        fut = apps.stitch_point(list(files), str(self.folder.point_file(k)), meta,
                                 inputs=list(deps))
         self.live[fut] = ("point", k)
         return fut
@@ -575,9 +571,9 @@ class Driver:
         state = self.active.pop(k)
         result = _point_result(k, fut, state)
         if result.status == PointState.DONE:
-            shutil.rmtree(_block_dir(self.out_dir, k), ignore_errors=True)
+            shutil.rmtree(self.folder.blocks(k), ignore_errors=True)
         else:  # the block files stay for a rerun; the scratch frames need not
-            staging.remove(RunFolder(self.out_dir).staged(k))
+            staging.remove(self.folder.staged(k))
         self.report(result)
 
     def report(self, result: PointResult) -> None:

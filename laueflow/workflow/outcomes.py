@@ -9,6 +9,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from .status import PointState
+
 
 @dataclass(frozen=True)
 class StageOutcome:
@@ -44,7 +46,7 @@ class StitchOutcome:
     """One stitched point: its status (done, partial or skipped), its file and what it holds."""
 
     point: int
-    status: str
+    status: PointState
     reason: str = ""
     file: str | None = None
     n_pixels: int = 0
