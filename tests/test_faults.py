@@ -20,31 +20,12 @@ from click.testing import CliRunner
 from laueflow import sites
 from laueflow.cli import main
 from laueflow.config import load
-from laueflow.simulate import simulate
 from laueflow.workflow import RunError, run
 from laueflow.workflow import tasks as T
 from laueflow.workflow.status import RunLock, read_status
 
-REGION = 16
 BLOCK = 64  # 4 tiles per point
 LAUEFLOW = [sys.executable, "-m", "laueflow.cli"]
-
-
-@pytest.fixture(scope="module")
-def scan(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("faults") / "scan"
-    simulate(folder, preset="multipoint", points=3, region=REGION, seed=5)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def reference(scan, tmp_path_factory) -> Path:
-    """An uninterrupted run of the whole scan."""
-    out = tmp_path_factory.mktemp("reference") / "recon"
-    result = run(scan, load(scan / "config.yaml"), out, block_pixels=BLOCK,
-                 site_config=sites.site_config("threads", workers=2, run_dir=str(out / ".runinfo")))
-    assert result.exit_code == 0, [p.line() for p in result.points]
-    return out
 
 
 def _volume(path: Path) -> np.ndarray:
@@ -52,9 +33,10 @@ def _volume(path: Path) -> np.ndarray:
         return f["entry/reconstruction/volume"][()]
 
 
-# The reference runs on threads in this process, the runs under test in worker processes.  The
-# decoder's iterative solvers stop at a tolerance, so the last bits of XLA's multithreaded float32
-# reductions, which differ between the two, can move a few voxels by up to about 1e-3 relative.
+# The shared run (multipoint_run, 64-pixel blocks like BLOCK) runs on threads in this process, the runs
+# under test in worker processes.  The decoder's iterative solvers stop at a tolerance, so the last bits
+# of XLA's multithreaded float32 reductions, which differ between the two, can move a few voxels by up
+# to about 1e-3 relative.
 SAME = {"rtol": 5e-3, "atol": 1e-3}
 
 
@@ -65,8 +47,8 @@ def _same_as_reference(out: Path, reference: Path) -> None:
         np.testing.assert_allclose(_volume(out / name), _volume(reference / name), **SAME)
 
 
-def test_status_file_follows_the_run(scan, reference, tmp_path):
-    cfg = load(scan / "config.yaml")
+def test_status_file_follows_the_run(multipoint_scan, multipoint_run, tmp_path):
+    cfg = load(multipoint_scan / "config.yaml")
     out = tmp_path / "recon"
     seen: list[dict] = []
 
@@ -74,19 +56,19 @@ def test_status_file_follows_the_run(scan, reference, tmp_path):
         if event.kind == "block" and not seen:
             seen.append(read_status(out))
 
-    result = run(scan, cfg, out, points="0:2", block_pixels=BLOCK, progress=watch,
+    result = run(multipoint_scan, cfg, out, points="0:2", block_pixels=BLOCK, progress=watch,
                  site_config=sites.site_config("threads", workers=2, run_dir=str(out / ".runinfo")))
     assert result.exit_code == 0
     (during,) = seen
     assert during["format"] == "laueflow-status/1" and during["state"] == "running"
-    assert during["pid"] == os.getpid() and during["scan"] == str(scan.resolve())
+    assert during["pid"] == os.getpid() and during["scan"] == str(multipoint_scan.resolve())
     assert set(during["points"]) == {"0", "1"}
     assert {p["state"] for p in during["points"].values()} <= {"pending", "running"}
     after = read_status(out)
     assert after["state"] == "finished" and after["finished"]
     assert after["totals"]["points"] == 2 and after["totals"]["points_done"] == 2
     n_tiles = after["points"]["0"]["blocks_total"]
-    assert n_tiles == len(T.cached_scan(str(scan), cfg).tiles(BLOCK))
+    assert n_tiles == len(T.cached_scan(str(multipoint_scan), cfg).tiles(BLOCK))
     assert after["totals"]["blocks"] == after["totals"]["blocks_done"] == 2 * n_tiles
     assert after["totals"]["pixels_done"] == sum(p.n_pixels for p in result.points) > 0
     for k, p in zip(("0", "1"), result.points, strict=True):
@@ -96,16 +78,16 @@ def test_status_file_follows_the_run(scan, reference, tmp_path):
 
     # --force recomputes what a plain rerun keeps
     mtime = (out / "point_00000.h5").stat().st_mtime_ns
-    kept = run(scan, cfg, out, points="0", block_pixels=BLOCK,
+    kept = run(multipoint_scan, cfg, out, points="0", block_pixels=BLOCK,
                site_config=sites.site_config("threads", workers=2, run_dir=str(out / ".runinfo")))
     assert [p.status for p in kept.points] == ["resumed"]
     assert read_status(out)["points"]["0"]["state"] == "resumed"
-    forced = run(scan, cfg, out, points="0", block_pixels=BLOCK, force=True, per_depth_files=True,
+    forced = run(multipoint_scan, cfg, out, points="0", block_pixels=BLOCK, force=True, per_depth_files=True,
                  site_config=sites.site_config("threads", workers=2, run_dir=str(out / ".runinfo")))
     assert [p.status for p in forced.points] == ["done"]
     assert (out / "point_00000.h5").stat().st_mtime_ns != mtime
     volume = _volume(out / "point_00000.h5")
-    np.testing.assert_allclose(volume, _volume(reference / "point_00000.h5"), **SAME)
+    np.testing.assert_allclose(volume, _volume(multipoint_run / "point_00000.h5"), **SAME)
     # --per-depth-files: one image per depth for the indexing chain, beside the point file
     depth_files = sorted((out / "depths" / "point_00000").glob("*.h5"))
     assert len(depth_files) == volume.shape[0]
@@ -115,23 +97,24 @@ def test_status_file_follows_the_run(scan, reference, tmp_path):
         np.testing.assert_allclose(f["entry1/depth"][()], cfg.geo.source.depths[1] * 1000.0, atol=1e-4)
 
 
-def test_second_run_on_the_same_folder_is_refused(scan, tmp_path):
+def test_second_run_on_the_same_folder_is_refused(multipoint_scan, tmp_path):
     out = tmp_path / "recon"
     with RunLock(out):
-        r = subprocess.run([*LAUEFLOW, "run", str(scan), "--out", str(out), "--site", "threads"],
+        r = subprocess.run([*LAUEFLOW, "run", str(multipoint_scan), "--out", str(out), "--site", "threads"],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2, r.stderr
         assert "in use by laueflow pid" in r.stderr and str(os.getpid()) in r.stderr
         with pytest.raises(RunError, match="in use"):
-            run(scan, load(scan / "config.yaml"), out, site_config=sites.site_config("threads"))
+            run(multipoint_scan, load(multipoint_scan / "config.yaml"), out,
+                site_config=sites.site_config("threads"))
     assert not list(out.glob("point_*.h5")) and not (out / "status.json").exists()
     RunLock(out).acquire().release()  # free again once the holder let go
 
 
-def test_site_options_on_the_command_line(scan, tmp_path):
+def test_site_options_on_the_command_line(multipoint_scan, tmp_path):
     out = tmp_path / "recon"
     runner = CliRunner()
-    base = ["run", str(scan), "--out", str(out), "--site"]
+    base = ["run", str(multipoint_scan), "--out", str(out), "--site"]
     r = runner.invoke(main, [*base, "local", "--site-option", "colour"])
     assert r.exit_code == 2 and "KEY=VALUE" in r.stderr
     r = runner.invoke(main, [*base, "local", "--site-option", "nodes=2"])
@@ -159,11 +142,11 @@ def _kill_tree(pid: int, out: Path) -> None:
     psutil.wait_procs(family, timeout=30)
 
 
-def test_killed_driver_resumes_without_redoing_finished_work(scan, reference, tmp_path):
+def test_killed_driver_resumes_without_redoing_finished_work(multipoint_scan, multipoint_run, tmp_path):
     """Kill `laueflow run` (and its workers) mid-run; a rerun completes with the same results and reuses
     every point file and block file the first run finished."""
     out = tmp_path / "recon"
-    cmd = [*LAUEFLOW, "run", str(scan), "--out", str(out), "--site", "local", "--workers", "2",
+    cmd = [*LAUEFLOW, "run", str(multipoint_scan), "--out", str(out), "--site", "local", "--workers", "2",
            "--block-pixels", str(BLOCK)]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
@@ -199,7 +182,7 @@ def test_killed_driver_resumes_without_redoing_finished_work(scan, reference, tm
     assert sum(e["blocks_reused"] for e in status["points"].values()) + n_tiles * len(finished) >= 3
     assert not (out / ".blocks").exists()
     assert not list(out.rglob("*.tmp-*"))  # what the killed run was writing is cleaned up
-    _same_as_reference(out, reference)
+    _same_as_reference(out, multipoint_run)
 
 
 def _busy_workers(out: Path) -> list[psutil.Process]:
@@ -219,7 +202,7 @@ def _busy_workers(out: Path) -> list[psutil.Process]:
     return busy
 
 
-def test_killed_worker_is_retried(scan, reference, tmp_path):
+def test_killed_worker_is_retried(multipoint_scan, multipoint_run, tmp_path):
     """SIGKILL a decode worker while it runs a block: Parsl retries the task and the run completes."""
     out = tmp_path / "recon"
     killed: list[int] = []
@@ -236,8 +219,9 @@ def test_killed_worker_is_retried(scan, reference, tmp_path):
 
     thread = threading.Thread(target=assassin, daemon=True)
     thread.start()
-    result = run(scan, load(scan / "config.yaml"), out, points="0:2", block_pixels=BLOCK,
-                 site_config=sites.site_config("local", workers=2, run_dir=str(out / ".runinfo")))
+    site = sites.site_config("local", workers=2, run_dir=str(out / ".runinfo"))
+    result = run(multipoint_scan, load(multipoint_scan / "config.yaml"), out, points="0:2",
+                 block_pixels=BLOCK, site_config=site)
     thread.join(timeout=5)
     assert killed, "no busy worker was found to kill"
     assert result.exit_code == 0, [p.line() for p in result.points]
@@ -245,4 +229,4 @@ def test_killed_worker_is_retried(scan, reference, tmp_path):
     logs = "".join(p.read_text(errors="replace") for p in (out / ".runinfo").rglob("parsl.log"))
     assert "try 1" in logs or "Launched block 1" in logs  # the task was retried, or its block replaced
     for name in ("point_00000.h5", "point_00001.h5"):
-        np.testing.assert_allclose(_volume(out / name), _volume(reference / name), **SAME)
+        np.testing.assert_allclose(_volume(out / name), _volume(multipoint_run / name), **SAME)

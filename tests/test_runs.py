@@ -21,9 +21,7 @@ import laueflow
 from laueflow import provenance
 from laueflow.config import load
 from laueflow.runs import FILE_STATES, POINT_STATES, ResultError, open_point, open_run
-from laueflow.simulate import simulate
 
-REGION = 16
 POINTS = 3
 ORDER = {s: i for i, s in enumerate(("pending", "running", "done"))}
 
@@ -49,11 +47,9 @@ def _snapshot(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def watched(tmp_path_factory) -> SimpleNamespace:
+def watched(multipoint_scan, tmp_path_factory) -> SimpleNamespace:
     """`laueflow run` in a subprocess on a 3-point scan, read repeatedly until it ends."""
-    root = tmp_path_factory.mktemp("runs")
-    scan, out = root / "scan", root / "recon"
-    simulate(scan, preset="multipoint", points=POINTS, region=REGION, seed=5)
+    scan, out = multipoint_scan, tmp_path_factory.mktemp("runs") / "recon"
     cmd = [sys.executable, "-m", "laueflow.cli", "run", str(scan), "--out", str(out), "--site", "threads",
            "--block-pixels", "64", "--workers", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -12,16 +12,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_reader import config, write_frames, write_stack
+from test_scan import config, write_frames, write_stack
 
 from laueflow import sites
 from laueflow.config import load
 from laueflow.io import blocks, layout, staging
+from laueflow.io.layout import STAGE_NAME
 from laueflow.io.scan import ScanError, Tile, open_scan
-from laueflow.simulate import simulate
 from laueflow.workflow import run
 from laueflow.workflow import tasks as T
-from laueflow.workflow.dag import STAGE_NAME
 from laueflow.workflow.outcomes import StageOutcome
 
 
@@ -150,37 +149,32 @@ def test_interrupted_staging_leaves_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.glob("s*")) == []  # neither the data file, its description nor a temporary
 
 
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("sim") / "scan"
-    simulate(folder, preset="multipoint", points=3, region=16, seed=5)
-    return folder
-
-
-def test_blocks_from_a_staged_point_equal_direct_blocks(sim: Path, tmp_path: Path) -> None:
-    cfg_path = str(sim / "config.yaml")
-    cfg = load(sim / "config.yaml")
-    tiles = T.cached_scan(str(sim), cfg).tiles(64)
-    stage = T.stage_point(str(sim), cfg_path, 1, tiles, str(tmp_path / STAGE_NAME))
+def test_blocks_from_a_staged_point_equal_direct_blocks(multipoint_scan: Path, tmp_path: Path) -> None:
+    cfg_path = str(multipoint_scan / "config.yaml")
+    cfg = load(multipoint_scan / "config.yaml")
+    tiles = T.cached_scan(str(multipoint_scan), cfg).tiles(64)
+    stage = T.stage_point(str(multipoint_scan), cfg_path, 1, tiles, str(tmp_path / STAGE_NAME))
     assert not stage.error and not stage.reused and (tmp_path / STAGE_NAME).stat().st_size > 0
     assert set(stage.reader) == set(staging.READER_KEYS)  # what travels with each block task
-    assert T.stage_point(str(sim), cfg_path, 1, tiles, str(tmp_path / STAGE_NAME)).reused
+    assert T.stage_point(str(multipoint_scan), cfg_path, 1, tiles, str(tmp_path / STAGE_NAME)).reused
     for tile in tiles:
         box = f"r{tile.r0}_c{tile.c0}"
-        a = T.reconstruct_block(str(sim), cfg_path, 1, tile, str(tmp_path / f"staged_{box}.npz"), stage)
-        b = T.reconstruct_block(str(sim), cfg_path, 1, tile, str(tmp_path / f"direct_{box}.npz"))
+        scan = str(multipoint_scan)
+        a = T.reconstruct_block(scan, cfg_path, 1, tile, str(tmp_path / f"staged_{box}.npz"), stage)
+        b = T.reconstruct_block(scan, cfg_path, 1, tile, str(tmp_path / f"direct_{box}.npz"))
         assert a.n_pixels == b.n_pixels > 0 and not a.error
         ra, rb = blocks.read_block(a.block_file), blocks.read_block(b.block_file)
         np.testing.assert_array_equal(ra.profiles, rb.profiles)
     # a scratch file that vanished (cleaned up under a running task): the frame files are read instead
     staging.remove(tmp_path / STAGE_NAME)
-    c = T.reconstruct_block(str(sim), cfg_path, 1, tiles[0], str(tmp_path / "fallback.npz"), stage)
+    c = T.reconstruct_block(str(multipoint_scan), cfg_path, 1, tiles[0], str(tmp_path / "fallback.npz"),
+                            stage)
     assert c.n_pixels > 0 and not c.error
 
 
-def test_staging_errors_are_returned_not_raised(sim: Path, tmp_path: Path) -> None:
+def test_staging_errors_are_returned_not_raised(multipoint_scan: Path, tmp_path: Path) -> None:
     data = tmp_path / "scan"
-    shutil.copytree(sim, data)
+    shutil.copytree(multipoint_scan, data)
     cfg = load(data / "config.yaml")
     (data / f"scan_{cfg.file.n_frames + 4}.h5").write_bytes(b"truncated")
     tiles = open_scan(cfg, data, check=False).tiles(64)
@@ -191,7 +185,7 @@ def test_staging_errors_are_returned_not_raised(sim: Path, tmp_path: Path) -> No
     assert f"scan_{cfg.file.n_frames + 4}.h5" in out.error  # read directly: the real cause is reported
 
 
-def test_an_unexpected_staging_failure_falls_back(sim: Path, tmp_path: Path,
+def test_an_unexpected_staging_failure_falls_back(multipoint_scan: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever staging raises, the block tasks read the frame files (raising would fail every block of
     the point with Parsl's DependencyError instead)."""
@@ -199,16 +193,17 @@ def test_an_unexpected_staging_failure_falls_back(sim: Path, tmp_path: Path,
         raise RuntimeError("no staging today")
 
     monkeypatch.setattr(staging, "stage", broken)
-    cfg_path = str(sim / "config.yaml")
-    tiles = T.cached_scan(str(sim), load(sim / "config.yaml")).tiles(64)
-    stage = T.stage_point(str(sim), cfg_path, 1, tiles, str(tmp_path / STAGE_NAME))
+    cfg_path = str(multipoint_scan / "config.yaml")
+    tiles = T.cached_scan(str(multipoint_scan), load(multipoint_scan / "config.yaml")).tiles(64)
+    stage = T.stage_point(str(multipoint_scan), cfg_path, 1, tiles, str(tmp_path / STAGE_NAME))
     assert stage == StageOutcome(error="staging point 1: RuntimeError: no staging today")
-    out = T.reconstruct_block(str(sim), cfg_path, 1, tiles[0], str(tmp_path / "b.npz"), stage)
+    out = T.reconstruct_block(str(multipoint_scan), cfg_path, 1, tiles[0], str(tmp_path / "b.npz"), stage)
     assert out.n_pixels > 0 and not out.error
     assert out.staging_note == stage.error  # slower reading is reported, not silent
 
     # the same in a run: every point done, each saying that its blocks read the frame files
-    result = run(sim, load(sim / "config.yaml"), tmp_path / "out", points=[1], block_pixels=64,
+    result = run(multipoint_scan, load(multipoint_scan / "config.yaml"), tmp_path / "out", points=[1],
+                 block_pixels=64,
                  site_config=sites.site_config("threads", workers=1, run_dir=str(tmp_path / ".runinfo")))
     (p,) = result.points
     assert p.status == "done" and result.exit_code == 0
@@ -216,11 +211,11 @@ def test_an_unexpected_staging_failure_falls_back(sim: Path, tmp_path: Path,
     assert "no staging today" in p.line()
 
 
-def test_scratch_of_other_points_is_removed_at_start(sim: Path, tmp_path: Path) -> None:
+def test_scratch_of_other_points_is_removed_at_start(multipoint_scan: Path, tmp_path: Path) -> None:
     """A staged point left by an interrupted run is kept for the points this run does, removed for the
     others (it would only hold disk space)."""
-    cfg = load(sim / "config.yaml")
-    scan = open_scan(cfg, sim)
+    cfg = load(multipoint_scan / "config.yaml")
+    scan = open_scan(cfg, multipoint_scan)
     out = tmp_path / "out"
     for k in (0, 2):
         staging.stage(scan, k, scan.tiles(64), out / ".blocks" / f"point_{k:05d}" / STAGE_NAME)
@@ -231,25 +226,25 @@ def test_scratch_of_other_points_is_removed_at_start(sim: Path, tmp_path: Path) 
         if event.kind == "start":
             seen.append((out / ".blocks" / "point_00002" / STAGE_NAME).exists())
 
-    result = run(sim, cfg, out, points=[0], block_pixels=64, progress=progress,
+    result = run(multipoint_scan, cfg, out, points=[0], block_pixels=64, progress=progress,
                  site_config=sites.site_config("threads", workers=1, run_dir=str(tmp_path / ".runinfo")))
     assert result.exit_code == 0 and seen == [False]
     assert not list((out / ".blocks" / "point_00002").glob(f"{STAGE_NAME}*"))
     assert json.loads(kept)["point"] == 0 and not (out / ".blocks" / "point_00000").exists()
 
 
-def test_run_with_and_without_staging(sim: Path, tmp_path: Path) -> None:
+def test_run_with_and_without_staging(multipoint_scan: Path, tmp_path: Path) -> None:
     """Same volumes; the scratch files of points in flight stay within the budget (two of the three
     points here: the least), and none is left behind."""
-    cfg = load(sim / "config.yaml")
+    cfg = load(multipoint_scan / "config.yaml")
     seen_stages: list[int] = []
 
     def watch(event) -> None:
         seen_stages.append(len(list((tmp_path / "a" / ".blocks").glob(f"point_*/{STAGE_NAME}"))))
 
-    a = run(sim, cfg, tmp_path / "a", block_pixels=64, progress=watch, stage_budget_bytes=1,
+    a = run(multipoint_scan, cfg, tmp_path / "a", block_pixels=64, progress=watch, stage_budget_bytes=1,
             site_config=sites.site_config("threads", workers=2, run_dir=str(tmp_path / "a" / ".runinfo")))
-    b = run(sim, cfg, tmp_path / "b", block_pixels=64, staging=False,
+    b = run(multipoint_scan, cfg, tmp_path / "b", block_pixels=64, staging=False,
             site_config=sites.site_config("threads", workers=2, run_dir=str(tmp_path / "b" / ".runinfo")))
     assert a.exit_code == b.exit_code == 0
     assert max(seen_stages) == 2  # without the budget all three points are staged at the start

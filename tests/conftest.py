@@ -1,0 +1,37 @@
+"""Fixtures shared by the test files: one small simulated scan made once per session, and a run of it.
+
+The scan is shared read-only: a test that changes frames copies it first (``shutil.copytree``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from laueflow import sites
+from laueflow.config import load
+from laueflow.simulate import simulate
+from laueflow.workflow import run
+
+MULTIPOINT_REGION = 16  # pixels a side
+MULTIPOINT_POINTS = 3
+MULTIPOINT_BLOCK = 64  # pixels per block: 4 tiles per point
+
+
+@pytest.fixture(scope="session")
+def multipoint_scan(tmp_path_factory) -> Path:
+    """A 3-point scan of 16 x 16 pixels (preset multipoint, seed 5), frame files and truth."""
+    folder = tmp_path_factory.mktemp("shared") / "scan"
+    simulate(folder, preset="multipoint", points=MULTIPOINT_POINTS, region=MULTIPOINT_REGION, seed=5)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def multipoint_run(multipoint_scan: Path, tmp_path_factory) -> Path:
+    """An uninterrupted run of the whole shared scan on the threads site (2 workers, 64-pixel blocks)."""
+    out = tmp_path_factory.mktemp("shared_run") / "recon"
+    result = run(multipoint_scan, load(multipoint_scan / "config.yaml"), out, block_pixels=MULTIPOINT_BLOCK,
+                 site_config=sites.site_config("threads", workers=2, run_dir=str(out / ".runinfo")))
+    assert result.exit_code == 0, [p.line() for p in result.points]
+    return out
