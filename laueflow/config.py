@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from ruamel.yaml import YAML
 
@@ -114,7 +115,6 @@ class SourceConfig:
     @property
     def depths(self) -> Any:
         """Depth bin centres in mm (numpy array)."""
-        import numpy as np
 
         start, stop, step = self.grid
         n = int(math.floor((stop - start) / step + 1e-9))

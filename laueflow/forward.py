@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import geometry as G
+from . import mask as M
 from .mask import Mask, gold_before, gold_fraction, mu_thickness
 
 
@@ -24,8 +25,6 @@ class Setup:
 
     @classmethod
     def from_config(cls, cfg) -> Setup:
-        from . import mask as M
-
         mask = M.from_config(cfg)
         return cls(geo=G.from_config(cfg, mask.length), mask=mask)
 

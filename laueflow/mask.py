@@ -176,7 +176,7 @@ def gold_fraction_np(u: np.ndarray, blur: float | np.ndarray, mask: Mask) -> np.
 
 @lru_cache(maxsize=256)
 def _mu_rho(energy_ev: float) -> float:
-    import xraydb
+    import xraydb  # opens its SQLite database on import: only where attenuation is computed
 
     return float(xraydb.mu_elam("Au", energy_ev))
 
