@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-gpu bench bench-workflow bench-scale lint clean distclean
+.PHONY: help install demo test test-slow test-gpu bench bench-workflow bench-scale bench-calibrate lint clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ bench-workflow: install  ## laueflow run, local site, 1 and 2 workers, vs the ba
 
 bench-scale: install  ## a production-size point (201 frames of 2048^2, 1200^2 px): reading, stages, laueflow run
 	$(BIN)/python benchmarks/bench_scale.py $(BENCH_ARGS)
+
+bench-calibrate: install  ## mask-pose calibration per stage and pose error reached, against a grid search of dist
+	$(BIN)/python benchmarks/bench_calibrate.py $(BENCH_ARGS)
 
 lint: install  ## ruff check
 	$(BIN)/ruff check .
