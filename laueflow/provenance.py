@@ -15,8 +15,10 @@ import shlex
 import socket
 import sys
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 from typing import Any
 
+import h5py
 import numpy as np
 
 from . import __version__
@@ -42,16 +44,31 @@ def input_fingerprint(files: Sequence[Mapping[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
+def calibration(record: Mapping[str, Any] | None, focus: Any = None, mask: Any = None) -> str:
+    """One line naming where the mask pose came from: the ``calibration`` record of a configuration
+    written by ``laueflow calibrate`` (its date, film scans and the fitted values, taken from ``focus``
+    and ``mask`` where given), or ``none (nominal pose)``."""
+    if not record:
+        return "none (nominal pose)"
+    scans = ", ".join(f"{s.get('path', '?')} (film at {s.get('film_depth_um', '?')} um)"
+                      for s in record.get("scans") or [])
+    fitted = []
+    for name in record.get("fitted") or []:
+        holder = mask if name in ("shift", "thickness") else focus
+        value = getattr(holder, name, None) if holder is not None else None
+        fitted.append(name if value is None else f"{name}={value:.6g}")
+    return (f"{record.get('by', 'laueflow calibrate')} on {record.get('date', '?')} from {scans or '?'}; "
+            f"fitted {', '.join(fitted) or '?'}")
+
+
 def build(*, config_yaml: str, config_fingerprint: str, inputs: Sequence[Mapping[str, Any]],
           start_time: str, end_time: str | None = None, command: str | None = None,
           host: str | None = None, **extra: Any) -> dict[str, Any]:
     """Everything recorded about one result, as a plain dictionary (``extra`` adds scalar attributes)."""
-    import parsl
-
     return {
         "laueflow_version": __version__,
         "python_version": platform.python_version(),
-        "parsl_version": parsl.__version__,
+        "parsl_version": metadata.version("parsl"),  # from its metadata: importing Parsl takes seconds
         "command_line": command if command is not None else command_line(),
         "host": host or socket.gethostname(),
         "start_time": start_time,
@@ -67,8 +84,6 @@ def build(*, config_yaml: str, config_fingerprint: str, inputs: Sequence[Mapping
 def write(group: Any, prov: Mapping[str, Any]) -> None:
     """Write a provenance dictionary into an h5py group: scalars as attributes, the configuration YAML
     as the string dataset ``config`` and the input files as datasets ``inputs/{name,size,sha256}``."""
-    import h5py
-
     text = h5py.string_dtype()
     for key, value in prov.items():
         if key == "config":

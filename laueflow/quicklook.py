@@ -235,3 +235,40 @@ def save_quicklooks(point: Point, out_dir: str | os.PathLike | None = None, trut
             fig.savefig(tmp, format="png", dpi=dpi)
         written[name] = path
     return written
+
+
+def calibration_figure(record: dict) -> Any:
+    """A calibration's film depths (the ``calibration`` record of a configuration written by ``laueflow
+    calibrate``): each spot's apparent depth at the nominal pose and at the fitted pose, one panel per
+    film, with the film's depth and the spread over spots before and after."""
+    films = record.get("films") or []
+    if not films:
+        raise ValueError("the calibration record holds no film depths (written by an older laueflow "
+                         "calibrate; run it again)")
+    fig = _figure(4.2 * len(films), 3.6)
+    axes = fig.subplots(1, len(films), squeeze=False)[0]
+    for ax, film in zip(axes, films, strict=True):
+        spots = np.arange(len(film["spots"]))
+        before, after = np.asarray(film["before_um"]), np.asarray(film["after_um"])
+        depth = film["film_depth_um"]
+        ax.axhline(depth, color="0.4", lw=1, ls="--", label=f"film depth {depth:g} {UM}")
+        ax.plot(spots, before, "o", mfc="none", color="tab:red",
+                label=f"nominal pose (spread {np.std(before):.2f} {UM})")
+        ax.plot(spots, after, "o", color="tab:blue", label=f"fitted pose (spread {np.std(after):.2f} {UM})")
+        ax.set_xticks(spots, [str(s) for s in film["spots"]], fontsize=7)
+        ax.set_xlabel("spot")
+        ax.set_ylabel(f"apparent depth ({UM})")
+        ax.set_title(f"film at {depth:g} {UM}: pixels within 1 {UM} "
+                     f"{film['within_1um_before']:.0%} -> {film['within_1um_after']:.0%}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"calibration {record.get('date', '')}: depth per spot, nominal -> fitted pose", fontsize=10)
+    return fig
+
+
+def save_calibration_figure(record: dict, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write :func:`calibration_figure` of ``record`` to ``path`` (PNG, atomically); returns the path."""
+    path = Path(path)
+    fig = calibration_figure(record)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return path

@@ -14,15 +14,18 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from laueflow import sites
 from laueflow.calibration import fit as F
 from laueflow.calibration.films import read_film
 from laueflow.cli import main
-from laueflow.config import Config, ConfigWarning, from_dict, load
+from laueflow.config import Config, ConfigWarning, from_dict, load, write_calibrated
 from laueflow.decode import decode
 from laueflow.evaluate import load_truth, score
 from laueflow.forward import Setup
+from laueflow.io.pointfile import read_provenance
 from laueflow.io.scan import open_scan
 from laueflow.simulate import simulate
+from laueflow.workflow import run
 
 ERROR = {"cenx": 0.02, "dist": -0.03, "cenz": 0.03, "angley": 0.3, "anglez": 0.3}
 DEPTHS = (20.0, 80.0)
@@ -226,3 +229,59 @@ def test_sample_with_the_fitted_pose_meets_the_accuracy_targets(
     assert before.centroid_median > 2.0 and before.within_2um < 0.5, before.summary()
     assert after.centroid_median <= 0.5, after.summary()
     assert after.within_2um >= 0.95 and after.correlation_mean >= 0.95, after.summary()
+
+
+@pytest.fixture(scope="module")
+def calibrated(films: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The configuration written by laueflow calibrate from the two films."""
+    out = tmp_path_factory.mktemp("calibrated") / "calibrated.yaml"
+    r = calibrate(films, out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_calibration_record_holds_the_film_depths(calibrated: Path) -> None:
+    """Per film: its depth, the spots and each spot's depth at the nominal and the fitted pose, closer
+    to the film after the fit."""
+    films = load(calibrated, check_files=False).calibration["films"]
+    assert [f["film_depth_um"] for f in films] == list(DEPTHS)
+    for f in films:
+        assert len(f["spots"]) == len(f["pixels"]) == len(f["before_um"]) == len(f["after_um"]) >= 4
+        err_before = np.abs(np.array(f["before_um"]) - f["film_depth_um"])
+        err_after = np.abs(np.array(f["after_um"]) - f["film_depth_um"])
+        assert np.median(err_after) < 1 < np.median(err_before)
+
+
+def test_show_draws_the_calibration(calibrated: Path, tmp_path: Path) -> None:
+    """laueflow show CALIBRATED.yaml writes <name>_calibration.png and a line per film; a configuration
+    without a calibration record exits 2."""
+    r = CliRunner().invoke(main, ["show", str(calibrated), "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    png = tmp_path / "calibrated_calibration.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote calibration  {png}" in r.stdout
+    assert r.stdout.count("film at") == len(DEPTHS) and "spread" in r.stdout
+    nominal = yaml.safe_load(calibrated.read_text())
+    del nominal["calibration"]
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(nominal))
+    r = CliRunner().invoke(main, ["show", str(plain), "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "no calibration record" in r.output
+
+
+def test_point_file_names_its_calibration(calibrated: Path, multipoint_scan: Path, multipoint_run: Path,
+                                          tmp_path: Path) -> None:
+    """A point reconstructed with a calibrated configuration records the calibration (date, film scans,
+    fitted values) in its provenance; one with the nominal configuration says so."""
+    record = load(calibrated, check_files=False).calibration
+    cfg_file = tmp_path / "calibrated.yaml"  # the shared small scan's own pose, with the films' record
+    nominal = load(multipoint_scan / "config.yaml")
+    write_calibrated(multipoint_scan / "config.yaml", cfg_file,
+                     {"dist": nominal.geo.mask.focus.dist + 1e-4}, record)
+    out = tmp_path / "recon"
+    result = run(multipoint_scan, load(cfg_file), out, points=[0], block_pixels=256,
+                 site_config=sites.site_config("threads", workers=1, run_dir=str(out / ".runinfo")))
+    assert result.exit_code == 0, [p.line() for p in result.points]
+    line = read_provenance(out / "point_00000.h5")["calibration"]
+    assert record["date"] in line and str(Path(record["scans"][1]["path"])) in line
+    assert f"dist={nominal.geo.mask.focus.dist + 1e-4:.6g}" in line
+    assert read_provenance(multipoint_run / "point_00000.h5")["calibration"] == "none (nominal pose)"

@@ -170,3 +170,19 @@ def test_show_reports_bad_input(case, tmp_path):
     assert no_truth.exit_code == 2 and "no truth.h5" in no_truth.stderr
     given = run(other, "--truth-file", case.scan / "truth.h5", "--out", tmp_path / "figs")
     assert given.exit_code == 0, given.output
+
+
+def test_calibration_figure_one_panel_per_film(tmp_path):
+    """One panel per film with the film depth line and both poses; a record without film depths is refused."""
+    film = {"film_depth_um": 20.0, "spots": [1, 2, 3], "pixels": [9, 8, 7], "before_um": [41.2, 41.6, 41.4],
+            "after_um": [20.1, 19.9, 20.0], "within_1um_before": 0.0, "within_1um_after": 1.0}
+    record = {"date": "2026-12-01T10:00:00Z", "films": [film, {**film, "film_depth_um": 80.0}]}
+    fig = quicklook.calibration_figure(record)
+    axes = fig.get_axes()
+    assert len(axes) == 2
+    labels = [t.get_text() for t in axes[0].get_legend().get_texts()]
+    assert labels[0] == "film depth 20 \u00b5m" and "nominal pose" in labels[1] and "fitted pose" in labels[2]
+    path = quicklook.save_calibration_figure(record, tmp_path / "cal.png")
+    assert mpimg.imread(path).shape[2] in (3, 4)
+    with pytest.raises(ValueError, match="no film depths"):
+        quicklook.calibration_figure({"date": "x"})

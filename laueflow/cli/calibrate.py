@@ -137,6 +137,13 @@ def calibrate(
         "not_determined": [n for n, d in zip(result.names, result.determined, strict=True) if not d],
         "reduced_chi_square": float(result.chi2_red),
         "pixels": int(result.pixels),
+        "films": [  # each film's apparent depth per spot (median over its pixels), nominal and fitted pose
+            {"film": str(f.film), "film_depth_um": float(f.depth_um), "spots": [int(s) for s in f.spots],
+             "pixels": [int(n) for n in f.pixels], "before_um": [round(float(b), 3) for b in f.before],
+             "after_um": [round(float(a), 3) for a in f.after],
+             "within_1um_before": float(f.within_1um_before), "within_1um_after": float(f.within_1um_after)}
+            for f in result.films
+        ],
     }
     with input_errors():
         write_calibrated(config_file, out_file, result.values(), record)

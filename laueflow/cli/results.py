@@ -6,7 +6,9 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
+from ..config import load
 from ..errors import ExportError
 from ..evaluate import load_truth, score
 from ..io.export import export_point_detailed
@@ -73,7 +75,11 @@ def show(point_file: Path, out_dir: Path | None, use_truth: bool, truth_file: Pa
 
     The figures (<point>_<figure>.png): the depth-integrated image (integrated), intensity versus
     depth (intensity), depth slices where the signal is (slices), and the depth of maximum intensity
-    of each pixel (depthmap)."""
+    of each pixel (depthmap).  Given a configuration written by `laueflow calibrate` (.yaml) instead,
+    it writes <name>_calibration.png: each film's depth per spot at the nominal and the fitted pose."""
+    if point_file.suffix in (".yaml", ".yml"):
+        show_calibration(point_file, out_dir)
+        return
     if point_file.is_dir():
         fail(f"{point_file} is a folder; give a point file, e.g. {point_file / 'point_00000.h5'}")
     if not point_file.exists():
@@ -97,6 +103,35 @@ def show(point_file: Path, out_dir: Path | None, use_truth: bool, truth_file: Pa
         written = save_quicklooks(point, out_dir, truth=truth, slices=slices)
     for name, path in written.items():
         click.echo(f"wrote {name:<10s}  {path}")
+
+
+def show_calibration(config_file: Path, out_dir: Path | None) -> None:
+    """`laueflow show CALIBRATED.yaml`: the calibration's film depths, before and after."""
+    if not config_file.exists():
+        fail(f"{config_file}: configuration does not exist")
+    try:  # here, not at the top: matplotlib is optional and slow to import
+        from ..quicklook import save_calibration_figure
+    except ImportError as exc:
+        fail(f"laueflow show draws with matplotlib, which cannot be imported ({exc}); "
+             "install it with: pip install 'laueflow[notebooks]'")
+    with input_errors():
+        cfg = load(config_file, check_files=False)
+    record = cfg.calibration
+    if not record:
+        fail(f"{config_file}: no calibration record; give a configuration written by `laueflow calibrate`")
+    if not record.get("films"):
+        fail(f"{config_file}: its calibration record holds no film depths (an older laueflow calibrate); "
+             "run laueflow calibrate again")
+    out = out_dir if out_dir is not None else config_file.parent
+    out.mkdir(parents=True, exist_ok=True)
+    click.echo(f"calibration {record.get('date', '?')}, fitted {', '.join(record.get('fitted') or [])}")
+    for film in record["films"]:
+        before, after = film["before_um"], film["after_um"]
+        click.echo(f"film at {film['film_depth_um']:g} um: {len(film['spots'])} spots, spread "
+                   f"{np.std(before):.2f} -> {np.std(after):.2f} um, pixels within 1 um "
+                   f"{film['within_1um_before']:.0%} -> {film['within_1um_after']:.0%}")
+    path = save_calibration_figure(record, out / f"{config_file.stem}_calibration.png")
+    click.echo(f"wrote calibration  {path}")
 
 
 @click.command("export")

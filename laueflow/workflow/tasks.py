@@ -194,7 +194,8 @@ def stitch_point(block_files: Sequence[str], out_file: str, meta: dict[str, Any]
         start_time=meta["start_time"], command=meta.get("command_line"), host=meta.get("host"),
         point=point, scan=str(meta["scan_path"]), config_file=str(meta.get("config_file") or ""),
         config_source=meta.get("config_source") or None, worker_hosts=", ".join(hosts),
-        failed_blocks=len(errors))
+        failed_blocks=len(errors),
+        calibration=provenance.calibration(cfg.calibration, cfg.geo.mask.focus, cfg.geo.mask))
     summary = write_point(out_file, written, frame=meta["frame"], depths_mm=meta["depths_mm"],
                           provenance=record, complete=not errors)
     depth_files, export_problem = 0, ""
