@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import click
 import numpy as np
@@ -84,11 +86,7 @@ def show(point_file: Path, out_dir: Path | None, use_truth: bool, truth_file: Pa
         fail(f"{point_file} is a folder; give a point file, e.g. {point_file / 'point_00000.h5'}")
     if not point_file.exists():
         fail(f"{point_file}: point file does not exist")
-    try:  # here, not at the top: matplotlib is optional and slow to import
-        from ..quicklook import save_quicklooks
-    except ImportError as exc:
-        fail(f"laueflow show draws with matplotlib, which cannot be imported ({exc}); "
-             "install it with: pip install 'laueflow[notebooks]'")
+    save_quicklooks = _quicklook().save_quicklooks
     with input_errors():
         point = open_point(point_file)
         truth = None
@@ -105,15 +103,20 @@ def show(point_file: Path, out_dir: Path | None, use_truth: bool, truth_file: Pa
         click.echo(f"wrote {name:<10s}  {path}")
 
 
+def _quicklook() -> ModuleType:
+    """laueflow.quicklook, imported here, not at the top: matplotlib is optional and slow to import."""
+    try:
+        return importlib.import_module("laueflow.quicklook")
+    except ImportError as exc:
+        fail(f"laueflow show draws with matplotlib, which cannot be imported ({exc}); "
+             "install it with: pip install 'laueflow[notebooks]'")
+
+
 def show_calibration(config_file: Path, out_dir: Path | None) -> None:
     """`laueflow show CALIBRATED.yaml`: the calibration's film depths, before and after."""
     if not config_file.exists():
         fail(f"{config_file}: configuration does not exist")
-    try:  # here, not at the top: matplotlib is optional and slow to import
-        from ..quicklook import save_calibration_figure
-    except ImportError as exc:
-        fail(f"laueflow show draws with matplotlib, which cannot be imported ({exc}); "
-             "install it with: pip install 'laueflow[notebooks]'")
+    save_calibration_figure = _quicklook().save_calibration_figure
     with input_errors():
         cfg = load(config_file, check_files=False)
     record = cfg.calibration
