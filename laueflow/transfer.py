@@ -38,7 +38,8 @@ from .workflow.hooks import RunHooks
 from .workflow.status import FILE_STATES, record_section
 
 if TYPE_CHECKING:  # only for annotations: the driver loads Parsl and JAX
-    from .workflow.dag import PointResult, RunResult
+    from .workflow.dag import RunResult
+    from .workflow.outcomes import PointResult
 
 ID_VAR, SECRET_VAR = "LAUEFLOW_GLOBUS_CLIENT_ID", "LAUEFLOW_GLOBUS_CLIENT_SECRET"
 COMPUTE_ID_VAR, COMPUTE_SECRET_VAR = "GLOBUS_COMPUTE_CLIENT_ID", "GLOBUS_COMPUTE_CLIENT_SECRET"

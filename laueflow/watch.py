@@ -38,7 +38,7 @@ from .workflow.hooks import RunHooks
 from .workflow.status import PointState
 
 if TYPE_CHECKING:  # only for annotations: the driver loads Parsl and JAX
-    from .workflow.dag import PointResult
+    from .workflow.outcomes import PointResult
 
 # Frame files of points that are not ready yet, listed in status.json (the rest are counted).
 MAX_LISTED = 10

@@ -34,56 +34,22 @@ from ..config import Config, ConfigWarning, load
 from ..errors import RunError  # noqa: F401 (re-exported)
 from ..forward import Setup
 from ..geometry import check_reach
-from ..io import blocks, pointfile, staging
+from ..io import staging
 from ..io.atomic import atomic_path
 from ..io.export import ExportError, export_point
 from ..io.layout import STAGE_NAME, RunFolder
 from ..io.scan import Scan, ScanError, open_scan, select_points
 from . import apps
 from .hooks import PointFeed, ProgressCallback, ProgressEvent, RunHooks
-from .outcomes import BlockOutcome, StitchOutcome
-from .status import FILE_STATES, OK_STATES, PointState, RunLock, RunLocked, RunState, StatusFile
+from .outcomes import BlockOutcome, PointResult, StitchOutcome
+from .resume import resumable_point, reusable_block
+from .status import FILE_STATES, PointState, RunLock, RunLocked, RunState, StatusFile
 
 __all__ = ["Driver", "PointFeed", "PointResult", "ProgressEvent", "RunError", "RunHooks", "RunOptions",
            "RunResult", "prepare", "run"]
 
 # scratch disk that staged points in flight may take (OUT/.blocks/point_<k>/frames.stage)
 STAGE_BUDGET_BYTES = 4 << 30
-
-
-@dataclass
-class PointResult:
-    """How one scan point ended: done, resumed (existing file still valid), skipped, partial, failed."""
-
-    point: int
-    status: PointState
-    file: str | None = None
-    n_pixels: int = 0
-    depth_range_um: tuple[float, float] | None = None
-    seconds: float = 0.0
-    block_seconds: float = 0.0
-    failed_blocks: int = 0
-    reused_blocks: int = 0
-    reason: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """False when something went wrong (a skipped point is fine when no block failed)."""
-        return self.status in OK_STATES or (self.status == PointState.SKIPPED and self.failed_blocks == 0)
-
-    def line(self) -> str:
-        """One line for humans."""
-        head = f"point {self.point:5d}: {self.status:<8s}"
-        if self.status in (PointState.SKIPPED, PointState.FAILED):
-            return f"{head} {self.reason}"
-        rng = (f"signal {self.depth_range_um[0]:.1f} to {self.depth_range_um[1]:.1f} um"
-               if self.depth_range_um else "no signal")
-        text = f"{head} {self.n_pixels} pixels, {rng}"
-        if self.status != PointState.RESUMED:
-            text += f", {self.seconds:.1f} s (decoding {self.block_seconds:.1f} s)"
-        if self.reason:
-            text += f"; {self.reason}"
-        return text
 
 
 @dataclass
@@ -231,38 +197,6 @@ def _worker_config(cfg: Config, out_dir: Path) -> tuple[str, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)
         return str(path), load(path).fingerprint()
-
-
-def _resumable(scan: Scan, cfg: Config, point: int, out_file: Path, block_dir: Path) -> PointResult | None:
-    """A result for a point whose file exists, is complete and matches the configuration and the inputs."""
-    if not out_file.is_file():
-        return None
-    prov = pointfile.read_provenance(out_file)
-    if (not prov or not prov.get("complete") or prov.get("point") != point
-            or prov.get(provenance.CONFIG_FINGERPRINT) != cfg.fingerprint()):
-        return None
-    try:
-        current = provenance.input_fingerprint(scan.fingerprints(point))
-    except ScanError:
-        return None
-    if current != prov.get(provenance.INPUT_FINGERPRINT):
-        shutil.rmtree(block_dir, ignore_errors=True)  # inputs changed: their blocks are stale too
-        return None
-    info = pointfile.point_summary(out_file)
-    return PointResult(point=point, status=PointState.RESUMED, file=str(out_file), n_pixels=info["n_pixels"],
-                       depth_range_um=info["depth_range_um"], reason="file up to date, kept")
-
-
-def _reusable_block(block_file: Path, point: int, box: tuple[int, int, int, int],
-                    fingerprint: str) -> BlockOutcome | None:
-    """The outcome of a finished block file that can be reused, else None."""
-    if not block_file.is_file():
-        return None
-    meta = blocks.read_block_meta(block_file)
-    if not meta or meta["config_fingerprint"] != fingerprint or meta["point"] != point or meta["tile"] != box:
-        return None
-    return BlockOutcome(point, box, n_pixels=meta["n_pixels"], seconds=meta["seconds"],
-                        skipped=meta["skipped"], block_file=str(block_file), host=meta["host"], reused=True)
 
 
 def _root_cause(state: _Point) -> str:
@@ -484,7 +418,7 @@ class Driver:
             self.order.append(k)
             self.status.add_point(k, n_tiles)
             block_dir = self.folder.blocks(k)
-            resumed = None if self.options.force else _resumable(
+            resumed = None if self.options.force else resumable_point(
                 plan.scan, cfg, k, self.folder.point_file(k), block_dir)
             if resumed is not None:
                 if self.options.per_depth_files:
@@ -523,7 +457,7 @@ class Driver:
             box = (tile.r0, tile.r1, tile.c0, tile.c1)
             bf = self.folder.block_file(k, tile.r0, tile.c0)
             files.append(str(bf))
-            reused = _reusable_block(bf, k, box, self.worker_fp)
+            reused = reusable_block(bf, k, box, self.worker_fp)
             deps.append(reused)
             if reused is None:
                 todo.append((len(deps) - 1, tile, box, bf))

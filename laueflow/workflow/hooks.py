@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # only for annotations: dag imports this module
-    from .dag import PointResult, RunResult
+    from .dag import RunResult
+    from .outcomes import PointResult
 
 
 @dataclass

@@ -9,7 +9,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from .status import PointState
+from .status import OK_STATES, PointState
 
 
 @dataclass(frozen=True)
@@ -59,3 +59,38 @@ class StitchOutcome:
     stitch_seconds: float = 0.0
     input_fingerprint: str = ""
     depth_files: int = 0  # per-depth files written beside it
+
+
+@dataclass
+class PointResult:
+    """How one scan point ended: done, resumed (existing file still valid), skipped, partial, failed."""
+
+    point: int
+    status: PointState
+    file: str | None = None
+    n_pixels: int = 0
+    depth_range_um: tuple[float, float] | None = None
+    seconds: float = 0.0
+    block_seconds: float = 0.0
+    failed_blocks: int = 0
+    reused_blocks: int = 0
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """False when something went wrong (a skipped point is fine when no block failed)."""
+        return self.status in OK_STATES or (self.status == PointState.SKIPPED and self.failed_blocks == 0)
+
+    def line(self) -> str:
+        """One line for humans."""
+        head = f"point {self.point:5d}: {self.status:<8s}"
+        if self.status in (PointState.SKIPPED, PointState.FAILED):
+            return f"{head} {self.reason}"
+        rng = (f"signal {self.depth_range_um[0]:.1f} to {self.depth_range_um[1]:.1f} um"
+               if self.depth_range_um else "no signal")
+        text = f"{head} {self.n_pixels} pixels, {rng}"
+        if self.status != PointState.RESUMED:
+            text += f", {self.seconds:.1f} s (decoding {self.block_seconds:.1f} s)"
+        if self.reason:
+            text += f"; {self.reason}"
+        return text

@@ -254,7 +254,7 @@ class StatusFile:
         self.write()
 
     def point_finished(self, result: Any, write: bool = True) -> None:
-        """``result`` is a :class:`laueflow.workflow.dag.PointResult`; ``write``: write the file now
+        """``result`` is a :class:`laueflow.workflow.outcomes.PointResult`; ``write``: write the file now
         (False while the points of a rerun are checked, which are written once at the end)."""
         entry = self.data["points"][str(result.point)]
         state = PointState(result.status)
