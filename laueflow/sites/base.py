@@ -8,15 +8,19 @@ executor or provider it builds.  User site files may use these helpers too (see 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+import threading
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import parsl
 from parsl.config import Config
 from parsl.executors import HighThroughputExecutor, ThreadPoolExecutor
+from parsl.executors.status_handling import BlockProviderExecutor
 from parsl.jobs.error_handlers import windowed_error_handler
 from parsl.providers.base import ExecutionProvider
 
@@ -34,6 +38,23 @@ COMMON_OPTIONS: dict[str, Option] = {
 
 # failed blocks in a row after which an executor gives up (see assemble)
 FAILED_BLOCKS_LIMIT = 3
+
+# How Parsl's interchange is started (see this_environment): in a session of its own, so that a
+# Ctrl-C in the terminal (SIGINT to the whole foreground process group) reaches only the driver,
+# which then stops it and the workers in order, instead of killing it under the driver with a
+# traceback; and it ends itself once the driver is gone (its parent changes), so that a killed
+# driver leaves no interchange behind to keep worker pools alive.
+INTERCHANGE_LAUNCHER = """\
+import os, runpy, signal, sys, threading, time
+os.setsid()
+parent = os.getppid()
+def watch():
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=watch, daemon=True).start()
+runpy.run_path(sys.argv[1], run_name="__main__")
+"""
 
 
 def option_env_var(site: str, name: str) -> str:
@@ -66,14 +87,14 @@ def this_environment(*extra_init: str, sep: str = "\n") -> tuple[str, dict[str, 
     """Worker initialisation and HighThroughputExecutor keywords that run the workers and the
     interchange from this interpreter's environment, even when it was not activated (e.g.
     ``.venv/bin/laueflow run ...``): its bin folder goes first on PATH and the interchange is launched
-    with this interpreter.  ``extra_init``: further shell lines (empty ones are dropped)."""
+    with this interpreter, detached from the terminal (``INTERCHANGE_LAUNCHER``).  ``extra_init``:
+    further shell lines (empty ones are dropped)."""
     bin_dir = Path(sys.executable).parent
     init = [f'export PATH="{bin_dir}:$PATH"', "export XLA_PYTHON_CLIENT_PREALLOCATE=false",
             *(line for line in extra_init if line)]
-    keywords: dict[str, Any] = {}
-    interchange = bin_dir / "interchange.py"
-    if interchange.exists():
-        keywords["interchange_launch_cmd"] = [sys.executable, str(interchange)]
+    spec = importlib.util.find_spec("parsl.executors.high_throughput.interchange")
+    keywords: dict[str, Any] = {
+        "interchange_launch_cmd": [sys.executable, "-c", INTERCHANGE_LAUNCHER, str(spec.origin)]}
     return sep.join(init), keywords
 
 
@@ -108,3 +129,39 @@ def workers_config(opts: dict, run_dir: str, provider: Callable[[str], Execution
     worker_init, keywords = this_environment(*init, opts["worker_init"], sep=sep)
     decode = HighThroughputExecutor(label="decode", provider=provider(worker_init), **executor, **keywords)
     return assemble(decode, run_dir, opts["stitch_threads"], opts["retries"])
+
+
+def stop_now(dfk: Any, timeout: float = 10.0) -> bool:
+    """Stop a loaded Parsl configuration at once (Ctrl-C, SIGTERM) instead of letting its tasks end.
+
+    Parsl's own cleanup asks the interchange which worker blocks are idle before it scales them in,
+    and waits for the tasks of its thread pools; when the interchange is gone that question hangs, and
+    a staging or stitching thread can run for a long time.  So the worker blocks of every executor
+    with a provider are cancelled directly (LocalProvider: the worker pool's process group is
+    terminated; a batch provider: its jobs are cancelled), its tasks fail at once (bad state, so the
+    cleanup does not scale in again), queued thread-pool tasks are dropped, and the cleanup runs in a
+    helper thread for at most ``timeout`` seconds: a thread-pool task already running finishes in the
+    background (every file is written under a temporary name first).  Returns whether the cleanup
+    ended in time; if not, the configuration is unloaded anyway, so that another can be loaded.
+    """
+    reason = RuntimeError("the run was interrupted")
+    for executor in dfk.executors.values():
+        if isinstance(executor, ThreadPoolExecutor):
+            executor.executor.shutdown(wait=False, cancel_futures=True)
+            continue
+        if isinstance(executor, BlockProviderExecutor) and executor.provider is not None:
+            jobs = list(executor.blocks_to_job_id.values())
+            try:
+                if jobs:
+                    executor.provider.cancel(jobs)
+            except Exception:  # stopping: a provider that cannot cancel must not keep the rest running
+                pass
+            if not executor.bad_state_is_set:
+                executor.set_bad_state_and_fail_all(reason)
+    cleanup = threading.Thread(target=dfk.cleanup, name="laueflow-parsl-cleanup", daemon=True)
+    cleanup.start()
+    cleanup.join(timeout)
+    if cleanup.is_alive():
+        parsl.clear()
+        return False
+    return True
