@@ -467,19 +467,42 @@ class WatchHooks(RunHooks):
         return watch_status(self.feed, self.book)
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) raised like Ctrl-C's KeyboardInterrupt; ``signum`` names it,
+    and ``exit_status`` is the shell's 128 + its number (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM (a batch system's stop, ``kill``) like Ctrl-C while the block runs, so that a
-    stopped watch leaves status.json ``interrupted`` and a restart resumes."""
+    """Treat SIGTERM (a batch system's stop, ``kill``) and SIGHUP (a closed terminal) like Ctrl-C while
+    the block runs: the first of them raises :class:`Stopped` (a KeyboardInterrupt), so that the run
+    stops its workers, leaves status.json ``interrupted`` and a restart resumes; a second one while
+    that stop is under way ends the process at once (``os._exit``, no clean-up)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    fired: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        if fired:
+            os._exit(128 + signum)
+        fired.append(signum)
+        raise Stopped(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -6,12 +6,25 @@ read it at any time.  Its format (``laueflow-status/1``)::
 
     {"format", "laueflow_version", "state": running | finished | interrupted | failed,
      "scan", "out_dir", "command", "host", "pid", "started", "updated", "finished",
-     "totals": {"points", "points_done", "points_failed", "blocks", "blocks_done", "pixels_done",
-                "pixels_per_second", "eta_seconds"},
+     "totals": {"points", "points_done", "points_failed", "points_kept", "points_computed", "blocks",
+                "blocks_done", "pixels_done", "pixels_decoded", "pixels_reused", "pixels_kept",
+                "pixels_failed", "pixels_per_second", "eta_seconds"},
      "points": {"<k>": {"state": pending | running | done | resumed | partial | skipped | failed,
                         "file", "blocks_total", "blocks_done", "blocks_failed", "blocks_reused", "n_pixels",
+                        "pixels_decoded", "pixels_reused", "pixels_failed",
                         "started", "finished", "seconds", "reason"}},
      "transfers": {...}}          # only when results are sent with Globus Transfer
+
+Pixels and points are counted by where they came from: ``kept`` (a point file of an earlier run that
+is up to date, state ``resumed``), ``reused`` (finished block files of an earlier run, stitched into
+this run's point file), ``decoded`` (by this run's block tasks) and ``failed`` (the tile pixels of
+blocks that failed).  ``points_computed`` are the points whose file this run wrote (done or partial);
+``pixels_done`` is every pixel of the points that were not kept, and the pace (``pixels_per_second``)
+counts only the decoded ones.
+
+A run that ends other than ``finished`` (``interrupted``: Ctrl-C or SIGTERM; ``failed``) leaves no point
+``running``: a point whose file was not written is ``pending`` again, with its finished blocks counted
+(``blocks_done``), which a rerun reuses.
 
 This module is its only writer (:class:`StatusFile` for the driver, :func:`record_section` for a
 section added after the run) and reader (:func:`load_status`); the states are :class:`PointState`
@@ -37,13 +50,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__, provenance
-from ..errors import RunLocked  # noqa: F401 (re-exported)
+from ..errors import RunError, RunLocked  # noqa: F401 (RunLocked re-exported)
 from ..io.atomic import atomic_path
 from ..io.layout import LOCK_FILE, STATUS_FILE, RunFolder
 
 __all__ = ["FILE_STATES", "FINAL_STATES", "FORMAT", "LOCK_FILE", "OK_STATES", "STATUS_FILE", "PointState",
            "RunLock", "RunLocked", "RunState", "StatusFile", "age_seconds", "driver_alive", "load_status",
-           "read_status", "record_section"]
+           "out_dir_error", "read_status", "record_section"]
 
 FORMAT = "laueflow-status/1"
 
@@ -89,8 +102,13 @@ class RunLock:
         self._fh: Any = None
 
     def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")  # noqa: SIM115 (held open for the life of the run)
+        """Create the output folder if needed and lock it; RunLocked when another run holds it, RunError
+        when the folder cannot be created or written (read-only, below a file, no space)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+")  # noqa: SIM115 (held open for the life of the run)
+        except OSError as exc:
+            raise out_dir_error(self.path.parent, exc) from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -103,10 +121,14 @@ class RunLock:
             raise RunLocked(f"cannot lock {self.path} ({exc.strerror}): the file system does not support "
                             "flock (e.g. Lustre mounted without -o flock); use an output folder on one "
                             "that does") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"laueflow pid {os.getpid()} on {socket.gethostname()} since {provenance.now()}\n")
-        fh.flush()
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"laueflow pid {os.getpid()} on {socket.gethostname()} since {provenance.now()}\n")
+            fh.flush()
+        except OSError as exc:
+            fh.close()
+            raise out_dir_error(self.path.parent, exc) from None
         self._fh = fh
         return self
 
@@ -123,6 +145,22 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def out_dir_error(out_dir: str | os.PathLike, exc: OSError) -> RunError:
+    """An operating-system error on the output folder as one line for the user: the folder, what the
+    system said, and about which path."""
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out_dir) else ""
+    if isinstance(exc, FileExistsError) and not Path(out_dir).is_dir():
+        return RunError(f"output folder {out_dir} is a file, not a folder; choose another --out")
+    if isinstance(exc, NotADirectoryError) or exc.errno == errno.ENOTDIR:
+        blocker = next((p for p in Path(out_dir).parents if p.exists() and not p.is_dir()), None)
+        what = f"{blocker} is a file, not a folder" if blocker else "a part of its path is not a folder"
+        return RunError(f"output folder {out_dir} cannot be created: {what}; choose another --out")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return RunError(f"output folder {out_dir} cannot be written: {exc.strerror}{where}; give a folder "
+                        "you can write to with --out")
+    return RunError(f"output folder {out_dir} cannot be used: {exc.strerror}{where}")
 
 
 def load_status(out_dir: str | os.PathLike) -> tuple[dict[str, Any] | None, str]:
@@ -156,9 +194,17 @@ def read_status(out_dir: str | os.PathLike) -> dict[str, Any] | None:
     return load_status(out_dir)[0]
 
 
-def _write(path: Path, data: dict[str, Any]) -> None:
+def _write(path: Path, data: dict[str, Any], in_place: bool = False) -> None:
+    """Write a status file under a temporary name, then rename it; ``in_place``: when that failed
+    (a full disk: a new copy needs space the old one still holds), overwrite the file itself."""
+    text = json.dumps(data, indent=1)
+    if in_place:
+        with open(path, "r+" if path.exists() else "w") as fh:
+            fh.truncate(0)
+            fh.write(text)
+        return
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1))
+        tmp.write_text(text)
 
 
 def record_section(out_dir: str | os.PathLike, key: str, value: Any) -> bool:
@@ -236,8 +282,8 @@ class StatusFile:
         """A point joins the run (pending)."""
         self.data["points"][str(point)] = {
             "state": PointState.PENDING, "file": None, "blocks_total": int(blocks_total), "blocks_done": 0,
-            "blocks_failed": 0, "blocks_reused": 0, "n_pixels": 0, "started": None, "finished": None,
-            "seconds": None, "reason": ""}
+            "blocks_failed": 0, "blocks_reused": 0, "n_pixels": 0, "pixels_decoded": 0, "pixels_reused": 0,
+            "pixels_failed": 0, "started": None, "finished": None, "seconds": None, "reason": ""}
 
     def point_running(self, point: int, reused_blocks: int = 0) -> None:
         """The point's tasks are submitted; ``reused_blocks`` finished blocks of an earlier run are kept."""
@@ -246,11 +292,20 @@ class StatusFile:
                      blocks_reused=int(reused_blocks))
         self.write()
 
-    def block_done(self, point: int, n_pixels: int = 0, failed: bool = False) -> None:
+    def blocks_on_disk(self, point: int, n_files: int) -> None:
+        """A point that did not end: ``n_files`` of its block files are finished on disk (some may have
+        been written after their task's result could reach the driver)."""
+        entry = self.data["points"][str(point)]
+        entry["blocks_done"] = max(entry["blocks_done"], int(n_files))
+
+    def block_done(self, point: int, n_pixels: int = 0, failed: bool = False, failed_pixels: int = 0) -> None:
+        """A block task of this run ended: ``n_pixels`` decoded, or (``failed``) ``failed_pixels`` lost."""
         entry = self.data["points"][str(point)]
         entry["blocks_done"] += 1
         entry["blocks_failed"] += int(failed)
         entry["n_pixels"] += int(n_pixels)
+        entry["pixels_decoded"] += int(n_pixels)
+        entry["pixels_failed"] += int(failed_pixels) if failed else 0
         self.write()
 
     def point_finished(self, result: Any, write: bool = True) -> None:
@@ -263,32 +318,56 @@ class StatusFile:
                      seconds=round(float(result.seconds), 3) if state != PointState.RESUMED else None)
         if state == PointState.RESUMED:
             entry["blocks_done"] = entry["blocks_total"]
+        elif state in FILE_STATES:  # what this run did not decode came from finished blocks of an earlier run
+            entry["pixels_reused"] = max(int(result.n_pixels) - entry["pixels_decoded"], 0)
         entry["blocks_failed"] = max(entry["blocks_failed"], int(result.failed_blocks))
         if write:
             self.write(force=True)
 
     def finish(self, state: RunState | str) -> None:
-        self.data["state"] = RunState(state)
+        """The run ended; unless it finished, its points still ``running`` are ``pending`` again (their
+        finished blocks stay counted), so that the file says what is on disk."""
+        state = RunState(state)
+        if state != RunState.FINISHED:
+            for entry in self.data["points"].values():
+                if entry["state"] == PointState.RUNNING:
+                    entry.update(state=PointState.PENDING,
+                                 reason=f"{state}: {entry['blocks_done']} of {entry['blocks_total']} blocks "
+                                        "finished (kept for a rerun)")
+        self.data["state"] = state
         self.data["finished"] = provenance.now()
-        self.write(force=True)
+        try:
+            self.write(force=True)
+        except OSError:  # the last word must reach the file: without a second copy if need be
+            _write(self.path, self.data, in_place=True)
 
     # -- writing ------------------------------------------------------------------------------
 
-    def _totals(self) -> dict[str, Any]:
+    def totals(self) -> dict[str, Any]:
+        """The run's totals (points, blocks, pixels by origin, pace), as written into the file."""
         points = self.data["points"].values()
         done = [p for p in points if p["state"] in FINAL_STATES]
         blocks = sum(p["blocks_total"] for p in points)
         blocks_done = sum(p["blocks_total"] if p["state"] in FINAL_STATES else p["blocks_done"]
                           for p in points)
         pixels = sum(p["n_pixels"] for p in points if p["state"] != PointState.RESUMED)
+        kept = [p for p in points if p["state"] == PointState.RESUMED]
+        decoded = sum(p.get("pixels_decoded", 0) for p in points)
         elapsed = max(time.monotonic() - self._t0, 1e-6)
-        rate = pixels / elapsed
+        rate = decoded / elapsed
         remaining = blocks - blocks_done
         fresh = sum(p["blocks_done"] - p["blocks_reused"] for p in points if p["state"] != PointState.RESUMED)
         eta = remaining * elapsed / fresh if fresh and remaining else (0.0 if not remaining else None)
         failed = sum(p["state"] == PointState.FAILED or p["blocks_failed"] > 0 for p in points)
         return {"points": len(self.data["points"]), "points_done": len(done), "points_failed": failed,
+                "points_kept": len(kept),
+                "points_computed": sum(p["state"] in FILE_STATES and p["state"] != PointState.RESUMED
+                                       for p in points),
                 "blocks": blocks, "blocks_done": blocks_done, "pixels_done": pixels,
+                "pixels_decoded": decoded,
+                "pixels_reused": sum(p.get("pixels_reused", 0) for p in points),
+                "pixels_kept": sum(p["n_pixels"] for p in kept),
+                "pixels_failed": sum(p.get("pixels_failed", 0) for p in points),
                 "pixels_per_second": round(rate, 1), "eta_seconds": None if eta is None else round(eta, 1)}
 
     def write(self, force: bool = False) -> None:
@@ -298,7 +377,7 @@ class StatusFile:
             return
         self._last_write = now
         self.data["updated"] = provenance.now()
-        self.data["totals"] = self._totals()
+        self.data["totals"] = self.totals()
         if self.extra is not None:
             self.data.update(self.extra())
         _write(self.path, self.data)
