@@ -23,8 +23,8 @@ from .settings import DecodeSettings
 # (whole grid, from zero): a penalty of three times the mean diagonal of the Gram matrix with
 # over-relaxation stops after 60-80 iterations, 40 times closer to the solution than 150 iterations of
 # penalty = mean diagonal without relaxation.  Support refits (warm-started): penalty = mean diagonal.
-# Iterations run in sweeps of _SWEEP until no pixel's solution moves by more than the tolerance
-# (relative) over a sweep, at most recon.iterations.
+# Iterations run in sweeps of _SWEEP until a pixel's solution moves by no more than the tolerance
+# (relative) over a sweep, at most recon.iterations; each pixel stops on its own.
 _RHO_FULL, _TOL_FULL = 3.0, 3e-4
 _RHO_SUPPORT, _TOL_SUPPORT = 1.0, 1e-5
 _RELAX = 1.8
@@ -34,8 +34,11 @@ _SWEEP = 10
 def _admm(solve, b, ok, z0, threshold, rho, iterations: int, tol: float):
     """Over-relaxed ADMM for min 1/2 h'Qh - b'h + sparsity sum h, h >= 0, h = 0 where not ``ok``, for a
     batch of rows (the last axis is h's).  ``solve(v)`` applies (Q + rho I)^-1 (Q includes the smoothness
-    prior) to each row; ``threshold`` = sparsity / rho.  Runs sweeps of _SWEEP iterations until no row
-    moves by more than ``tol`` relative to its size, at most ``iterations`` in all.  Pure JAX, for jit."""
+    prior) to each row; ``threshold`` = sparsity / rho.  Runs sweeps of _SWEEP iterations, at most
+    ``iterations`` in all; a row stops (keeps the solution of its last sweep) once it moved by no more
+    than ``tol`` relative to its size over a sweep.  Each row stops by its own rule, so its result does
+    not depend on the other rows of the batch (which pixels share a call, or the padding).  Pure JAX,
+    for jit."""
 
     def step(_, carry):
         z, u = carry
@@ -44,17 +47,18 @@ def _admm(solve, b, ok, z0, threshold, rho, iterations: int, tol: float):
         return z_new, u + x - z_new
 
     def sweep(carry):
-        z, u, done, _ = carry
+        z, u, done, active = carry
         n = jnp.minimum(_SWEEP, iterations - done)
-        z_new, u = jax.lax.fori_loop(0, n, step, (z, u))
+        z_new, u_new = jax.lax.fori_loop(0, n, step, (z, u))
         size = jnp.maximum(jnp.linalg.norm(z_new, axis=-1), 1e-6)
-        moved = jnp.max(jnp.linalg.norm(z_new - z, axis=-1) / size)
-        return z_new, u, done + n, moved
+        moved = jnp.linalg.norm(z_new - z, axis=-1) / size
+        keep = active[..., None]
+        return (jnp.where(keep, z_new, z), jnp.where(keep, u_new, u), done + n, active & (moved > tol))
 
     def unfinished(carry):
-        return (carry[2] < iterations) & (carry[3] > tol)
+        return (carry[2] < iterations) & jnp.any(carry[3])
 
-    start = (z0, jnp.zeros_like(z0), jnp.int32(0), jnp.asarray(jnp.inf, z0.dtype))
+    start = (z0, jnp.zeros_like(z0), jnp.int32(0), jnp.ones(z0.shape[:-1], bool))
     return jax.lax.while_loop(unfinished, sweep, start)[0]
 
 
@@ -111,7 +115,10 @@ def _fit_support(a, gram, data, idx, valid, init, smooth, sparsity, iterations: 
     dtype = gram.dtype
     rows = jnp.arange(idx.shape[0])[:, None]
     q = jnp.where(valid[:, :, None] & valid[:, None, :], gram[idx[:, :, None], idx[:, None, :]], 0.0)
-    b = jnp.where(valid, (data @ a)[rows, idx], 0.0)
+    # every product is taken row by row (batched over rows, never one matrix product across rows), so
+    # that a row's arithmetic, hence its support decisions, do not depend on the rows it is batched with
+    cols = a.T[idx]  # (R, s, N): each row's support columns of the dictionary
+    b = jnp.where(valid, jnp.einsum("rsn,rn->rs", cols, data), 0.0)
     adjacent = (idx[:, 1:] == idx[:, :-1] + 1) & valid[:, 1:] & valid[:, :-1]
     used = jnp.maximum(jnp.sum(valid, axis=1), 1)
     rho = _RHO_SUPPORT * jnp.sum(jnp.where(valid, jnp.diagonal(q, axis1=1, axis2=2), 0.0), axis=1) / used
@@ -124,22 +131,24 @@ def _fit_support(a, gram, data, idx, valid, init, smooth, sparsity, iterations: 
         return jnp.einsum("rij,rj->ri", minv, v)
 
     z = _admm(solve, b, valid, init * valid, sparsity / rho, rho, iterations, _TOL_SUPPORT)
-    h = jnp.zeros((idx.shape[0], a.shape[1]), dtype).at[rows, idx].add(jnp.where(valid, z, 0.0))
-    return h, jnp.sum((data - h @ a.T) ** 2, axis=1)
+    z = jnp.where(valid, z, 0.0)
+    h = jnp.zeros((idx.shape[0], a.shape[1]), dtype).at[rows, idx].add(z)
+    return h, jnp.sum((data - jnp.einsum("rs,rsn->rn", z, cols)) ** 2, axis=1)
 
 
-# support sizes (columns) and rows per call of the support fit, and rows per call of the full fit:
-# padded up to these, so that few shapes are compiled
+# support sizes (columns) of the support fit, padded up to these so that few shapes are compiled; rows
+# per call of the support fit and of the full fit, always this many (the last call padded).  One row
+# count per solver: XLA's products and sums over a row round differently for different row counts, and
+# a support decision must not depend on how many pixels happened to share a call.
 _SUPPORT_SIZES = (16, 32, 48, 64, 96, 128, 192, 256)
-_SUPPORT_ROWS = (8, 32, 128)
-_FULL_ROWS = (16, 32, 64)
+_SUPPORT_ROWS = 32
+_FULL_ROWS = 64
 
 
-def _row_chunks(n: int, sizes: tuple[int, ...]):
-    """Split n rows into calls of at most sizes[-1] rows; yields (start, stop, padded rows)."""
-    for start in range(0, n, sizes[-1]):
-        stop = min(start + sizes[-1], n)
-        yield start, stop, next(s for s in sizes if s >= stop - start)
+def _row_chunks(n: int, rows: int):
+    """Split n rows into calls of ``rows`` rows; yields (start, stop, rows)."""
+    for start in range(0, n, rows):
+        yield start, min(start + rows, n), rows
 
 
 def _padded(x: np.ndarray, rows: int, dtype=None) -> np.ndarray:
