@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import warnings
 from pathlib import Path
 
 import h5py
@@ -10,22 +12,28 @@ import numpy as np
 import pytest
 
 from laueflow.config import from_dict, load
-from laueflow.io.scan import MONITOR_KEY, Scan, ScanError, Tile, open_scan, select_points
+from laueflow.io.scan import MONITOR_KEY, Scan, ScanError, ScanWarning, Tile, open_scan, select_points
 
 KEY = "/entry1/data/data"
 DET = [64, 48]  # geo.detector.shape: 64 columns, 48 rows
 ROWS, COLS = DET[1], DET[0]
 
 
+def geo(shape: list[int] = DET) -> dict:
+    """The ``geo`` section with every required key (the geometry does not matter to the reader)."""
+    return {"mask": {"bitsizes": [15.0, 7.5], "thickness": 3.7,
+                     "focus": {"cenx": 0.0, "dist": 1.0, "cenz": 0.0, "anglex": 0.0, "angley": 0.0,
+                               "anglez": 0.0}},
+            "scanner": {"step": 1.0, "axis": [1.0, 0.0, 0.0]},
+            "detector": {"shape": list(shape), "size": [409.6, 409.6], "rot": [0.0, 0.0, 0.0],
+                         "pos": [0.0, 0.0, 500.0]},
+            "source": {"grid": [0.0, 0.1, 0.01]}}
+
+
 def config(path: Path | str, **file: object):
     """A minimal valid configuration with the small test detector."""
     f = {"path": str(path), "frame": [0, ROWS, 0, COLS], "range": [0, 5, 1], **file}
-    return from_dict({
-        "file": f,
-        "geo": {"mask": {"focus": {"dist": 1.0}}, "scanner": {"step": 1.0},
-                "detector": {"shape": DET, "rot": [0.0, 0.0, 0.0], "pos": [0.0, 0.0, 500.0]},
-                "source": {"grid": [0.0, 0.1, 0.01]}},
-    })
+    return from_dict({"file": f, "geo": geo()})
 
 
 def frame(g: int) -> np.ndarray:
@@ -125,6 +133,25 @@ def test_stack_file_and_stack_in_folder(tmp_path: Path) -> None:
     assert open_scan(config(stack, stacked=True)).layout == "stack"
 
 
+def test_trailing_frames_are_named_in_one_warning(tmp_path: Path) -> None:
+    """Frames after the last complete point are never read: one warning says how many."""
+    write_frames(tmp_path / "run", 12)  # 2 points of 5 frames, 2 frames left over
+    with pytest.warns(ScanWarning) as caught:
+        scan = open_scan(config(tmp_path / "run"))
+    assert len(caught) == 1 and scan.trailing_frames == 2
+    assert "the last 2 of 12 frames are ignored" in str(caught[0].message)
+    assert str(tmp_path / "run") in str(caught[0].message)
+    stack = write_stack(tmp_path / "stack.h5", 17)  # points at 1, 6, 11; point 3 would need 16, 18, 20
+    with pytest.warns(ScanWarning, match="the last 1 of 17 frames are ignored"):
+        open_scan(config(stack, range=[1, 6, 2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_scan(config(tmp_path / "run"), warn_trailing=False).n_points == 2  # a growing folder
+        write_frames(tmp_path / "exact", 10)
+        assert open_scan(config(tmp_path / "exact")).trailing_frames == 0
+        assert open_scan(config(tmp_path / "stack.h5", range=[1, 6, 5])).trailing_frames == 0  # 1 + 3 x 5
+
+
 def test_frame_file_with_leading_axis(tmp_path: Path) -> None:
     folder = tmp_path / "run"
     folder.mkdir()
@@ -140,11 +167,7 @@ def test_config_relative_path(tmp_path: Path) -> None:
     cfg_file = tmp_path / "beam" / "scan.yml"
     cfg_file.write_text(f"""
 file: {{path: run, frame: [0, {ROWS}, 0, {COLS}], range: [0, 5, 1]}}
-geo:
-  mask: {{focus: {{dist: 1.0}}}}
-  scanner: {{step: 1.0}}
-  detector: {{shape: {DET}, rot: [0, 0, 0], pos: [0, 0, 500]}}
-  source: {{grid: [0.0, 0.1, 0.01]}}
+geo: {json.dumps(geo())}
 """)
     scan = open_scan(load(cfg_file))
     assert scan.path == tmp_path / "beam" / "run" and scan.n_points == 1
@@ -192,9 +215,7 @@ def detector_scan(folder: Path, n_frames: int, frame: list[int], chunks: tuple[i
             f.create_dataset(KEY, data=big + g, chunks=chunks, compression="gzip", compression_opts=1)
     cfg = from_dict({
         "file": {"path": str(folder), "range": [0, n_frames, 1], "frame": frame},
-        "geo": {"mask": {"focus": {"dist": 1.0}}, "scanner": {"step": 1.0},
-                "detector": {"rot": [0.0, 0.0, 0.0], "pos": [0.0, 0.0, 500.0]},
-                "source": {"grid": [0.0, 0.1, 0.01]}},
+        "geo": geo(shape=[2048, 2048]),
     })
     return open_scan(cfg), big
 

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +29,11 @@ import numpy as np
 from laueflow.config import Config
 
 from ..errors import ScanError  # noqa: F401 (re-exported)
+
+
+class ScanWarning(UserWarning):
+    """Frames of a scan that laueflow will not use (trailing frames that make no complete point)."""
+
 
 MONITOR_KEY = "/entry1/monitor/I0"
 MIB = 1 << 20
@@ -248,6 +254,11 @@ class Scan:
         if self.layout == "frames":
             return [(self.files[p], 0) for p in pos]
         return [(self.files[0], int(p)) for p in pos]
+
+    @property
+    def trailing_frames(self) -> int:
+        """Frames after the last complete point: too few for another point, so never read."""
+        return max(0, self.n_total - self._begin - self.n_points * self._span)
 
     def frame_offsets(self) -> np.ndarray:
         """The frame offsets the geometry uses for every point: 0, s, 2s, ..."""
@@ -575,7 +586,8 @@ def _open_stack(cfg: Config, file: Path) -> Scan:
     return scan
 
 
-def open_scan(cfg: Config, path: str | Path | None = None, *, check: bool = True) -> Scan:
+def open_scan(cfg: Config, path: str | Path | None = None, *, check: bool = True,
+              warn_trailing: bool = True) -> Scan:
     """Find and validate the scan data: ``path`` if given, else ``file.path`` of the configuration.
 
     A file is a stack ``[N, rows, cols]``.  A folder holds one-frame files ``<prefix>_<n>.<ext>``
@@ -586,6 +598,9 @@ def open_scan(cfg: Config, path: str | Path | None = None, *, check: bool = True
     now; with ``check=False`` only names and numbering are checked, and :meth:`Scan.check`
     (called by :meth:`Scan.read_block` for its point) checks the files of chosen points, which
     suits folders of tens of thousands of files that are still growing.
+
+    Frames after the last complete point are ignored, with a :class:`ScanWarning` saying how many
+    unless ``warn_trailing`` is false (a folder that is still growing, whose next point is expected).
     """
     where = Path(path) if path is not None else cfg.resolve(cfg.file.path)
     ext = cfg.file.ext
@@ -624,6 +639,11 @@ def open_scan(cfg: Config, path: str | Path | None = None, *, check: bool = True
         need = b + (scan.n_frames - 1) * s + 1
         raise ScanError(f"{scan._where()}: too few frames for one scan point: {scan.n_total} frames, "
                         f"one point with file.range [{b}, {e}, {s}] needs {need}")
+    if warn_trailing and scan.trailing_frames:
+        b, e, s = cfg.file.range
+        warnings.warn(f"{scan._where()}: the last {scan.trailing_frames} of {scan.n_total} frames are "
+                      f"ignored: too few for another point ({scan.n_points} complete points, file.range "
+                      f"[{b}, {e}, {s}])", ScanWarning, stacklevel=2)
     if check:
         scan.check()
     return scan
