@@ -16,7 +16,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,27 @@ class ConfigWarning(UserWarning):
 _UNUSED_SECTIONS = ("comp", "algo")
 
 _REQUIRED = object()
+
+# Keys the beamline's files always carry and for which no default is safe: a wrong value silently
+# changes the model (the thickness sets the bar blur, the pose and the detector place every ray).
+REQUIRED_KEYS: dict[str, str] = {
+    "file.path": "where the frames are",
+    "geo.mask.bitsizes": "widths of a 0 bit and a 1 bit, um",
+    "geo.mask.thickness": "gold thickness of the mask, um",
+    "geo.mask.focus.cenx": "mask centre x, mm",
+    "geo.mask.focus.dist": "mask distance from the beam, mm",
+    "geo.mask.focus.cenz": "mask centre z, mm",
+    "geo.mask.focus.anglex": "mask orientation, degrees",
+    "geo.mask.focus.angley": "mask orientation, degrees",
+    "geo.mask.focus.anglez": "mask orientation, degrees",
+    "geo.scanner.step": "mask step per frame, um",
+    "geo.scanner.axis": "scan direction",
+    "geo.detector.shape": "detector pixels [n0, n1]",
+    "geo.detector.size": "detector size [s0, s1], mm",
+    "geo.detector.rot": "detector Rodrigues rotation, rad",
+    "geo.detector.pos": "detector position, mm",
+    "geo.source.grid": "output depth grid [start, stop, step], mm",
+}
 
 
 @dataclass(frozen=True)
@@ -71,7 +92,12 @@ class Focus:
 
 @dataclass(frozen=True)
 class MaskConfig:
-    """The gold coded aperture.  ``path`` None means a generated binary de Bruijn code B(2, 8)."""
+    """The gold coded aperture.  ``path`` None means a generated binary de Bruijn code B(2, 8).
+
+    ``sha256`` is the hash of the code read from ``path`` (:func:`read_code`), filled in at load: it
+    puts the code itself, not only its file name, into the fingerprint and the provenance.  Given in a
+    file, it pins the code: a file whose code hashes otherwise is refused.
+    """
 
     path: str | None = None
     reversed: bool = False
@@ -83,6 +109,7 @@ class MaskConfig:
     stretch: float = 1.0
     shift: float = 0.0
     focus: Focus = field(default_factory=Focus)
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -184,12 +211,15 @@ class Config:
     source_file: str | None = None
     unknown: tuple[str, ...] = ()
     transfer: TransferConfig | None = None
+    defaults: tuple[str, ...] = field(default=(), compare=False)  # keys absent from the file: defaulted
 
     def to_dict(self) -> dict:
         """The resolved configuration in the beamline schema (what ``config show`` prints)."""
         d = asdict(self)
         f = d["file"]
         f["h5"] = {"key": f.pop("h5_key")}
+        if d["geo"]["mask"]["sha256"] is None:  # a generated code, or one not read (check_files=False)
+            del d["geo"]["mask"]["sha256"]
         out = {"file": f, "comp": d["comp"], "geo": d["geo"], "algo": d["algo"], "recon": d["recon"]}
         if self.transfer is not None:
             out["transfer"] = d["transfer"]
@@ -201,9 +231,15 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def fingerprint(self) -> str:
-        """A hash of everything that changes results (not the input location)."""
+        """A hash of everything that changes results (not the input location).
+
+        The mask enters by its code's hash (``geo.mask.sha256``) where the code was read, so that a
+        changed code changes the fingerprint and a moved one does not; else by its path.
+        """
         d = self.to_dict()
         d["file"] = {k: v for k, v in d["file"].items() if k != "path"}
+        if d["geo"]["mask"].get("sha256"):
+            del d["geo"]["mask"]["path"]
         d.pop("comp", None)
         d.pop("transfer", None)  # where results are sent does not change them
         d.pop("calibration", None)  # the record of how the pose was found; the pose itself counts
@@ -238,6 +274,7 @@ class _Reader:
         self.data = data
         self.source = source
         self.used: set[str] = set()
+        self.defaulted: list[str] = []  # keys absent from the file, given laueflow's default
 
     def fail(self, key: str, why: str) -> ConfigError:
         return ConfigError(f"{self.source}: {key}: {why}")
@@ -266,6 +303,8 @@ class _Reader:
         if value is sentinel or value is None:
             if default is _REQUIRED:
                 raise self.fail(key, "required key is missing")
+            if key not in self.defaulted:
+                self.defaulted.append(key)
             return default
         return conv(value, key)
 
@@ -335,8 +374,10 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
             f"{source}: expected a YAML mapping with sections file / geo, got {type(data).__name__}"
         )
     r = _Reader(data, source)
-    for sec in ("file", "geo", "recon", "comp", "algo", "transfer", "calibration"):
+    for sec in ("file", "geo", "recon", "comp", "algo", "transfer", "calibration", "file.h5", "geo.mask",
+                "geo.mask.focus", "geo.scanner", "geo.detector", "geo.source"):
         r.section(sec)
+    _check_required(r)
     num, integer, boolean, string = r.number, r.integer, r.boolean, r.string
     d = FileConfig(path="")
 
@@ -357,22 +398,19 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
         monitor=r.get("file.monitor", boolean, d.monitor),
     )
 
-    dm, df = MaskConfig(), Focus()
+    dm = MaskConfig()
     focus = Focus(
-        **{
-            k: r.get(f"geo.mask.focus.{k}", num, getattr(df, k))
-            for k in ("cenx", "cenz", "anglex", "angley", "anglez")
-        },
+        **{k: r.get(f"geo.mask.focus.{k}", num) for k in ("cenx", "cenz", "anglex", "angley", "anglez")},
         dist=_positive(r, "geo.mask.focus.dist", r.get("geo.mask.focus.dist", num)),
     )
-    bitsizes = r.get("geo.mask.bitsizes", r.vector(2), dm.bitsizes)
+    bitsizes = r.get("geo.mask.bitsizes", r.vector(2))
     for i, b in enumerate(bitsizes):
         _positive(r, f"geo.mask.bitsizes[{i}]", b)
     mask = MaskConfig(
         path=r.get("geo.mask.path", string, None),
         reversed=r.get("geo.mask.reversed", boolean, dm.reversed),
         bitsizes=bitsizes,
-        thickness=_positive(r, "geo.mask.thickness", r.get("geo.mask.thickness", num, dm.thickness)),
+        thickness=_positive(r, "geo.mask.thickness", r.get("geo.mask.thickness", num)),
         resolution=_positive(r, "geo.mask.resolution", r.get("geo.mask.resolution", num, dm.resolution)),
         widening=_positive(
             r, "geo.mask.widening", r.get("geo.mask.widening", num, dm.widening), allow_zero=True
@@ -381,22 +419,22 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
         stretch=_positive(r, "geo.mask.stretch", r.get("geo.mask.stretch", num, dm.stretch)),
         shift=r.get("geo.mask.shift", num, dm.shift),
         focus=focus,
+        sha256=r.get("geo.mask.sha256", string, None),
     )
     ds = ScannerConfig()
     step = r.get("geo.scanner.step", num)
     if step <= 0:
         raise r.fail("geo.scanner.step", f"the step per frame must be > 0 um, got {step:g}")
-    axis = r.get("geo.scanner.axis", r.vector(3), ds.axis)
+    axis = r.get("geo.scanner.axis", r.vector(3))
     if math.hypot(*axis) < 1e-9:
         raise r.fail("geo.scanner.axis", "the scan direction must not be the zero vector")
     scanner = ScannerConfig(step=step, axis=axis, rot=r.get("geo.scanner.rot", r.vector(3), ds.rot))
 
-    dd = DetectorConfig()
-    shape = r.get("geo.detector.shape", r.vector(2, "integer"), dd.shape)
+    shape = r.get("geo.detector.shape", r.vector(2, "integer"))
     for i, n in enumerate(shape):
         if n <= 0:
             raise r.fail(f"geo.detector.shape[{i}]", f"must be > 0 pixels, got {n}")
-    size = r.get("geo.detector.size", r.vector(2), dd.size)
+    size = r.get("geo.detector.size", r.vector(2))
     for i, s in enumerate(size):
         _positive(r, f"geo.detector.size[{i}]", s)
     detector = DetectorConfig(
@@ -477,6 +515,9 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
     unknown = [k for k in unread if k.split(".")[0] not in _UNUSED_SECTIONS]
     unused = [k for k in unread if k.split(".")[0] in _UNUSED_SECTIONS]
 
+    if mask.sha256 is not None and mask.path is None:
+        raise r.fail("geo.mask.sha256", "names the hash of a code file, but geo.mask.path is not set; "
+                     "remove geo.mask.sha256 or give the file")
     cfg = Config(
         file=fcfg,
         geo=GeoConfig(mask=mask, scanner=scanner, detector=detector, source=beam),
@@ -484,14 +525,13 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
         comp=comp,
         algo=algo,
         calibration=calibration,
-        source_file=None if source.startswith("<") else source,
+        source_file=None if source.startswith("<") else os.path.abspath(source),
         unknown=tuple(unknown + unused),
         transfer=transfer,
+        defaults=tuple(k for k in r.defaulted if k != "geo.mask.sha256"),  # absent: computed, not defaulted
     )
     if check_files and mask.path is not None:
-        p = cfg.resolve(mask.path)
-        if not p.is_file():
-            raise r.fail("geo.mask.path", f"mask code file {p} does not exist")
+        cfg = _with_code_hash(r, cfg)
     if unknown or unused:
         parts = []
         if unknown:
@@ -502,6 +542,73 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
             )
         warnings.warn(f"{source}: " + "; ".join(parts), ConfigWarning, stacklevel=2)
     return cfg
+
+
+def _check_required(r: _Reader) -> None:
+    """Stop on the first read when keys without a safe default are absent, naming all of them."""
+    missing = [k for k in REQUIRED_KEYS if r._lookup(k) is None]
+    if len(missing) == 1:
+        key = missing[0]
+        raise r.fail(key, f"required key is missing ({REQUIRED_KEYS[key]}); add it to the file, "
+                          f"laueflow has no safe default for it")
+    if missing:
+        listed = ", ".join(f"{k} ({REQUIRED_KEYS[k]})" for k in missing)
+        raise ConfigError(f"{r.source}: required keys are missing: {listed}; add them to the file, "
+                          f"laueflow has no safe default for them")
+
+
+def read_code(path: str | Path) -> np.ndarray:
+    """Read a mask code from a .npy file: a non-empty 1-D array of 0 and 1 (returned as int8).
+
+    Anything else (not a NumPy file, an archive, several dimensions, other values) is refused with
+    :class:`ConfigError` naming the file, never flattened or rounded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"mask code file {path} does not exist")
+    try:
+        code = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: not a NumPy .npy file holding the mask code ({why}); "
+                          f"save the 0/1 code with numpy.save") from None
+    if not isinstance(code, np.ndarray):  # a .npz archive
+        code.close()
+        raise ConfigError(f"{path}: is a NumPy archive (.npz), not a .npy array; save the 0/1 code "
+                          f"with numpy.save")
+    if code.ndim != 1:
+        raise ConfigError(f"{path}: the mask code has shape {list(code.shape)}; it must be 1-D "
+                          f"(one 0 or 1 per bit along the mask)")
+    if code.size == 0:
+        raise ConfigError(f"{path}: the mask code is empty")
+    if not any(np.issubdtype(code.dtype, t) for t in (np.bool_, np.integer, np.floating)):
+        raise ConfigError(f"{path}: the mask code has dtype {code.dtype}; it must hold the numbers 0 and 1")
+    bad = np.flatnonzero((code != 0) & (code != 1))
+    if bad.size:
+        raise ConfigError(f"{path}: the mask code must hold only 0 and 1, but bit {bad[0]} is "
+                          f"{code[bad[0]].item()!r} ({bad.size} of {code.size} bits are neither)")
+    return code.astype(np.int8)
+
+
+def code_sha256(code: np.ndarray) -> str:
+    """The hash of a 0/1 code (its bits as int8), independent of the dtype it was saved with."""
+    return hashlib.sha256(np.ascontiguousarray(code, dtype=np.int8).tobytes()).hexdigest()
+
+
+def _with_code_hash(r: _Reader, cfg: Config) -> Config:
+    """``cfg`` with the hash of its mask code filled in; the code is checked, and checked against a
+    hash the file already gives."""
+    mask = cfg.geo.mask
+    path = cfg.resolve(mask.path)
+    try:
+        digest = code_sha256(read_code(path))
+    except ConfigError as exc:
+        raise r.fail("geo.mask.path", str(exc)) from None
+    if mask.sha256 is not None and mask.sha256 != digest:
+        raise r.fail("geo.mask.sha256", f"the code in {path} has sha256 {digest}, not {mask.sha256}: the "
+                     f"mask file changed since this configuration was written; restore it, or remove "
+                     f"geo.mask.sha256 to use the code as it is now")
+    return replace(cfg, geo=replace(cfg.geo, mask=replace(mask, sha256=digest)))
 
 
 def _uuid(r: _Reader, value: Any, key: str, what: str = "collection") -> str:
@@ -576,8 +683,18 @@ def load(path: str | Path, check_files: bool = True) -> Config:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc}") from None
     return from_dict(data or {}, source=str(path), check_files=check_files)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The parser's complaint on one line, with the line and column where it found the problem."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    words = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    what = ", ".join(w for w in words if w) or " ".join(str(exc).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what
 
 
 def dump(cfg: Config, path: str | Path) -> None:

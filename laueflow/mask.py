@@ -14,7 +14,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from .config import Config
+from .config import Config, ConfigError, code_sha256, read_code
 
 GOLD_DENSITY = 19.32  # g/cm3
 
@@ -40,16 +40,9 @@ def debruijn(n: int = 8, k: int = 2) -> np.ndarray:
 
 
 def load_code(path: str | Path) -> np.ndarray:
-    """Read a 0/1 code from a .npy file, checking that it is a non-empty 1-D binary sequence."""
-    path = Path(path)
-    try:
-        code = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: cannot read the mask code: {exc}") from None
-    code = np.ravel(code)
-    if code.size == 0 or not np.isin(code, (0, 1)).all():
-        raise ValueError(f"{path}: the mask code must be a non-empty sequence of 0 and 1")
-    return code.astype(np.int8)
+    """Read a 0/1 code from a .npy file: a non-empty 1-D binary sequence, else :class:`ConfigError`
+    (see :func:`laueflow.config.read_code`)."""
+    return read_code(path)
 
 
 @dataclass(frozen=True)
@@ -111,6 +104,10 @@ def from_config(cfg: Config) -> Mask:
     """The mask a configuration describes (a generated de Bruijn B(2, 8) code when no path is set)."""
     m = cfg.geo.mask
     code = load_code(cfg.resolve(m.path)) if m.path is not None else debruijn(8)
+    if m.sha256 is not None and code_sha256(code) != m.sha256:  # the file changed since it was loaded
+        raise ConfigError(f"{cfg.source_file or 'configuration'}: geo.mask.path: the code in "
+                          f"{cfg.resolve(m.path)} changed since the configuration was loaded "
+                          f"(sha256 {code_sha256(code)}, not {m.sha256}); rerun with the mask unchanged")
     return layout(code, m.bitsizes, m.widening, m.pad, m.stretch, m.reversed, m.thickness)
 
 

@@ -44,9 +44,12 @@ def make_config(geometry: str = "oblique", mask_path: str | Path | None = None,
     d: dict[str, Any] = {
         "file": {"path": "/nonexistent/scan"},
         "geo": {
-            "mask": {"focus": {"dist": 1.0, "cenx": 0.0, "anglez": g["anglez"]}},
+            "mask": {"bitsizes": [15.0, 7.5], "thickness": 3.7,
+                     "focus": {"dist": 1.0, "cenx": 0.0, "cenz": 0.0, "anglex": 0.0, "angley": 0.0,
+                               "anglez": g["anglez"]}},
             "scanner": {"step": g["step"], "axis": list(g["axis"])},
-            "detector": {"rot": [-1.20, -1.21, -1.22], "pos": [28.8, 2.7, 513.0]},
+            "detector": {"shape": [2048, 2048], "size": [409.6, 409.6], "rot": [-1.20, -1.21, -1.22],
+                         "pos": [28.8, 2.7, 513.0]},
             "source": {"grid": list(grid)},
         },
     }
