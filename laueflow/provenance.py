@@ -2,7 +2,8 @@
 
 Stored in each point file under ``/entry/provenance`` (attributes plus a few datasets), so that a
 result can be traced and a rerun can tell whether an existing file is still valid (the
-configuration and input fingerprints).
+configuration and input fingerprints, and the tiling: a block's background and dictionary are
+estimated per tile, so ``block_pixels`` is a model setting).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from . import __version__
 # attribute names that decide whether a point file can be reused on a rerun
 CONFIG_FINGERPRINT = "config_fingerprint"
 INPUT_FINGERPRINT = "input_fingerprint"
+BLOCK_PIXELS = "block_pixels"  # the tiling the point was decoded with (--block-pixels or recon.block_pixels)
 
 
 def now() -> str:

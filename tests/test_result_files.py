@@ -42,11 +42,10 @@ def blocks(tmp_path):
     a = _decoded([10, 11, 13], [20, 21, 23], seed=1)
     b = _decoded([10, 12], [24, 27], seed=2)
     paths = [tmp_path / "blocks" / f"b{i}.npz" for i in range(3)]
-    common = {"point": 3, "config_fingerprint": "fp", "n_depths": 5}
+    common = {"point": 3, "config_fingerprint": "fp", "input_fingerprint": "in", "n_depths": 5}
     block_files.write_block(paths[0], tile=(10, 14, 20, 24), decoded=a, **common)
     block_files.write_block(paths[1], tile=(10, 14, 24, 28), decoded=b, **common)
-    block_files.write_block(paths[2], point=3, tile=(14, 18, 20, 24), config_fingerprint="fp", n_depths=5,
-                        skipped="all traces are zero")
+    block_files.write_block(paths[2], tile=(14, 18, 20, 24), skipped="all traces are zero", **common)
     return paths, (a, b)
 
 
@@ -91,8 +90,8 @@ def test_write_point_failure_keeps_previous_file(tmp_path, blocks):
 def test_block_file_roundtrip(blocks):
     paths, (a, _) = blocks
     meta = block_files.read_block_meta(paths[0])
-    assert meta == {"point": 3, "tile": (10, 14, 20, 24), "config_fingerprint": "fp", "skipped": "",
-                    "host": "", "seconds": 0.0, "n_pixels": 3}
+    assert meta == {"point": 3, "tile": (10, 14, 20, 24), "config_fingerprint": "fp",
+                    "input_fingerprint": "in", "skipped": "", "host": "", "seconds": 0.0, "n_pixels": 3}
     b = block_files.read_block(paths[0])
     np.testing.assert_array_equal(b.profiles, a.profiles)
     np.testing.assert_array_equal(b.fields["quality"], a.quality)

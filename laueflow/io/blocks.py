@@ -3,18 +3,24 @@
 A block file (``OUT/.blocks/point_<k>/block_r<r0>_c<c0>.npz``, see laueflow.io.layout) is an
 uncompressed NumPy archive written atomically::
 
-    format                  2 (profiles stored for the pixels with signal only)
+    format                  3 (2 lacked input_fingerprint)
     point, tile             the scan point and the tile [r0, r1, c0, c1]
-    config_fingerprint      of the configuration that decoded it (a rerun reuses only a match)
+    config_fingerprint      of the configuration that decoded it, tiling included (recon.block_pixels)
+    input_fingerprint       of the point's frame files it was read from (laueflow.provenance)
     skipped, host, seconds  why it holds no pixels ("" when decoded), where and how long it took
     rows, cols              (P,) detector row, col of the decoded pixels
     lit, profiles           rows in rows/cols with a nonzero profile, and those (L, J) profiles
     background, residual, quality, energy, energy_sigma   (P,) per-pixel fields
+
+A rerun reuses a block only when point, tile and both fingerprints match its own (a late write of an
+earlier run's worker, or a block of frames that changed since, is not); the archive's CRC-32 per
+member lets :func:`read_block` tell a damaged file from a good one.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +28,17 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ResultError
 from .atomic import atomic_path
 
 PIXEL_FIELDS = ("background", "residual", "quality", "energy", "energy_sigma")
 PIXEL_DTYPES = {"background": np.float32, "residual": np.float32, "quality": np.uint8,
                 "energy": np.float32, "energy_sigma": np.float32}
 # 2: profiles stored for the pixels with signal only ("lit": their rows in rows/cols); most are zero
-BLOCK_FORMAT = 2
+# 3: input_fingerprint, the frames the block was read from
+BLOCK_FORMAT = 3
+# what a damaged or foreign file raises inside np.load: a truncated or altered archive, a bad header
+_UNREADABLE = (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile, TypeError)
 
 
 @dataclass
@@ -38,6 +48,7 @@ class BlockResult:
     point: int
     tile: tuple[int, int, int, int]
     config_fingerprint: str
+    input_fingerprint: str
     skipped: str  # "" when decoded
     rows: np.ndarray
     cols: np.ndarray
@@ -52,8 +63,8 @@ class BlockResult:
 
 
 def write_block(path: str | os.PathLike, *, point: int, tile: Sequence[int], config_fingerprint: str,
-                n_depths: int, decoded: Any = None, skipped: str = "", host: str = "",
-                seconds: float = 0.0) -> None:
+                n_depths: int, input_fingerprint: str = "", decoded: Any = None, skipped: str = "",
+                host: str = "", seconds: float = 0.0) -> None:
     """Write one block result (``decoded`` has rows, cols, profiles and the per-pixel fields) atomically."""
     if decoded is None:
         arrays: dict[str, np.ndarray] = {
@@ -67,7 +78,8 @@ def write_block(path: str | os.PathLike, *, point: int, tile: Sequence[int], con
                   "lit": lit, "profiles": profiles[lit],
                   **{k: np.asarray(getattr(decoded, k), PIXEL_DTYPES[k]) for k in PIXEL_FIELDS}}
     meta = {"format": np.array(BLOCK_FORMAT), "point": np.array(point), "tile": np.asarray(tile, np.int64),
-            "config_fingerprint": np.array(config_fingerprint), "skipped": np.array(skipped),
+            "config_fingerprint": np.array(config_fingerprint),
+            "input_fingerprint": np.array(input_fingerprint), "skipped": np.array(skipped),
             "host": np.array(host), "seconds": np.array(seconds)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,28 +88,44 @@ def write_block(path: str | os.PathLike, *, point: int, tile: Sequence[int], con
         fh.flush()
 
 
+STAMP = ("point", "tile", "config_fingerprint", "input_fingerprint")  # what decides reuse
+
+
 def _meta(z: Any) -> dict[str, Any]:
+    if int(z["format"]) != BLOCK_FORMAT:
+        raise ValueError(f"block format {int(z['format'])}, this laueflow writes {BLOCK_FORMAT}")
     return {"point": int(z["point"]), "tile": tuple(int(v) for v in z["tile"]),
-            "config_fingerprint": str(z["config_fingerprint"]), "skipped": str(z["skipped"]),
-            "host": str(z["host"]), "seconds": float(z["seconds"])}
+            "config_fingerprint": str(z["config_fingerprint"]),
+            "input_fingerprint": str(z["input_fingerprint"]),
+            "skipped": str(z["skipped"]), "host": str(z["host"]), "seconds": float(z["seconds"])}
 
 
 def read_block_meta(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The small fields of a block file (point, tile, fingerprint, skipped, n_pixels); None if unreadable."""
+    """The small fields of a block file (its stamp, skipped, host, seconds, n_pixels); None if unreadable
+    (the arrays are not checked: :func:`read_block` does)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            if int(z["format"]) != BLOCK_FORMAT:
-                return None
             return {**_meta(z), "n_pixels": int(z["rows"].size)}
-    except (OSError, ValueError, KeyError, EOFError):
+    except _UNREADABLE:
         return None
 
 
 def read_block(path: str | os.PathLike) -> BlockResult:
-    """Load a block file completely (profiles of every decoded pixel, zeros where there is no signal)."""
-    with np.load(path, allow_pickle=False) as z:
-        rows, lit, stored = z["rows"], z["lit"], z["profiles"]
-        profiles = np.zeros((rows.size, stored.shape[1]), np.float32)
-        profiles[lit] = stored
-        return BlockResult(**_meta(z), rows=rows, cols=z["cols"], profiles=profiles,
-                           fields={k: z[k] for k in PIXEL_FIELDS})
+    """Load a block file completely (profiles of every decoded pixel, zeros where there is no signal).
+
+    Every member is read whole, so its CRC-32 is checked; a file that is truncated, altered, of another
+    format or inconsistent raises :class:`ResultError` naming it.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            rows, cols, lit, stored = z["rows"], z["cols"], z["lit"], z["profiles"]
+            fields = {k: z[k] for k in PIXEL_FIELDS}
+            profiles = np.zeros((rows.size, stored.shape[1]), np.float32)
+            profiles[lit] = stored
+            meta = _meta(z)
+    except _UNREADABLE as exc:
+        raise ResultError(f"{path}: unreadable block file ({type(exc).__name__}: {exc})") from None
+    n = rows.size
+    if cols.shape != (n,) or lit.size != stored.shape[0] or any(v.shape != (n,) for v in fields.values()):
+        raise ResultError(f"{path}: inconsistent block file (array lengths differ)")
+    return BlockResult(**meta, rows=rows, cols=cols, profiles=profiles, fields=fields)

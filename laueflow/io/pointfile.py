@@ -7,16 +7,18 @@ Layout::
     /entry/reconstruction/intensity_vs_depth  (J,)  volume summed over pixels
     /entry/reconstruction/pixels/index        (P, 2) detector row, col of reconstructed pixels
     /entry/reconstruction/pixels/{background, residual, quality, energy, energy_sigma}  (P,)
-    /entry/reconstruction attrs n_pixels, complete (False: some blocks failed, their pixels are 0)
+    /entry/reconstruction attrs n_pixels, complete (False: some blocks failed, their pixels are 0),
+                          checksum (of every dataset's stored bytes, see :func:`checksum`)
     /entry/provenance                          see laueflow.provenance
 
 :func:`write_point` stitches a point's block files into it atomically (laueflow.io.atomic);
 :class:`PointReader` is the read side that the result API (laueflow.runs), the export, scoring and
-resuming use.
+resuming use; :func:`verify` checks a file's stored checksum before a rerun keeps it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,11 +28,14 @@ import h5py
 import numpy as np
 
 from .. import provenance as prov
+from ..errors import ResultError
 from .atomic import atomic_h5
 from .blocks import PIXEL_DTYPES, PIXEL_FIELDS, read_block
 
 RECONSTRUCTION = "entry/reconstruction"
 PROVENANCE = "entry/provenance"
+CHECKSUM = "checksum"  # attribute of RECONSTRUCTION
+CHECKSUM_METHOD = "sha256/stored-bytes/1"
 
 
 def _chunks(n_depth: int, n_rows: int, n_cols: int) -> tuple[int, int, int]:
@@ -69,11 +74,14 @@ def signal_range(depth_um: np.ndarray, intensity: np.ndarray,
 
 def write_point(path: str | os.PathLike, block_files: Sequence[str | os.PathLike], *,
                 frame: Sequence[int], depths_mm: Sequence[float], provenance: Mapping[str, Any],
-                complete: bool = True, compression: str = "gzip") -> dict[str, Any]:
+                complete: bool = True, compression: str = "gzip",
+                stamp: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Stitch block files into one point file, atomically, holding one block in memory at a time.
 
     ``frame`` = [r0, r1, c0, c1] is the detector region of the volume; pixels outside every block
     stay 0.  ``complete`` False marks a point some of whose blocks failed (a rerun redoes it).
+    ``stamp``: block fields (point, fingerprints) every block must carry; a block that does not (it
+    was replaced after it was checked) raises :class:`ResultError` and nothing is written.
     Returns a summary: n_pixels, depth range with signal (um) and the file name.
     """
     r0, r1, c0, c1 = (int(v) for v in frame)
@@ -109,6 +117,9 @@ def write_point(path: str | os.PathLike, block_files: Sequence[str | os.PathLike
 
         for name in block_files:
             b = read_block(name)
+            if stamp and any(getattr(b, k) != v for k, v in stamp.items()):
+                raise ResultError(f"{name}: block file replaced by one of other inputs or another "
+                                  "configuration while the point was stitched")
             if b.n_pixels == 0:
                 continue
             br0, br1, bc0, bc1 = b.tile
@@ -136,8 +147,62 @@ def write_point(path: str | os.PathLike, block_files: Sequence[str | os.PathLike
         rec.attrs["axes"] = ["depth", ".", "."]
         pg = entry.create_group("provenance")
         prov.write(pg, provenance)
+        f.flush()  # the chunks on disk, as checksum() reads them
+        rec.attrs[CHECKSUM] = f"{CHECKSUM_METHOD}:{checksum(f)}"
     rng = signal_range(depth_um, total)
     return {"file": str(path), "n_pixels": n_pixels, "depth_range_um": rng, "complete": complete}
+
+
+# ----------------------------------------------------------------------------------------------
+# Integrity
+
+
+def _hash_dataset(h: Any, name: str, ds: h5py.Dataset) -> None:
+    h.update(f"{name}|{ds.dtype.str}|{ds.shape}\n".encode())
+    if ds.chunks is not None:
+        # the chunks as stored (compressed): no decompression, so a 1 GB volume costs its file size
+        chunks: list[tuple[tuple[int, ...], int]] = []
+        ds.id.chunk_iter(lambda info: chunks.append((tuple(info.chunk_offset), info.size)))
+        for offset, size in sorted(chunks):
+            mask, data = ds.id.read_direct_chunk(offset)
+            h.update(f"{offset}|{mask}|{size}\n".encode())
+            h.update(data)
+    elif h5py.check_string_dtype(ds.dtype) is not None:
+        for text in np.atleast_1d(ds.asstr()[()]).ravel():
+            raw = str(text).encode()
+            h.update(f"{len(raw)}:".encode() + raw)
+    else:
+        h.update(np.ascontiguousarray(ds[()]).tobytes())
+
+
+def checksum(f: h5py.File) -> str:
+    """SHA-256 over every dataset of a point file in name order: its name, type, shape and stored
+    bytes (chunked datasets chunk by chunk as stored, so the volume is not decompressed)."""
+    found: list[tuple[str, h5py.Dataset]] = []
+    f.visititems(lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+    h = hashlib.sha256()
+    for name, ds in sorted(found, key=lambda item: item[0]):
+        _hash_dataset(h, name, ds)
+    return h.hexdigest()
+
+
+def verify(path: str | os.PathLike) -> None:
+    """Raise :class:`ResultError` naming a point file whose datasets no longer match their stored
+    checksum (damaged in place), that has none (written before laueflow stored one), or that cannot be
+    read at all."""
+    try:
+        with h5py.File(path, "r") as f:
+            stored = f[RECONSTRUCTION].attrs.get(CHECKSUM)
+            if stored is None:
+                raise ResultError(f"{path}: no checksum stored (an older point file)")
+            stored = stored.decode() if isinstance(stored, bytes) else str(stored)
+            method, _, digest = stored.rpartition(":")
+            if method != CHECKSUM_METHOD:
+                raise ResultError(f"{path}: checksum of an unknown kind ({method})")
+            if checksum(f) != digest:
+                raise ResultError(f"{path}: damaged (its datasets do not match their stored checksum)")
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise ResultError(f"{path}: damaged ({type(exc).__name__}: {exc})") from None
 
 
 # ----------------------------------------------------------------------------------------------

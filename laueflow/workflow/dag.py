@@ -42,7 +42,7 @@ from ..io.scan import Scan, ScanError, open_scan, select_points
 from . import apps
 from .hooks import PointFeed, ProgressCallback, ProgressEvent, RunHooks
 from .outcomes import BlockOutcome, PointResult, StitchOutcome
-from .resume import resumable_point, reusable_block
+from .resume import resumable_point, reusable_blocks
 from .status import FILE_STATES, PointState, RunLock, RunLocked, RunState, StatusFile
 
 __all__ = ["Driver", "PointFeed", "PointResult", "ProgressEvent", "RunError", "RunHooks", "RunOptions",
@@ -332,6 +332,7 @@ class Driver:
             "start_time": self.start_time,
             "command_line": command, "host": socket.gethostname(), "config_file": cfg.source_file or "",
             "config_source": source_text, "per_depth_files": o.per_depth_files,
+            "block_pixels": self.plan.block_pixels,
         }
         _remove_stale_temporaries(self.out_dir, keep_staged=self.plan.points if o.staging else ())
         self.status = StatusFile(self.out_dir, scan=str(self.scan_path), command=command,
@@ -419,7 +420,7 @@ class Driver:
             self.status.add_point(k, n_tiles)
             block_dir = self.folder.blocks(k)
             resumed = None if self.options.force else resumable_point(
-                plan.scan, cfg, k, self.folder.point_file(k), block_dir)
+                plan.scan, cfg, k, self.folder.point_file(k), block_dir, plan.block_pixels)
             if resumed is not None:
                 if self.options.per_depth_files:
                     _export_kept(resumed)
@@ -453,11 +454,12 @@ class Driver:
         deps: list[Any] = []
         files: list[str] = []
         todo = []
+        kept = reusable_blocks(self.folder, self.plan.scan, k, self.plan.tiles, self.worker_fp)
         for tile in self.plan.tiles:
             box = (tile.r0, tile.r1, tile.c0, tile.c1)
             bf = self.folder.block_file(k, tile.r0, tile.c0)
             files.append(str(bf))
-            reused = reusable_block(bf, k, box, self.worker_fp)
+            reused = kept.get(box)
             deps.append(reused)
             if reused is None:
                 todo.append((len(deps) - 1, tile, box, bf))

@@ -1,27 +1,44 @@
-"""What an earlier run left that this one may keep: a point file that is complete and matches the
-configuration and the inputs, and finished block files of the same configuration, point and tile."""
+"""What an earlier run left that this one may keep: a point file that is intact, complete and matches
+the configuration, the tiling and the inputs, and finished block files whose stamp (point, tile,
+configuration and input fingerprints) is this run's.
+
+Whatever fails these checks is recomputed: a damaged file with a :class:`ResumeWarning` naming it,
+a stale one (other inputs, configuration or tiling, or a late write of an earlier run's worker)
+silently.
+"""
 
 from __future__ import annotations
 
 import shutil
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import provenance
 from ..config import Config
+from ..errors import ResultError
 from ..io import blocks, pointfile
+from ..io.layout import RunFolder
 from ..io.scan import Scan, ScanError
 from .outcomes import BlockOutcome, PointResult
 from .status import PointState
 
 
-def resumable_point(scan: Scan, cfg: Config, point: int, out_file: Path,
-                    block_dir: Path) -> PointResult | None:
-    """A result for a point whose file exists, is complete and matches the configuration and the inputs."""
+class ResumeWarning(UserWarning):
+    """A file an earlier run left is damaged and is recomputed."""
+
+
+def resumable_point(scan: Scan, cfg: Config, point: int, out_file: Path, block_dir: Path,
+                    block_pixels: int) -> PointResult | None:
+    """A result for a point whose file exists, is intact and complete, and matches the configuration,
+    the tiling (``block_pixels``) and the inputs."""
     if not out_file.is_file():
         return None
     prov = pointfile.read_provenance(out_file)
     if (not prov or not prov.get("complete") or prov.get("point") != point
-            or prov.get(provenance.CONFIG_FINGERPRINT) != cfg.fingerprint()):
+            or prov.get(provenance.CONFIG_FINGERPRINT) != cfg.fingerprint()
+            or prov.get(provenance.BLOCK_PIXELS) != block_pixels):
         return None
     try:
         current = provenance.input_fingerprint(scan.fingerprints(point))
@@ -30,18 +47,46 @@ def resumable_point(scan: Scan, cfg: Config, point: int, out_file: Path,
     if current != prov.get(provenance.INPUT_FINGERPRINT):
         shutil.rmtree(block_dir, ignore_errors=True)  # inputs changed: their blocks are stale too
         return None
+    try:
+        pointfile.verify(out_file)
+    except ResultError as exc:
+        warnings.warn(f"{exc}; point {point} is recomputed", ResumeWarning, stacklevel=2)
+        return None
     info = pointfile.point_summary(out_file)
     return PointResult(point=point, status=PointState.RESUMED, file=str(out_file), n_pixels=info["n_pixels"],
                        depth_range_um=info["depth_range_um"], reason="file up to date, kept")
 
 
-def reusable_block(block_file: Path, point: int, box: tuple[int, int, int, int],
-                    fingerprint: str) -> BlockOutcome | None:
-    """The outcome of a finished block file that can be reused, else None."""
-    if not block_file.is_file():
-        return None
-    meta = blocks.read_block_meta(block_file)
-    if not meta or meta["config_fingerprint"] != fingerprint or meta["point"] != point or meta["tile"] != box:
-        return None
-    return BlockOutcome(point, box, n_pixels=meta["n_pixels"], seconds=meta["seconds"],
-                        skipped=meta["skipped"], block_file=str(block_file), host=meta["host"], reused=True)
+def reusable_blocks(folder: RunFolder, scan: Scan, point: int, tiles: Sequence[Any],
+                    config_fingerprint: str) -> dict[tuple[int, int, int, int], BlockOutcome]:
+    """The finished block files of a point that this run can keep, by tile [r0, r1, c0, c1].
+
+    Only a point with block files costs anything: its input fingerprint, and each block read whole.
+    Damaged block files are removed with a warning naming them, stale ones silently; the block tasks
+    write them anew.
+    """
+    block_dir = folder.blocks(point)
+    present = sorted(block_dir.glob("block_*.npz")) if block_dir.is_dir() else []
+    if not present:
+        return {}
+    try:
+        current = provenance.input_fingerprint(scan.fingerprints(point))
+    except ScanError:
+        current = None  # the block tasks will say what is wrong with the frames
+    wanted = {folder.block_file(point, t.r0, t.c0): (t.r0, t.r1, t.c0, t.c1) for t in tiles}
+    kept: dict[tuple[int, int, int, int], BlockOutcome] = {}
+    for path in present:
+        try:
+            b = blocks.read_block(path)
+        except ResultError as exc:
+            warnings.warn(f"{exc}; its tile is recomputed", ResumeWarning, stacklevel=2)
+            path.unlink(missing_ok=True)
+            continue
+        box = wanted.get(path)
+        stamp = (point, box, config_fingerprint, current)
+        if current is None or stamp != (b.point, b.tile, b.config_fingerprint, b.input_fingerprint):
+            path.unlink(missing_ok=True)
+            continue
+        kept[box] = BlockOutcome(point, box, n_pixels=b.n_pixels, seconds=b.seconds, skipped=b.skipped,
+                                 block_file=str(path), host=b.host, reused=True)
+    return kept

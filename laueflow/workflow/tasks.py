@@ -8,11 +8,13 @@ and reuses it for every task it runs.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from laueflow import provenance
 from laueflow.config import Config, ConfigWarning, load
 from laueflow.forward import Setup
 from laueflow.io import staging
-from laueflow.io.blocks import write_block
+from laueflow.io.blocks import read_block_meta, write_block
 from laueflow.io.export import ExportError, export_point
 from laueflow.io.pointfile import write_point
 from laueflow.io.scan import Scan, ScanError, open_scan
@@ -35,6 +37,8 @@ _LOCK = threading.Lock()
 _CONFIGS: dict[tuple[str, int], Config] = {}
 _SCANS: dict[tuple[str, str], Scan] = {}
 _SETUPS: dict[str, Setup] = {}
+# input fingerprints of points by (scan, point), with the stat of their files when they were hashed
+_INPUTS: dict[tuple[str, int], tuple[list[tuple[int, ...]], list[dict]]] = {}
 # XLA's CPU runtime can wedge when two threads of one process run computations at once: its intra-op
 # thread pool is shared, and some operations block a pool thread while waiting for work queued behind
 # the other computation.  So one block is decoded at a time per process (the threads site); the worker
@@ -73,6 +77,33 @@ def cached_setup(cfg: Config) -> Setup:
         return _SETUPS[key]
 
 
+def _stat(scan: Scan, point: int) -> list[tuple[int, ...]]:
+    files = dict.fromkeys(f for f, _ in scan.point_frames(point))
+    try:
+        stats = [f.stat() for f in files]
+    except OSError as exc:
+        raise ScanError(f"point {point}: cannot stat its frame files: {exc}") from None
+    return [(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for st in stats]
+
+
+def point_inputs(scan_path: str | Path, scan: Scan, point: int) -> list[dict]:
+    """The fingerprints of a point's frame files (:meth:`Scan.fingerprints`), hashed once per process
+    while the files' inode, size and times stay the same.  Taken before the frames are read, so that
+    what a block records is never newer than what it decoded (a file changed meanwhile makes the block
+    look stale to a rerun, which recomputes it)."""
+    key = (str(scan_path), int(point))
+    before = _stat(scan, point)
+    with _LOCK:
+        cached = _INPUTS.get(key)
+    if cached is not None and cached[0] == before:
+        return cached[1]
+    inputs = scan.fingerprints(point)
+    if _stat(scan, point) == before:  # unchanged while hashed
+        with _LOCK:
+            _INPUTS[key] = (before, inputs)
+    return inputs
+
+
 def stage_point(scan_path: str, cfg_path: str, point: int, tiles: Sequence[Any],
                 stage_file: str) -> StageOutcome:
     """Read one point's frames once into the tile-major scratch file its block tasks read from
@@ -99,19 +130,36 @@ def stage_point(scan_path: str, cfg_path: str, point: int, tiles: Sequence[Any],
         return StageOutcome(error=f"staging point {point}: {type(exc).__name__}: {exc}")
 
 
-def _read(scan_path: str, cfg: Config, point: int, tile: Any, stage: StageOutcome | None) -> tuple[Any, str]:
-    """A tile's block: from the staged point when there is one, else from the frame files; and, when a
-    staged point was given but could not be used, why (reported with the point, since reading the
-    frame files instead is correct but slower)."""
+def _staged_current(reader: dict[str, Any], scan: Scan, point: int) -> bool:
+    """Whether a staged point was read from the frame files as they are now (their sizes and times)."""
+    try:
+        info = json.loads(staging.description_path(reader["file"]).read_text())
+        return info.get("sources") == staging._sources(scan, point)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _read(scan_path: str, cfg: Config, point: int, tile: Any,
+          stage: StageOutcome | None) -> tuple[Any, str, str]:
+    """A tile's block: from the staged point when there is one, else from the frame files; the input
+    fingerprint of the frames it holds; and, when a staged point was given but could not be used, why
+    (reported with the point, since reading the frame files instead is correct but slower).
+
+    The fingerprint is taken first, and a staged point is read only while it still matches the frame
+    files (a worker outliving its run must not pair an old staged point with new frames)."""
     note = ""
+    scan = cached_scan(scan_path, cfg, point)
+    fingerprint = provenance.input_fingerprint(point_inputs(scan_path, scan, point))
     if stage is not None:
         note = stage.error
         if stage.reader is not None:
             try:
-                return staging.read_tile(stage.reader, tile, cfg.file.threshold), ""
+                if not _staged_current(stage.reader, scan, point):
+                    raise ScanError("it no longer matches the frame files")
+                return staging.read_tile(stage.reader, tile, cfg.file.threshold), fingerprint, ""
             except (ScanError, OSError, ValueError) as exc:  # scratch removed, damaged, or not visible here
                 note = f"staged point unreadable on {socket.gethostname()}: {exc}"
-    return cached_scan(scan_path, cfg, point).read_block(point, tile), note
+    return scan.read_block(point, tile), fingerprint, note
 
 
 def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any,
@@ -128,7 +176,7 @@ def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any,
     cfg = cached_config(cfg_path)
     n_depths = len(cfg.geo.source.depths)
     try:
-        block, staging_note = _read(scan_path, cfg, point, tile, stage)
+        block, input_fp, staging_note = _read(scan_path, cfg, point, tile, stage)
     except ScanError as exc:
         return BlockOutcome(point, box, error=f"tile {list(box)}: {exc}", seconds=time.perf_counter() - t0)
     selected = np.asarray(block.selected, dtype=bool)
@@ -147,8 +195,9 @@ def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any,
             return BlockOutcome(point, box, error=f"tile {list(box)}: {exc}",
                                 seconds=time.perf_counter() - t0, staging_note=staging_note)
     seconds = time.perf_counter() - t0
-    write_block(block_file, point=point, tile=box, config_fingerprint=cfg.fingerprint(), n_depths=n_depths,
-                decoded=decoded, skipped=skipped, host=socket.gethostname(), seconds=seconds)
+    write_block(block_file, point=point, tile=box, config_fingerprint=cfg.fingerprint(),
+                input_fingerprint=input_fp, n_depths=n_depths, decoded=decoded, skipped=skipped,
+                host=socket.gethostname(), seconds=seconds)
     n = 0 if decoded is None else int(np.asarray(decoded.rows).size)
     return BlockOutcome(point, box, n_pixels=n, seconds=seconds, skipped=skipped, block_file=str(block_file),
                         staging_note=staging_note)
@@ -163,15 +212,46 @@ def _staging_problem(blocks: Sequence[BlockOutcome]) -> str:
             f"({notes[0]})")
 
 
+def _stale(block_files: Sequence[str], blocks: Sequence[BlockOutcome], stamp: dict[str, Any]) -> list[str]:
+    """Per block, why its file cannot be stitched into this point ("" when it can): unreadable, or
+    stamped with another point, tile, configuration or input (frames changed during the run, or an
+    earlier run's worker wrote it late)."""
+    out = []
+    for name, b in zip(block_files, blocks, strict=True):
+        if b.error:
+            out.append("")
+            continue
+        meta = read_block_meta(name)
+        if meta is None:
+            out.append(f"tile {list(b.tile)}: {name} is unreadable")
+        elif {k: meta[k] for k in stamp} != {**stamp, "tile": tuple(b.tile)}:
+            out.append(f"tile {list(b.tile)}: {name} belongs to other inputs or another configuration "
+                       "(frames changed during the run, or a late write of an earlier run); a rerun "
+                       "recomputes it")
+        else:
+            out.append("")
+    return out
+
+
 def stitch_point(block_files: Sequence[str], out_file: str, meta: dict[str, Any],
                  blocks: Sequence[BlockOutcome]) -> StitchOutcome:
     """Write a point file from the blocks that were decoded; report the point as skipped when none were.
 
     ``blocks`` are the block tasks' outcomes (in the order of ``block_files``); ``meta`` carries
-    what the driver knows: scan and config paths, point, region, depths and provenance fields.
+    what the driver knows: scan and config paths, point, region, depths, tiling and provenance fields.
+    Only block files stamped with this point, their tile, the workers' configuration and the point's
+    frames as they are now are stitched; any other counts as a failed block (the point is partial and
+    a rerun recomputes it).
     """
     t0 = time.perf_counter()
     point = int(meta["point"])
+    cfg = cached_config(meta["cfg_path"])
+    scan = cached_scan(meta["scan_path"], cfg, point)
+    inputs = point_inputs(meta["scan_path"], scan, point)
+    stamp = {"point": point, "tile": None, "config_fingerprint": cfg.fingerprint(),
+             "input_fingerprint": provenance.input_fingerprint(inputs)}
+    stale = _stale(block_files, blocks, stamp)
+    blocks = [replace(b, error=why, n_pixels=0) if why else b for b, why in zip(blocks, stale, strict=True)]
     errors = [b.error for b in blocks if b.error]
     written = [f for f, b in zip(block_files, blocks, strict=True) if not b.error]
     base = {"point": point, "n_pixels": sum(b.n_pixels for b in blocks),
@@ -185,19 +265,17 @@ def stitch_point(block_files: Sequence[str], out_file: str, meta: dict[str, Any]
         reasons = sorted({b.skipped or "nothing decoded" for b in blocks})
         if not errors:
             return StitchOutcome(**base, status=PointState.SKIPPED, reason="; ".join(reasons))
-    cfg = cached_config(meta["cfg_path"])
-    scan = cached_scan(meta["scan_path"], cfg, point)
-    inputs = scan.fingerprints(point)
     hosts = sorted({b.host for b in blocks if b.host})
     record = provenance.build(
         config_yaml=meta["config_yaml"], config_fingerprint=meta["config_fingerprint"], inputs=inputs,
         start_time=meta["start_time"], command=meta.get("command_line"), host=meta.get("host"),
         point=point, scan=str(meta["scan_path"]), config_file=str(meta.get("config_file") or ""),
         config_source=meta.get("config_source") or None, worker_hosts=", ".join(hosts),
-        failed_blocks=len(errors),
+        failed_blocks=len(errors), **{provenance.BLOCK_PIXELS: int(meta["block_pixels"])},
         calibration=provenance.calibration(cfg.calibration, cfg.geo.mask.focus, cfg.geo.mask))
     summary = write_point(out_file, written, frame=meta["frame"], depths_mm=meta["depths_mm"],
-                          provenance=record, complete=not errors)
+                          provenance=record, complete=not errors,
+                          stamp={k: v for k, v in stamp.items() if k != "tile"})
     depth_files, export_problem = 0, ""
     if meta.get("per_depth_files"):
         try:
