@@ -287,3 +287,32 @@ def test_accuracy_over_many_scans(scores, preset, geometry):
     s = scores(preset, geometry, seeds=(21, 22, 23, 24, 25), region=64)
     print(preset, geometry, s.summary())
     assert_targets(preset, s)
+
+
+def _film_errors(scan_dir, film_depth: float, **kw) -> np.ndarray:
+    """Centroid error (um) of every pixel of a simulated thin film's spots, decoded with the exact pose."""
+    simulate(scan_dir, preset="film", film_depth=film_depth, **kw)
+    _, r = decode_point(scan_dir)
+    t = E.load_truth(scan_dir / "truth.h5").for_point(0)
+    key = {(a, b): i for i, (a, b) in enumerate(zip(r["rows"], r["cols"], strict=True))}
+    idx = np.array([key.get((a, b), -1) for a, b in t.pixels])
+    err = np.abs(E.centroids(r["profiles"][idx], t.depth) - film_depth)
+    return np.where(idx >= 0, np.nan_to_num(err, nan=np.inf), np.inf)  # a pixel left out is an error
+
+
+def test_thin_film(tmp_path):
+    # bright pixels (100+ counts per frame) of a 1.5 um film once took tail pieces a few um shallower
+    # that only absorbed the model's mismatch: 89 % within 2 um on a 64 x 64 scan
+    err = _film_errors(tmp_path, 30.0, seed=3, region=48)
+    assert np.mean(err <= 2.0) >= 0.99, np.mean(err <= 2.0)
+    assert np.mean(err <= 1.0) >= 0.9, np.mean(err <= 1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("film_depth", [30.0, 137.25])
+def test_thin_film_at_depths(tmp_path, film_depth):
+    """The issue's thin-film target on full 64 x 64 scans: >= 99 % of pixels within 2 um, >= 90 % within 1."""
+    err = _film_errors(tmp_path, film_depth, seed=5, region=64)
+    print(film_depth, np.mean(err <= 2.0), np.mean(err <= 1.0))
+    assert np.mean(err <= 2.0) >= 0.99, np.mean(err <= 2.0)
+    assert np.mean(err <= 1.0) >= 0.9, np.mean(err <= 1.0)

@@ -14,6 +14,12 @@ from .solvers import fit_supports
 # significance: the depth is given, so the test is of one location, not of all K
 NEIGHBOUR_FRACTION = 0.25
 
+# the model's mismatch with a bright pixel's trace (the depth bins' discretisation, the attenuation
+# levels, a film thinner than a bin) leaves a chi-square that grows with the trace's own chi-square:
+# a support piece beyond the first must explain this fraction of the trace's chi-square on top of
+# the significance, or it only absorbs that mismatch
+MISMATCH = 0.003
+
 
 # support selection: the components of pass 1 a pixel may build its support from (the largest first),
 # and the additions to a support at most
@@ -66,7 +72,8 @@ def select_support(blk: Block, level1: np.ndarray, h: np.ndarray, labels: np.nda
     sel = _Selection(blk, level1, h, own, chi, band)
     first = np.unique(cand_pix[cand_gain >= sig])
     sel.primary(first, cand_pix, cand_mask)
-    sel.forward(first, cand_pix, cand_mask, None, lambda rows, new: np.full(rows.size, sig))
+    sig_px = sig + MISMATCH * np.einsum("pn,pn->p", blk.d, blk.d)
+    sel.forward(first, cand_pix, cand_mask, None, lambda rows, new: sig_px[rows])
 
     # the neighbours' consensus: columns in the supports of at least a third of the neighbours that
     # have one (and at least two)
@@ -84,7 +91,7 @@ def select_support(blk: Block, level1: np.ndarray, h: np.ndarray, labels: np.nda
         own[redo] = False
         sel.primary(redo, cand_pix, cand_mask)
         sel.forward(redo, cand_pix, cand_mask, grow(near, widen),
-                    lambda rows, new: np.where(seen(rows, new), sig * NEIGHBOUR_FRACTION, sig))
+                    lambda rows, new: np.where(seen(rows, new), NEIGHBOUR_FRACTION, 1.0) * sig_px[rows])
     return own
 
 
