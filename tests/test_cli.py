@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +192,69 @@ def test_simulate_command(tmp_path):
     assert _invoke("config", "check", out / "config.yaml").exit_code == 0
     bad = _invoke("simulate", tmp_path / "x", "--preset", "nonsense")
     assert bad.exit_code == 2 and not (tmp_path / "x").exists()
+
+
+# Output folders the operating system refuses (issue 14, defect 6): one error line, exit 2, nothing written.
+
+def _run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "laueflow.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def test_run_output_folder_below_a_file(multipoint_scan, tmp_path):
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a folder\n")
+    r = _run_cli("run", multipoint_scan, "--out", blocker / "recon", "--site", "threads")
+    assert r.returncode == 2, r.stderr
+    line = _one_error_line(r.stderr)
+    assert str(blocker) in line and "is a file, not a folder" in line
+    assert blocker.read_text() == "not a folder\n" and sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_run_read_only_output_folder(multipoint_scan, tmp_path):
+    """A folder the user may not write to (mode 555; as root, which ignores modes, a read-only tmpfs
+    mounted in a user namespace of its own)."""
+    out = tmp_path / "recon"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "laueflow.cli", "run", str(multipoint_scan), "--out", str(out),
+           "--site", "threads"]
+    if os.geteuid() != 0:
+        out.chmod(0o555)
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        finally:
+            out.chmod(0o755)
+    else:
+        if shutil.which("unshare") is None:
+            pytest.skip("running as root, and unshare is not installed to mount a read-only folder")
+        script = f"mount -t tmpfs -o ro,size=64k none {out} && exec {shlex.join(cmd)}"
+        r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                           timeout=300)
+        if r.returncode != 2 and "mount" in r.stderr:
+            pytest.skip(f"cannot mount a read-only tmpfs in a user namespace: {r.stderr.strip()}")
+    assert r.returncode == 2, r.stderr
+    line = _one_error_line(r.stderr)
+    assert f"output folder {out} cannot be written" in line and "Traceback" not in r.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_rerun_that_keeps_every_point_says_so(multipoint_scan, multipoint_run, tmp_path):
+    """The last line and status.json count kept points and pixels apart from decoded ones (issue 14,
+    item 3): a rerun that keeps every point decodes nothing and says so."""
+    out = tmp_path / "recon"
+    shutil.copytree(multipoint_run, out)
+    r = _invoke("run", multipoint_scan, "--out", out, "--site", "threads", "--block-pixels", 64)
+    assert r.exit_code == 0, r.output
+    totals = json.loads((out / "status.json").read_text())["totals"]
+    kept = totals["pixels_kept"]
+    assert kept > 0 and totals["pixels_decoded"] == totals["pixels_reused"] == totals["pixels_failed"] == 0
+    assert totals["points_kept"] == 3 and totals["points_computed"] == 0
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"3 points (3 kept); pixels: 0 decoded, {kept} in kept files;"), last
+    assert "reconstructed" not in last

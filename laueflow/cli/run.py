@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +20,7 @@ from ..io.layout import RunFolder
 from ..progress import plural, reporter
 from ..transfer import TransferHooks
 from ..watch import PointFeed, WatchHooks, sigterm_as_interrupt
+from ..workflow.status import RunLock
 from .common import echo_err, fail, input_errors, load_config
 
 
@@ -125,11 +130,31 @@ def start_transfers(cfg: Any, out_dir: Path) -> Any:
     return hooks
 
 
+def quiet_logging_errors() -> None:
+    """A log file that cannot be written (Parsl's, in OUT/.runinfo, on a full disk) must not print a
+    traceback for every record: the run reports the disk itself, once."""
+    logging.raiseExceptions = False
+
+
+def interrupted(exc: KeyboardInterrupt) -> NoReturn:
+    """Ctrl-C, SIGTERM or SIGHUP stopped the run (its workers are stopped, status.json says
+    ``interrupted``): say so and exit with 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
+
+    A task that was running in one of the driver's threads (staging, stitching, or decoding on the
+    threads site) cannot be stopped and would hold the exit until it ends; it writes only under a
+    temporary name, so the process ends at once instead (``os._exit``)."""
+    code = getattr(exc, "exit_status", 128 + signal.SIGINT)
+    click.echo("interrupted: finished points and blocks are kept; run again to resume", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if any(t is not threading.current_thread() and not t.daemon and t.is_alive()
+           for t in threading.enumerate()):
+        os._exit(code)
+    sys.exit(code)
+
+
 def finish_run(result: Any, console: Any) -> NoReturn:
     """Print the summary (and again the points that need attention) and exit with the run's status."""
-    if result is None:
-        click.echo("interrupted: finished points and blocks are kept; run again to resume", err=True)
-        sys.exit(130)
     if console.is_terminal:  # the bar printed the point lines; repeat the ones that need attention
         for p in result.points:
             if not p.ok:
@@ -158,13 +183,17 @@ def run(scan_dir: Path, points: str | None, config_file: Path | None, out_dir: P
     options = dag.RunOptions(points=points, block_pixels=block_pixels, site_config=setup.site_config,
                              command_line=provenance.command_line(), force=force,
                              per_depth_files=per_depth_files, staging=staging)
+    quiet_logging_errors()
+    stop: KeyboardInterrupt | None = None
     with input_errors(), sigterm_as_interrupt():
         try:
             result = dag.run(setup.location, setup.cfg, setup.out_dir, options, hooks=hooks)
-        except KeyboardInterrupt:
-            result = None
+        except KeyboardInterrupt as exc:
+            result, stop = None, exc
     if transfers is not None:
         result = transfers.finish(result)
+    if stop is not None:
+        interrupted(stop)
     finish_run(result, setup.console)
 
 
@@ -201,20 +230,27 @@ def watch(scan_dir: Path, max_points: int | None, until_idle: float | None, poll
     transfers = start_transfers(setup.cfg, setup.out_dir)
     watching = WatchHooks(feed, say=click.echo, warn=lambda message: echo_err(f"warning: {message}"))
     hooks = [reporter(setup.console), watching, *([transfers] if transfers else [])]
-    result, interrupted = None, False
-    with input_errors(), sigterm_as_interrupt():
-        try:
-            first = feed.wait_first()
-            if first:
-                options = dag.RunOptions(points=first, block_pixels=block_pixels,
-                                         site_config=setup.site_config,
-                                         command_line=provenance.command_line(), force=force,
-                                         per_depth_files=per_depth_files, staging=staging,
-                                         poll_interval=poll_interval)
-                result = dag.run(setup.location, setup.cfg, setup.out_dir, options, hooks=hooks, feed=feed)
-        except KeyboardInterrupt:
-            interrupted = True
-    if feed.stop_reason and not interrupted:
+    quiet_logging_errors()
+    result, stop = None, None
+    with input_errors():  # the folder is this watch's from the start, not from its first point on
+        lock = RunLock(setup.out_dir).acquire()
+    try:
+        with input_errors(), sigterm_as_interrupt():
+            try:
+                first = feed.wait_first()
+                if first:
+                    options = dag.RunOptions(points=first, block_pixels=block_pixels,
+                                             site_config=setup.site_config,
+                                             command_line=provenance.command_line(), force=force,
+                                             per_depth_files=per_depth_files, staging=staging,
+                                             poll_interval=poll_interval)
+                    result = dag.run(setup.location, setup.cfg, setup.out_dir, options, hooks=hooks,
+                                     feed=feed, lock=lock)
+            except KeyboardInterrupt as exc:
+                stop = exc
+    finally:
+        lock.release()
+    if feed.stop_reason and stop is None:
         click.echo(f"watch stopped: {feed.stop_reason}")
     pending = feed.incomplete()
     if pending:
@@ -223,9 +259,11 @@ def watch(scan_dir: Path, max_points: int | None, until_idle: float | None, poll
         held = ", ".join(str(k) for k in feed.unfinished_points())
         click.echo(f"warning: {plural(len(pending), 'frame file')} not complete when the watch stopped "
                    f"({shown}{more}); points not taken: {held or 'none'}", err=True)
-    if result is None and not interrupted:
+    if result is None and stop is None:
         click.echo("no scan point became complete; nothing was reconstructed")
         sys.exit(0)
     if transfers is not None:
         result = transfers.finish(result)
+    if stop is not None:
+        interrupted(stop)
     finish_run(result, setup.console)

@@ -43,9 +43,11 @@ FAILED_BLOCKS_LIMIT = 3
 # Ctrl-C in the terminal (SIGINT to the whole foreground process group) reaches only the driver,
 # which then stops it and the workers in order, instead of killing it under the driver with a
 # traceback; and it ends itself once the driver is gone (its parent changes), so that a killed
-# driver leaves no interchange behind to keep worker pools alive.
+# driver leaves no interchange behind to keep worker pools alive.  Its log file (in the run folder)
+# failing to take a record, on a full disk, must not print a traceback per record on the terminal.
 INTERCHANGE_LAUNCHER = """\
-import os, runpy, signal, sys, threading, time
+import logging, os, runpy, signal, sys, threading, time
+logging.raiseExceptions = False
 os.setsid()
 parent = os.getppid()
 def watch():

@@ -11,12 +11,20 @@ interrupted run loses at most the blocks in progress.
 Everything that can be checked before any task runs is checked first (scan, points, region,
 whether the mask can resolve the depth grid), and nothing is written until those checks pass.
 Front ends follow and extend a run through hooks (:mod:`laueflow.workflow.hooks`).
+
+A run that cannot go on stops its tasks at once (:func:`laueflow.sites.base.stop_now`) rather than
+letting Parsl wait for them: on Ctrl-C or SIGTERM (KeyboardInterrupt; status ``interrupted``, every
+finished block kept for a rerun) and when the output disk is full (RunError; status ``failed``, the
+scratch files removed, the space still needed said).
 """
 
 from __future__ import annotations
 
+import errno
 import shutil
+import signal
 import socket
+import threading
 import time
 import warnings
 from collections import deque
@@ -39,44 +47,65 @@ from ..io.atomic import atomic_path
 from ..io.export import ExportError, export_point
 from ..io.layout import STAGE_NAME, RunFolder
 from ..io.scan import Scan, ScanError, open_scan, select_points
+from ..sites.base import stop_now
 from . import apps
 from .hooks import PointFeed, ProgressCallback, ProgressEvent, RunHooks
 from .outcomes import BlockOutcome, PointResult, StitchOutcome
 from .resume import resumable_point, reusable_blocks
-from .status import FILE_STATES, PointState, RunLock, RunLocked, RunState, StatusFile
+from .status import FILE_STATES, PointState, RunLock, RunState, StatusFile, out_dir_error
 
 __all__ = ["Driver", "PointFeed", "PointResult", "ProgressEvent", "RunError", "RunHooks", "RunOptions",
            "RunResult", "prepare", "run"]
 
 # scratch disk that staged points in flight may take (OUT/.blocks/point_<k>/frames.stage)
 STAGE_BUDGET_BYTES = 4 << 30
+# seconds a stopping run gives Parsl's cleanup (see sites.base.stop_now)
+STOP_TIMEOUT_S = 10.0
+# what the operating system says when the output disk (or the user's quota on it) is full
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
 class RunResult:
-    """All points of a run, and the exit status the command line should return."""
+    """All points of a run, and the exit status the command line should return.
+
+    ``pixels`` counts the pixels of the run's points by origin, as status.json's totals do:
+    ``decoded`` by this run, ``reused`` from finished blocks of an earlier run, ``kept`` in point
+    files of an earlier run that were up to date, ``failed`` in tiles whose block failed.
+    """
 
     out_dir: str
     points: list[PointResult] = field(default_factory=list)
     seconds: float = 0.0
     transfers_failed: bool = False  # results were written but not all reached their Globus destination
+    pixels: dict[str, int] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
         return 0 if all(p.ok for p in self.points) and not self.transfers_failed else 1
 
     def summary(self) -> str:
+        """One line: the points by state (``kept``: an up-to-date file of an earlier run), the pixels by
+        origin, the time and where the results are."""
         counts: dict[str, int] = {}
         for p in self.points:
-            counts[p.status] = counts.get(p.status, 0) + 1
+            state = "kept" if p.status == PointState.RESUMED else str(p.status)
+            counts[state] = counts.get(state, 0) + 1
         parts = ", ".join(f"{n} {s}" for s, n in counts.items())
-        pixels = sum(p.n_pixels for p in self.points if p.status in FILE_STATES)
+        px = self.pixels or {"decoded": sum(p.n_pixels for p in self.points
+                                            if p.status in FILE_STATES and p.status != PointState.RESUMED),
+                             "kept": sum(p.n_pixels for p in self.points if p.status == PointState.RESUMED)}
+        pixels = [f"{px.get('decoded', 0)} decoded"]
+        for key, what in (("reused", "from finished blocks of an earlier run"), ("kept", "in kept files"),
+                          ("failed", "in failed blocks")):
+            if px.get(key):
+                pixels.append(f"{px[key]} {what}")
         bad = sum(not p.ok for p in self.points)
         tail = f"; {bad} with errors" if bad else ""
         if self.transfers_failed:
             tail += "; some results did not reach their Globus destination (see above)"
         n = len(self.points)
-        return (f"{n} point{'' if n == 1 else 's'} ({parts}), {pixels} pixels reconstructed in "
+        return (f"{n} point{'' if n == 1 else 's'} ({parts}); pixels: {', '.join(pixels)}; "
                 f"{self.seconds:.1f} s, results in {self.out_dir}{tail}")
 
 
@@ -229,6 +258,31 @@ def _remove_stale_temporaries(out_dir: Path, keep_staged: Sequence[int] = ()) ->
             staging.remove(folder / STAGE_NAME)
 
 
+def _disk_full(exc: BaseException | None) -> bool:
+    """Whether an error (or the one that caused it) is the operating system's "no space left" or
+    "quota exceeded"; HDF5 reports it only in its message."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and (exc.errno in DISK_FULL or "No space left on device" in str(exc)
+                                         or "errno = 28" in str(exc)):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _size(n: float) -> str:
+    """Bytes for people: 1.5 GB, 320 kB."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class _DiskFull(Exception):
+    """A task or the driver found the output disk full (raised inside the loop, turned into RunError)."""
+
+
 def _point_result(k: int, fut: Future, state: _Point) -> PointResult:
     """Turn a finished stitching future into a PointResult (a failed block shows up as its cause)."""
     seconds = time.perf_counter() - state.t0
@@ -256,7 +310,8 @@ class Driver:
     """
 
     def __init__(self, scan_path: str | Path, cfg: Config, out_dir: str | Path, options: RunOptions,
-                 hooks: Sequence[RunHooks] = (), feed: PointFeed | None = None) -> None:
+                 hooks: Sequence[RunHooks] = (), feed: PointFeed | None = None,
+                 lock: RunLock | None = None) -> None:
         self.scan_path = Path(scan_path).resolve()
         self.cfg = cfg
         self.out_dir = Path(out_dir).resolve()
@@ -281,24 +336,22 @@ class Driver:
         self.worker_fp = ""  # its fingerprint as the workers see it
         self.meta_common: dict[str, Any] = {}  # what every stitching task records
         self.max_points_in_flight = options.max_points_in_flight
+        self.lock = lock  # held by the caller (laueflow watch takes it before its first point)
 
     # -- the run ----------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        """Check, lock the output folder, drive the tasks; the hooks' ``on_finish`` follows the unlock."""
+        """Check, lock the output folder (unless the caller holds its lock), drive the tasks; the hooks'
+        ``on_finish`` follows the unlock."""
         self.prepare()
         outcome: RunResult | None = None
         try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            lock = RunLock(self.out_dir)
-            try:
-                lock.acquire()
-            except RunLocked as exc:
-                raise RunError(str(exc)) from None
+            lock = self.lock if self.lock is not None else RunLock(self.out_dir).acquire()
             try:
                 outcome = self.drive()
             finally:
-                lock.release()
+                if lock is not self.lock:
+                    lock.release()
         finally:
             for hook in self.hooks:
                 hook.on_finish(outcome)
@@ -359,22 +412,106 @@ class Driver:
                     self.announce(self.done[k])
             self.status.write(force=True)
             if self.queue or self.feed_open:
-                with warnings.catch_warnings(), parsl.load(site_config):
+                with warnings.catch_warnings():
                     # JAX warns on every fork; Parsl's providers fork only to exec shell commands (safe)
                     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
                                             category=RuntimeWarning)
-                    self.loop()
+                    dfk = parsl.load(site_config)
+                    try:
+                        self.loop()
+                    except BaseException:
+                        self.stop(dfk)
+                        raise
+                    dfk.cleanup()
             final_state = RunState.FINISHED
         except KeyboardInterrupt:
             final_state = RunState.INTERRUPTED
+            raise
+        except _DiskFull:
+            self.remove_scratch()
+            raise RunError(self.disk_full_message()) from None
+        except OSError as exc:  # the driver's own writes into the output folder
+            if _disk_full(exc):
+                self.remove_scratch()
+                raise RunError(self.disk_full_message()) from None
+            if exc.filename is not None and _is_inside(Path(exc.filename).resolve(), self.out_dir):
+                raise out_dir_error(self.out_dir, exc) from None
             raise
         finally:
             blocks_root = self.folder.blocks_root
             if blocks_root.is_dir() and not any(p.is_dir() for p in blocks_root.iterdir()):
                 shutil.rmtree(blocks_root, ignore_errors=True)
-            self.status.finish(final_state)
+            try:
+                self.status.finish(final_state)
+            except OSError as exc:  # a run that failed already says why; one that finished must say this
+                if final_state == RunState.FINISHED:
+                    raise (RunError(self.disk_full_message()) if _disk_full(exc)
+                           else out_dir_error(self.out_dir, exc)) from None
         return RunResult(out_dir=str(self.out_dir), points=[self.done[k] for k in self.order],
-                         seconds=time.perf_counter() - self.t_start)
+                         seconds=time.perf_counter() - self.t_start, pixels=self.pixel_counts())
+
+    def stop(self, dfk: Any) -> None:
+        """The loop ended early (Ctrl-C, SIGTERM, a full disk, an error): stop every task at once, keep
+        what finished meanwhile, and count the finished block files of the points that did not end.
+
+        A second Ctrl-C does not cut this short in a plain Python session (it is ignored for the few
+        seconds this takes); the command line's own handler ends the process on a second signal."""
+        main = threading.current_thread() is threading.main_thread()
+        plain = main and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        if plain:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            stop_now(dfk, timeout=STOP_TIMEOUT_S)
+            for fut in [f for f in self.live if f.done()]:
+                if fut.exception() is None:
+                    self.collect(fut)
+            for k in self.active:
+                on_disk = sum(self.folder.block_file(k, t.r0, t.c0).is_file() for t in self.plan.tiles)
+                self.status.blocks_on_disk(k, on_disk)
+        except _DiskFull:
+            pass
+        finally:
+            if plain:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def remove_scratch(self) -> None:
+        """A run that stops for want of disk space: remove its staged frames and half-written files
+        (finished point and block files stay for the rerun)."""
+        for k in self.order:
+            staging.remove(self.folder.staged(k))
+        for tmp in self.folder.temporaries():
+            tmp.unlink(missing_ok=True)
+
+    def disk_full_message(self) -> str:
+        """No space left on the output disk: how much is free, and about how much the points still to do
+        need (their point files, like those written so far or at most a float32 volume each, and their
+        staged frames in flight)."""
+        left = [k for k in self.order if k not in self.done]
+        free = shutil.disk_usage(self.out_dir).free
+        written = [Path(r.file).stat().st_size for r in self.done.values()
+                   if r.file and r.status != PointState.RESUMED and Path(r.file).is_file()]
+        r0, r1, c0, c1 = self.cfg.file.frame
+        pixels = (r1 - r0) * (c1 - c0)
+        if written:
+            per_point = sum(written) / len(written)
+            text = f"point files about {_size(per_point)} each, like those written so far"
+        else:  # none written yet: an uncompressed float32 volume, the most one can take
+            per_point = 4 * pixels * len(self.cfg.geo.source.depths)
+            text = f"point files up to {_size(per_point)} each"
+        need = per_point * len(left)
+        if self.options.staging and left:
+            in_flight = min(len(left), self.max_points_in_flight)
+            staged = staging.staged_bytes(self.cfg.file.n_frames, pixels) * in_flight
+            need += staged
+            text += f", staged frames {_size(staged)} for {in_flight} points at a time"
+        return (f"no space left on the disk of the output folder {self.out_dir} ({_size(free)} free); "
+                f"the {len(left)} points still to do need about {_size(need)} more ({text}); free some "
+                "space and run again: finished points and blocks are kept")
+
+    def pixel_counts(self) -> dict[str, int]:
+        """The run's pixels by origin (decoded, reused, kept, failed), from status.json's totals."""
+        totals = self.status.totals()
+        return {key: int(totals.get(f"pixels_{key}", 0)) for key in ("decoded", "reused", "kept", "failed")}
 
     @property
     def feed_open(self) -> bool:
@@ -495,13 +632,17 @@ class Driver:
 
     def collect(self, fut: Future) -> None:
         """A finished task: a block is counted, a stitching ends its point."""
+        if _disk_full(fut.exception()):
+            raise _DiskFull()
         kind, k = self.live.pop(fut)
         if kind == "block":
             self.counts.blocks_live -= 1
             self.counts.blocks_done += 1
             info: BlockOutcome | None = fut.result() if fut.exception() is None else None
             n_pixels = info.n_pixels if info is not None else 0
-            self.status.block_done(k, n_pixels=n_pixels, failed=info is None or bool(info.error))
+            failed = info is None or bool(info.error)
+            self.status.block_done(k, n_pixels=n_pixels, failed=failed,
+                                   failed_pixels=self.tile_pixels(k, fut) if failed else 0)
             self.emit("block", point=k, n_pixels=n_pixels)
             return
         state = self.active.pop(k)
@@ -511,6 +652,14 @@ class Driver:
         else:  # the block files stay for a rerun; the scratch frames need not
             staging.remove(self.folder.staged(k))
         self.report(result)
+
+    def tile_pixels(self, k: int, fut: Future) -> int:
+        """The pixels of the tile of a block task of point ``k``."""
+        state = self.active.get(k)
+        if state is None or fut not in state.block_futures:
+            return 0
+        r0, r1, c0, c1 = state.block_tiles[state.block_futures.index(fut)]
+        return (r1 - r0) * (c1 - c0)
 
     def report(self, result: PointResult) -> None:
         """A point ended: into status.json, then to the hooks."""
@@ -544,7 +693,8 @@ class Driver:
 
 def run(scan_path: str | Path, cfg: Config, out_dir: str | Path, options: RunOptions | None = None, *,
         hooks: Sequence[RunHooks] = (), feed: PointFeed | None = None,
-        progress: Callable[[ProgressEvent], None] | None = None, **overrides: Any) -> RunResult:
+        progress: Callable[[ProgressEvent], None] | None = None, lock: RunLock | None = None,
+        **overrides: Any) -> RunResult:
     """Reconstruct the chosen points of a scan into ``out_dir``; returns what happened to each point.
 
     ``options`` (:class:`RunOptions`), or its fields given by name here (``points=``,
@@ -553,8 +703,13 @@ def run(scan_path: str | Path, cfg: Config, out_dir: str | Path, options: RunOpt
     complete point files whose configuration and input fingerprints match are kept and finished
     block files are reused, unless ``force``.  ``hooks`` follow and extend the run (see
     :mod:`laueflow.workflow.hooks`); ``progress`` is a plain callable for the progress events (it
-    comes before the hooks); ``feed`` adds points while the run goes on (``laueflow watch``).
+    comes before the hooks); ``feed`` adds points while the run goes on (``laueflow watch``); ``lock``:
+    the output folder's lock when the caller already holds it (it stays held).
+
+    Ctrl-C (or SIGTERM made a KeyboardInterrupt) stops every task at once and raises
+    KeyboardInterrupt, with status.json ``interrupted``; a full output disk stops the run the same way
+    and raises RunError saying how much space is needed.
     """
     opts = replace(options or RunOptions(), **overrides)
     chain = [*([ProgressCallback(progress)] if progress is not None else []), *hooks]
-    return Driver(scan_path, cfg, out_dir, opts, chain, feed).run()
+    return Driver(scan_path, cfg, out_dir, opts, chain, feed, lock).run()
