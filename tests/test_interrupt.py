@@ -28,7 +28,6 @@ from laueflow.simulate import default_config_dict
 from laueflow.workflow.status import read_status
 
 BLOCK = 64  # 4 tiles per point
-POINTS = "0:2"
 LAUEFLOW = [sys.executable, "-m", "laueflow.cli"]
 # against the shared run on threads (in one process): see tests/test_faults.py
 SAME = {"rtol": 5e-3, "atol": 1e-3}
@@ -39,9 +38,9 @@ def _volume(path: Path) -> np.ndarray:
         return f["entry/reconstruction/volume"][()]
 
 
-def _command(scan: Path, out: Path, site: str = "local") -> list[str]:
+def _command(scan: Path, out: Path, site: str = "local", points: str = "0") -> list[str]:
     return [*LAUEFLOW, "run", str(scan), "--out", str(out), "--site", site, "--workers", "2",
-            "--block-pixels", str(BLOCK), "--points", POINTS]
+            "--block-pixels", str(BLOCK), "--points", points]
 
 
 def _mentioning(text: str) -> list[psutil.Process]:
@@ -78,7 +77,7 @@ def _in_group(pgid: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def local_reference(multipoint_scan, tmp_path_factory) -> Path:
-    """An uninterrupted run of points 0 and 1 on the local site, as the runs under test make them."""
+    """An uninterrupted run of point 0 on the local site, as the runs under test make it."""
     out = tmp_path_factory.mktemp("interrupt_reference") / "recon"
     r = subprocess.run(_command(multipoint_scan, out), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -141,8 +140,48 @@ def test_stop_signal_to_the_process_group(multipoint_scan, local_reference, tmp_
     assert {e["state"] for e in final["points"].values()} <= {"done", "resumed"}
     reused = final["totals"]["points_kept"] + sum(e["blocks_reused"] for e in final["points"].values())
     assert reused >= 1  # what the interrupted run finished was not done again
-    for name in ("point_00000.h5", "point_00001.h5"):
-        np.testing.assert_array_equal(_volume(out / name), _volume(local_reference / name))
+    name = "point_00000.h5"
+    np.testing.assert_array_equal(_volume(out / name), _volume(local_reference / name))
+
+
+def test_killed_driver_leaves_no_worker_behind(multipoint_scan, tmp_path):
+    """SIGKILL of the driver alone (no clean-up at all): its interchange ends itself within a second or
+    two, and the local site's worker pool, no longer hearing from it, within its heartbeat threshold
+    (15 s; Parsl's default is 120 s)."""
+    out = tmp_path / "recon"
+    run = subprocess.Popen(_command(multipoint_scan, out), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not _busy(out):
+            assert run.poll() is None, "the run ended before its workers were busy"
+            assert time.monotonic() < deadline, "no worker became busy in time"
+            time.sleep(0.05)
+        family = _family(run.pid, out)
+        run.kill()
+        run.wait()
+        t0 = time.monotonic()
+        gone, alive = psutil.wait_procs(family, timeout=60)
+        seconds = time.monotonic() - t0
+    finally:
+        for p in _family(run.pid, out) if run.poll() is None else _mentioning(str(out)):
+            p.kill()
+    assert not alive, [p.pid for p in alive]
+    assert seconds < 45, f"the worker pool outlived its driver by {seconds:.0f} s"
+
+
+def _busy(out: Path) -> bool:
+    """Whether the run's worker pool has a worker with JAX loaded (running a block task)."""
+    for pool in _mentioning("process_worker_pool"):
+        try:
+            if str(out) not in " ".join(pool.cmdline()):
+                continue
+            for child in pool.children(recursive=True):
+                if any("jaxlib" in m.path for m in child.memory_maps()):
+                    return True
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return False
 
 
 def test_a_full_output_disk_is_one_error(multipoint_scan, multipoint_run, tmp_path):
@@ -163,7 +202,7 @@ def test_a_full_output_disk_is_one_error(multipoint_scan, multipoint_run, tmp_pa
     keep = tmp_path / "kept"
     keep.mkdir()
     out = disk / "recon"
-    run = " ".join(_command(multipoint_scan, out, site="threads"))
+    run = " ".join(_command(multipoint_scan, out, site="threads", points="0:2"))
     script = f"""
 set -u
 mount -t tmpfs -o size=4m none {disk}

@@ -1,7 +1,9 @@
 """Threads in one process (tests, debugging, small regions): no worker processes to start or stop.
 
 Reading and writing run in parallel threads; decoding takes one block at a time per process (see
-``laueflow.workflow.tasks``), so use the local site for speed.
+``laueflow.workflow.tasks``), so use the local site for speed.  A thread cannot be stopped: on Ctrl-C
+the queued blocks are dropped, and a block being decoded ends in the background (`laueflow run` does
+not wait for it; what it writes goes under a temporary name, removed by the next run).
 """
 
 from __future__ import annotations
