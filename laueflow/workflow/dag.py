@@ -279,6 +279,10 @@ def _size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _points(n: int) -> str:
+    return f"{n} point" if n == 1 else f"{n} points"
+
+
 class _DiskFull(Exception):
     """A task or the driver found the output disk full (raised inside the loop, turned into RunError)."""
 
@@ -398,7 +402,11 @@ class Driver:
 
     def drive(self) -> RunResult:
         """Run the tasks of every point (the output folder is locked) and return what became of them."""
-        self.start()
+        try:
+            self.start()
+        except OSError as exc:  # the worker configuration, or a leftover that cannot be removed
+            raise (RunError(self.disk_full_message()) if _disk_full(exc)
+                   else out_dir_error(self.out_dir, exc)) from None
         site_config = self.options.site_config
         if site_config is None:
             site_config = sites.site_config("threads", run_dir=str(self.folder.runinfo))
@@ -486,7 +494,7 @@ class Driver:
         """No space left on the output disk: how much is free, and about how much the points still to do
         need (their point files, like those written so far or at most a float32 volume each, and their
         staged frames in flight)."""
-        left = [k for k in self.order if k not in self.done]
+        left = [k for k in (self.order or self.plan.points) if k not in self.done]
         free = shutil.disk_usage(self.out_dir).free
         written = [Path(r.file).stat().st_size for r in self.done.values()
                    if r.file and r.status != PointState.RESUMED and Path(r.file).is_file()]
@@ -503,9 +511,9 @@ class Driver:
             in_flight = min(len(left), self.max_points_in_flight)
             staged = staging.staged_bytes(self.cfg.file.n_frames, pixels) * in_flight
             need += staged
-            text += f", staged frames {_size(staged)} for {in_flight} points at a time"
+            text += f", staged frames {_size(staged)} for {_points(in_flight)} at a time"
         return (f"no space left on the disk of the output folder {self.out_dir} ({_size(free)} free); "
-                f"the {len(left)} points still to do need about {_size(need)} more ({text}); free some "
+                f"the {_points(len(left))} still to do need about {_size(need)} more ({text}); free some "
                 "space and run again: finished points and blocks are kept")
 
     def pixel_counts(self) -> dict[str, int]:
