@@ -123,7 +123,7 @@ def pixel_centres(geo: Geometry, rows, cols) -> np.ndarray:
     y = (rows - (n1 - 1) / 2) * s1 / n1 + geo.det_pos[1]
     z = np.broadcast_to(geo.det_pos[2], np.broadcast(x, y).shape)
     xyz = np.stack(np.broadcast_arrays(x, y, z), axis=-1)
-    q = xyz @ geo.det_rot.T
+    q = np.einsum("...j,ij->...i", xyz, geo.det_rot)  # no BLAS: see laueflow.decode.background
     return np.stack([q[..., 2], q[..., 1], -q[..., 0]], axis=-1)
 
 
@@ -172,7 +172,7 @@ class PixelOptics:
 def pixel_optics(geo: Geometry, pixels) -> PixelOptics:
     """Thick-bar blur, attenuation path factor and kappa for pixel centres (..., 3)."""
     p = np.asarray(pixels, dtype=np.float64)
-    blur = geo.thickness * np.abs((p @ geo.m_x) / (p @ geo.m_y))
+    blur = geo.thickness * np.abs(np.einsum("...j,j->...", p, geo.m_x) / np.einsum("...j,j->...", p, geo.m_y))
     phi = np.arctan(p[..., 0] / p[..., 1])
     cos_pa = np.cos(phi + geo.anglez)
     return PixelOptics(blur=blur, path_factor=1.0 / cos_pa, kappa=np.cos(phi) / cos_pa, phi=phi)

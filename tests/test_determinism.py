@@ -1,21 +1,26 @@
-"""The decoder gives the same bytes for the same block: decoded again in one process, in another
-process, and whatever other rows share its solver calls (every support decision rests on sums that
-must not depend on which pixels were batched together)."""
+"""The same input gives the same bytes: a block decoded again in one process, in another process, and
+whatever other rows share its solver calls (every support decision rests on sums that must not depend
+on which pixels were batched together); a run on worker processes against one on threads."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from laueflow import decode as D
+from laueflow import sites
 from laueflow.config import load
 from laueflow.decode import block, dictionary, energy, solvers, support
 from laueflow.forward import Setup
 from laueflow.io.scan import open_scan
+from laueflow.workflow import run
 
 FIELDS = ("rows", "cols", "profiles", "background", "residual", "quality", "energy", "energy_sigma")
 
@@ -37,13 +42,18 @@ def _decode_tile(scan_dir: Path, point: int, tile: int, block_pixels: int = 64) 
     return D.decode(b.traces, b.rows, b.cols, b.frames, Setup.from_config(cfg), cfg, selected=b.selected)
 
 
-def test_one_block_decoded_eight_times_and_in_another_process(multipoint_scan):
+def test_one_block_decoded_eight_times_in_other_threads_and_another_process(multipoint_scan):
     """Bit-identical results (profiles and every per-pixel field) for one block: 8 decodes here, one in
-    a fresh interpreter."""
-    digests = {_digest(_decode_tile(multipoint_scan, 1, 0)) for _ in range(8)}
+    another thread of this process (whose BLAS may run another number of threads than this one's),
+    and one in a fresh interpreter held to one CPU (XLA's thread pool of another size)."""
+    digests = {_digest(_decode_tile(multipoint_scan, 1, 1)) for _ in range(8)}
     assert len(digests) == 1
-    out = subprocess.run([sys.executable, str(_SCRIPT), str(multipoint_scan), "1", "0"], capture_output=True,
-                         text=True, timeout=300, check=True)
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(lambda: _digest(_decode_tile(multipoint_scan, 1, 1))).result() in digests
+    one_cpu = min(os.sched_getaffinity(0))
+    out = subprocess.run([sys.executable, str(_SCRIPT), str(multipoint_scan), "1", "1"], capture_output=True,
+                         text=True, timeout=300, check=True,
+                         preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu}))
     assert out.stdout.split()[-1] == digests.pop()
 
 
@@ -85,6 +95,34 @@ def test_full_fit_rows_do_not_depend_on_their_batch(multipoint_scan):
     whole = lev.full(d, settings.sparsity)
     for rows in (np.arange(3), np.arange(65, 70), np.arange(70)[::-3]):
         np.testing.assert_array_equal(lev.full(d[rows], settings.sparsity), whole[rows])
+
+
+def _datasets(path: Path) -> dict[str, bytes]:
+    """Every dataset of a point file's reconstruction group, as bytes."""
+    out: dict[str, bytes] = {}
+
+    def take(name: str, obj: object) -> None:
+        if isinstance(obj, h5py.Dataset):
+            out[name] = obj[()].tobytes()
+
+    with h5py.File(path, "r") as f:
+        f["entry/reconstruction"].visititems(take)
+    return out
+
+
+def test_a_run_on_worker_processes_gives_the_same_bytes(multipoint_scan, multipoint_run, tmp_path):
+    """The local site (worker processes of a real HighThroughputExecutor, one worker, frames read by each
+    block task) against the shared run (threads, two workers, staged frames): identical volumes and
+    per-pixel fields."""
+    out = tmp_path / "recon"
+    result = run(multipoint_scan, load(multipoint_scan / "config.yaml"), out, block_pixels=64, staging=False,
+                 site_config=sites.site_config("local", workers=1, run_dir=str(out / ".runinfo")))
+    assert result.exit_code == 0, [p.line() for p in result.points]
+    for k in range(3):
+        name = f"point_{k:05d}.h5"
+        got, want = _datasets(out / name), _datasets(multipoint_run / name)
+        assert got.keys() == want.keys() and "volume" in got
+        assert [n for n in got if got[n] != want[n]] == []
 
 
 if __name__ == "__main__" and len(sys.argv) == 4:

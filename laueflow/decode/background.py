@@ -1,5 +1,10 @@
 """The block's background: the pixels whose traces show no code modulation, and the background level
-(counts per frame) fitted to them as a plane across the tile."""
+(counts per frame) fitted to them as a plane across the tile.
+
+Products over pixels in the decoder's NumPy code are written with ``np.einsum`` (NumPy's own loops),
+not ``@`` or LAPACK: OpenBLAS rounds differently with another thread count, and the count it uses is
+not the same in every thread of a process (threadpoolctl lets only one thread change it), so a
+result computed through BLAS would depend on which thread decoded the block."""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ def estimate_background(traces: np.ndarray, rows, cols, dark: np.ndarray) -> np.
     (row, col) fitted to their mean counts, refitted without pixels that stand above it (a broad
     depth profile modulates little but still raises the mean).  None with fewer than 8 dark pixels."""
     use = dark.copy()
-    design = np.stack([np.ones(len(rows)), rows, cols], axis=1).astype(np.float64)
+    rows, cols = np.asarray(rows, np.float64), np.asarray(cols, np.float64)
+    design = np.stack([np.ones(rows.size), rows - rows.min(), cols - cols.min()], axis=1)
     m = traces.mean(axis=1)
     full = None
     for _ in range(3):
@@ -20,8 +26,9 @@ def estimate_background(traces: np.ndarray, rows, cols, dark: np.ndarray) -> np.
         if np.ptp(rows[use]) == 0 or np.ptp(cols[use]) == 0:
             coef = np.array([np.median(m[use]), 0.0, 0.0])
         else:
-            coef, *_ = np.linalg.lstsq(design[use], m[use], rcond=None)
-        full = np.maximum(design @ coef, 0.0)
+            x = design[use]
+            coef = np.linalg.solve(np.einsum("pi,pj->ij", x, x), np.einsum("pi,p->i", x, m[use]))
+        full = np.maximum(np.einsum("pi,i->p", design, coef), 0.0)
         tol = 4 * np.sqrt(np.maximum(full, 1.0) / traces.shape[1]) + 0.01 * full
         use = dark & (m - full <= tol)
     return full
@@ -35,7 +42,7 @@ def dark_pixels(traces: np.ndarray, usable: np.ndarray, dictionary: np.ndarray) 
     d = (traces - mean) / sig
     a = dictionary - dictionary.mean(axis=0, keepdims=True)
     a = a / np.maximum(np.linalg.norm(a, axis=0, keepdims=True), 1e-12)
-    score = np.abs(d @ a).max(axis=1)  # ~ max of K unit normals for pure noise
+    score = np.abs(np.einsum("pn,nk->pk", d, a)).max(axis=1)  # ~ max of K unit normals for pure noise
     n = traces.shape[1]
     k = dictionary.shape[1]
     limit = np.sqrt(2 * np.log(max(k, 2))) + 2.0

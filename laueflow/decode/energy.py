@@ -63,7 +63,8 @@ def component_contrasts(
         ].ravel()
         near = near[near >= 0]
         masks = labels[p][None, :] == labs[:, None]  # (C, K)
-        a = h[near] @ masks.T  # (Q, C): each neighbour's modulation within this pixel's components
+        # (Q, C): each neighbour's modulation within this pixel's components
+        a = np.einsum("qk,ck->qc", h[near], masks)
         inside = a.sum(axis=1)
         ok = (inside > 0.9 * h[near].sum(axis=1)) & (total_f[near] > 0)  # nothing elsewhere in q
         if ok.sum() < len(labs) + 2:

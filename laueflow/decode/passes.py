@@ -310,7 +310,7 @@ def _spot_shapes(blk: Block, profiles_w, chi, e, lev_px, candidates) -> None:
     model = np.zeros((px.size, e.shape[1]))
     for lev in np.unique(lev_px[px]):
         m = lev_px[px] == lev
-        model[m] = shape[m] @ blk.level(lev, centred=False).a.T
+        model[m] = np.einsum("rk,nk->rn", shape[m], blk.level(lev, centred=False).a)
     norm = np.einsum("rn,rn->r", model, model)
     scale = np.where(norm > 0, np.einsum("rn,rn->r", model, e[px]) / np.maximum(norm, 1e-30), 0.0)
     scale = np.maximum(scale, 0.0)

@@ -15,7 +15,6 @@ from functools import cached_property, partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.linalg import solve_triangular
 
 from .settings import DecodeSettings
 
@@ -63,11 +62,27 @@ def _admm(solve, b, ok, z0, threshold, rho, iterations: int, tol: float):
 
 
 def _spd_inverse(m):
-    """Inverse of symmetric positive definite matrices (..., s, s) through their Cholesky factors."""
-    c = jnp.linalg.cholesky(m)
-    eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
-    c_inv = solve_triangular(c, eye, lower=True)
-    return jnp.swapaxes(c_inv, -1, -2) @ c_inv
+    """Inverse of symmetric positive definite matrices (..., s, s) by Gauss-Jordan elimination on the
+    diagonal pivots (stable without pivoting for these matrices).
+
+    Written in plain XLA operations, element by element, rather than through LAPACK: JAX's CPU
+    Cholesky and triangular solves call OpenBLAS, whose results change with its thread count, and
+    that count differs between threads of one process (a decision of the support selection must not
+    depend on which thread decoded the block)."""
+    n = m.shape[-1]
+    index = jnp.arange(n)
+
+    def pivot(k, a):
+        at_k = index == k
+        row_k = jax.lax.dynamic_index_in_dim(a, k, axis=-2, keepdims=False)  # (..., n)
+        col_k = jax.lax.dynamic_index_in_dim(a, k, axis=-1, keepdims=False)  # (..., n)
+        p = jax.lax.dynamic_index_in_dim(row_k, k, axis=-1, keepdims=True)  # (..., 1)
+        row = jnp.where(at_k, 1.0, row_k) / p  # the pivot row, scaled; its own column becomes 1/p
+        factor = jnp.where(at_k, 0.0, col_k)
+        rest = jnp.where(at_k[None, :], 0.0, a) - factor[..., :, None] * row[..., None, :]
+        return jnp.where(at_k[:, None], row[..., None, :], rest)
+
+    return jax.lax.fori_loop(0, n, pivot, m)
 
 
 def _difference_gram(adjacent, dtype):
