@@ -186,9 +186,10 @@ def test_config_calibration_section_is_kept_not_unknown() -> None:
         """
 file: {path: ., frame: [0, 8, 0, 8]}
 geo:
-  mask: {focus: {dist: 1.0}}
-  scanner: {step: 1.0}
-  detector: {rot: [-1.2, -1.21, -1.22], pos: [28.8, 2.7, 513.0]}
+  mask: {bitsizes: [15.0, 7.5], thickness: 3.7,
+         focus: {cenx: 0.0, dist: 1.0, cenz: 0.0, anglex: 0.0, angley: 0.0, anglez: 0.0}}
+  scanner: {step: 1.0, axis: [1.0, 0.0, 0.0]}
+  detector: {shape: [2048, 2048], size: [409.6, 409.6], rot: [-1.2, -1.21, -1.22], pos: [28.8, 2.7, 513.0]}
   source: {grid: [-0.1, 0.2, 0.001]}
 """
     )

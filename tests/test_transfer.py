@@ -102,8 +102,12 @@ def requests_to(rsps, method: str, path: str) -> list:
 def beamline_config(tmp_path: Path, **transfer) -> Path:
     """A small valid beamline configuration with a transfer section."""
     raw = {"file": {"path": str(tmp_path / "scan"), "range": [0, 20, 1], "frame": [0, 8, 0, 8]},
-           "geo": {"mask": {"focus": {"dist": 0.5}}, "scanner": {"step": 1.0},
-                   "detector": {"rot": [-1.2, -1.21, -1.22], "pos": [28.8, 2.7, 513.0]},
+           "geo": {"mask": {"bitsizes": [15.0, 7.5], "thickness": 3.7,
+                            "focus": {"cenx": 0.0, "dist": 0.5, "cenz": 0.0, "anglex": 0.0, "angley": 0.0,
+                                      "anglez": 0.0}},
+                   "scanner": {"step": 1.0, "axis": [1.0, 0.0, 0.0]},
+                   "detector": {"shape": [2048, 2048], "size": [409.6, 409.6], "rot": [-1.2, -1.21, -1.22],
+                                "pos": [28.8, 2.7, 513.0]},
                    "source": {"grid": [-0.05, 0.05, 0.001]}},
            "transfer": {"source": SOURCE, "destination": DEST, "destination_path": "/data/laue",
                         "source_root": str(tmp_path), **transfer}}
