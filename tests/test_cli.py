@@ -258,3 +258,16 @@ def test_rerun_that_keeps_every_point_says_so(multipoint_scan, multipoint_run, t
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith(f"3 points (3 kept); pixels: 0 decoded, {kept} in kept files;"), last
     assert "reconstructed" not in last
+
+
+def test_laueflow_warnings_are_one_line(capsys):
+    """The command line shows laueflow's warnings (here a scan's trailing frames) as one line; others
+    keep Python's format."""
+    from laueflow.cli.common import show_warning
+    from laueflow.io.scan import ScanWarning
+
+    show_warning(ScanWarning("the last 2 of 12 frames are ignored"), ScanWarning, "scan.py", 1)
+    show_warning(DeprecationWarning("something else"), DeprecationWarning, "x.py", 3)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "warning: the last 2 of 12 frames are ignored"
+    assert err[1] == "x.py:3: DeprecationWarning: something else"

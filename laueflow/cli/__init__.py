@@ -13,7 +13,7 @@ import click
 
 from .. import __version__
 from .calibrate import calibrate
-from .common import INPUT_ERROR
+from .common import INPUT_ERROR, one_line_warnings
 from .config import config_group
 from .results import export_command, score_command, show
 from .run import run, watch
@@ -28,6 +28,7 @@ __all__ = ["INPUT_ERROR", "main"]
 @click.version_option(__version__, prog_name="laueflow")
 def main() -> None:
     """Depth-resolved reconstruction of coded-aperture Laue micro-diffraction scans."""
+    one_line_warnings()
 
 
 for _command in (run, watch, simulate, config_group, sites_command, score_command, transfer_command, show,

@@ -40,6 +40,21 @@ def input_errors() -> Iterator[None]:
         fail(str(exc))
 
 
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: object = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` of the command line: laueflow's own warnings (configuration, scan,
+    resume) as one ``warning: ...`` line on stderr, others in Python's format."""
+    if category.__module__.startswith("laueflow."):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def one_line_warnings() -> None:
+    """Show warnings through :func:`show_warning` from now on."""
+    warnings.showwarning = show_warning
+
+
 def load_config(path: Path) -> Config:
     """Load a configuration, printing its warnings as ``warning: ...`` on stderr."""
     with warnings.catch_warnings(record=True) as caught:

@@ -177,10 +177,12 @@ def _is_inside(child: Path, parent: Path) -> bool:
 
 
 def prepare(scan_path: str | Path, cfg: Config, out_dir: str | Path,
-            points: str | Sequence[int] | None = None, block_pixels: int | None = None) -> _Plan:
+            points: str | Sequence[int] | None = None, block_pixels: int | None = None,
+            growing: bool = False) -> _Plan:
     """All checks that need no task: the scan opens, the points exist, the first point's files are
-    sound, the output is not inside the input, and the mask can resolve the depth grid."""
-    scan = open_scan(cfg, scan_path, check=False)
+    sound, the output is not inside the input, and the mask can resolve the depth grid.  ``growing``:
+    the scan is still being taken (watched), so frames after its last complete point are expected."""
+    scan = open_scan(cfg, scan_path, check=False, warn_trailing=not growing)
     if points is None or isinstance(points, str):
         chosen = select_points(points, scan.n_points)
     else:
@@ -364,7 +366,8 @@ class Driver:
     def prepare(self) -> None:
         """Everything that can be checked before anything is written (raises ScanError or RunError)."""
         o = self.options
-        self.plan = prepare(self.scan_path, self.cfg, self.out_dir, o.points, o.block_pixels)
+        self.plan = prepare(self.scan_path, self.cfg, self.out_dir, o.points, o.block_pixels,
+                            growing=self.feed is not None)
         try:
             parsl.dfk()
         except parsl.errors.NoDataFlowKernelError:
@@ -560,7 +563,7 @@ class Driver:
                 continue
             self.seen.add(k)
             if k >= plan.scan.n_points:  # a scan that grows while it is watched
-                plan.scan = open_scan(cfg, self.scan_path, check=False)
+                plan.scan = open_scan(cfg, self.scan_path, check=False, warn_trailing=False)
             self.order.append(k)
             self.status.add_point(k, n_tiles)
             block_dir = self.folder.blocks(k)

@@ -64,7 +64,7 @@ def cached_scan(scan_path: str | Path, cfg: Config, point: int = 0) -> Scan:
     key = (str(scan_path), cfg.fingerprint())
     with _LOCK:
         if key not in _SCANS or point >= _SCANS[key].n_points:
-            _SCANS[key] = open_scan(cfg, scan_path, check=False)
+            _SCANS[key] = open_scan(cfg, scan_path, check=False, warn_trailing=False)  # the driver warned
         return _SCANS[key]
 
 
