@@ -309,7 +309,7 @@ def test_thin_film(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("film_depth", [30.0, 137.25])
+@pytest.mark.parametrize("film_depth", [-95.5, 30.0, 137.25, 185.0])
 def test_thin_film_at_depths(tmp_path, film_depth):
     """The issue's thin-film target on full 64 x 64 scans: >= 99 % of pixels within 2 um, >= 90 % within 1."""
     err = _film_errors(tmp_path, film_depth, seed=5, region=64)
