@@ -114,6 +114,7 @@ def test_extended_grains(scores, geometry):
     assert_targets("extended", scores("extended", geometry))
 
 
+@pytest.mark.slow  # 2 min; the fast suite keeps thin and extended grains, make test-slow pools overlaps
 @pytest.mark.parametrize("geometry", ["tilted", "flat"])
 def test_two_grain_pixels(scores, geometry):
     # per scan this figure ranges 86-96 % with the arrangement of spots; the target is on the pool
@@ -253,6 +254,7 @@ def test_energy_is_estimated_only_where_the_contrast_tells(setup_cfg):
             assert (r.quality[lit] & D.ENERGY_AMBIGUOUS).mean() > 0.8
 
 
+@pytest.mark.slow  # a fresh process compiling every solver again in float64
 def test_float64_matches_float32():
     """float64 on request; run in a fresh process because it switches JAX to 64-bit globally."""
     code = r"""

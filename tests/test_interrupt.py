@@ -82,8 +82,10 @@ def local_reference(multipoint_scan, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
-                         ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize(("signum", "status"), [
+    (signal.SIGINT, 130),
+    pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow),  # the same stop, by another signal
+], ids=["ctrl-c", "sigterm"])
 def test_stop_signal_to_the_process_group(multipoint_scan, local_reference, tmp_path, signum, status):
     """One signal to the run's process group ends it within seconds, with the shell's exit status, no
     traceback, no process left, and a status.json that says what is on disk; a rerun completes it and
