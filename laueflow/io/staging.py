@@ -142,21 +142,39 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[done:], offset + done
 
 
+def description(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON description of the staged point whose data file is ``path``; None if unreadable."""
+    try:
+        info = json.loads(description_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def matches_frames(info: dict[str, Any], scan: Scan, point: int) -> bool:
+    """Whether a staged point (its description ``info``) was read from the point's frame files as they
+    are now (the same files, sizes and modification times)."""
+    try:
+        return info.get("sources") == _sources(scan, point)
+    except (OSError, ScanError):
+        return False
+
+
 def reusable(path: str | os.PathLike, scan: Scan, point: int, tiles: Sequence[Tile]) -> dict[str, Any] | None:
     """The description of a staged point at ``path`` that holds these tiles of this point, read from
     the same frames with the same settings, whose frame files are unchanged and whose host has not
     restarted since it was written, else None."""
     path = Path(path)
+    info = description(path)
     try:
-        info = json.loads(description_path(path).read_text())
         size = path.stat().st_size
-    except (OSError, ValueError):
+    except OSError:
         return None
-    if not isinstance(info, dict) or info.get("format") != STAGE_FORMAT or info.get("point") != point:
+    if info is None or info.get("format") != STAGE_FORMAT or info.get("point") != point:
         return None
     try:
         same = (info["bytes"] == size and info["settings"] == _settings(scan)
-                and info["sources"] == _sources(scan, point)
+                and matches_frames(info, scan, point)
                 and bool(info["boot"]) and info["boot"] == _boot())
     except (OSError, KeyError, ScanError):
         return None

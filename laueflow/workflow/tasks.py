@@ -8,7 +8,6 @@ and reuses it for every task it runs.
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -130,15 +129,6 @@ def stage_point(scan_path: str, cfg_path: str, point: int, tiles: Sequence[Any],
         return StageOutcome(error=f"staging point {point}: {type(exc).__name__}: {exc}")
 
 
-def _staged_current(reader: dict[str, Any], scan: Scan, point: int) -> bool:
-    """Whether a staged point was read from the frame files as they are now (their sizes and times)."""
-    try:
-        info = json.loads(staging.description_path(reader["file"]).read_text())
-        return info.get("sources") == staging._sources(scan, point)
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def _read(scan_path: str, cfg: Config, point: int, tile: Any,
           stage: StageOutcome | None) -> tuple[Any, str, str]:
     """A tile's block: from the staged point when there is one, else from the frame files; the input
@@ -154,7 +144,8 @@ def _read(scan_path: str, cfg: Config, point: int, tile: Any,
         note = stage.error
         if stage.reader is not None:
             try:
-                if not _staged_current(stage.reader, scan, point):
+                info = staging.description(stage.reader["file"])
+                if info is None or not staging.matches_frames(info, scan, point):
                     raise ScanError("it no longer matches the frame files")
                 return staging.read_tile(stage.reader, tile, cfg.file.threshold), fingerprint, ""
             except (ScanError, OSError, ValueError) as exc:  # scratch removed, damaged, or not visible here
