@@ -1,6 +1,6 @@
 """The ``laueflow`` command: run a reconstruction, simulate a scan, check a configuration, list sites.
 
-One module per group of commands (``run``: run and watch; ``results``: score, show and export;
+One module per group of commands (``run``: run and watch; ``results``: score and export; ``show``: figures;
 ``simulate``; ``config``; ``sites``; ``transfer``); each only parses its arguments, calls the library
 and maps errors to exit statuses (``common``).  Input problems (configuration, scan, site) are reported
 as one ``error: ...`` line on stderr with exit status 2, before anything is written.  A run in which
@@ -15,8 +15,9 @@ from .. import __version__
 from .calibrate import calibrate
 from .common import INPUT_ERROR, one_line_warnings
 from .config import config_group
-from .results import export_command, score_command, show
+from .results import export_command, score_command
 from .run import run, watch
+from .show import show
 from .simulate import simulate
 from .sites import sites_command
 from .transfer import transfer_command
