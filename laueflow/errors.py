@@ -66,3 +66,7 @@ class TransferError(LaueflowError, ValueError):
 
 class TransferAuthError(TransferError):
     """No usable Globus login: the user must log in once."""
+
+
+class GeometryFileError(LaueflowError):
+    """A geometry file of the beamline (geoN XML) cannot be read or lacks what is asked of it."""

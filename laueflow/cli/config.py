@@ -1,24 +1,29 @@
-"""`laueflow config check|show`: validate or print a beamline configuration."""
+"""`laueflow config check|show|from-geo`: validate or print a beamline configuration, or take its detector
+from a geoN geometry file."""
 
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
 import click
-from ruamel.yaml import YAML
+import yaml as pyyaml
+from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from ..config import Config
-from .common import load_config
+from ..config import Config, ConfigError, from_dict
+from ..io.atomic import atomic_path
+from ..io.geon import GeoNDetector, GeoNFile, detector_keys, read_geon
+from .common import fail, input_errors, load_config
 
 _COMMENT_COLUMN = 36  # where `# default` marks start in `config show`
 
 
 @click.group("config")
 def config_group() -> None:
-    """Check or show a beamline configuration file."""
+    """Check or show a beamline configuration file, or take its detector from a geoN file."""
 
 
 @config_group.command("check")
@@ -73,3 +78,180 @@ def _commented(obj: Any) -> Any:
             seq.fa.set_flow_style()
         return seq
     return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# `config from-geo`: geo.detector from a 34-ID-E geoN geometry file
+
+
+@config_group.command("from-geo")
+@click.argument("geo_file", metavar="GEO.xml", type=click.Path(path_type=Path))
+@click.option("--base", type=click.Path(path_type=Path), metavar="BEAMLINE.yaml",
+              help="Write this configuration with its geo.detector keys replaced (comments kept).")
+@click.option("--detector", "which", metavar="ID_OR_N",
+              help="The detector's ID (e.g. 'PE1621 723-3335') or its number N; needed when the file has "
+                   "several.")
+@click.option("--out", type=click.Path(path_type=Path), metavar="FILE",
+              help="Write here instead of printing; an existing file only with --force.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+def config_from_geo(geo_file: Path, base: Path | None, which: str | None, out: Path | None,
+                    force: bool) -> None:
+    """geo.detector from a geoN geometry file (LaueGo's geoN_<date>.xml).
+
+    Without --base, prints the geo.detector section (or writes it to --out), units and conversions in
+    comments.  With --base, writes the whole configuration BEAMLINE.yaml with geo.detector replaced, its
+    comments and other keys kept, a comment naming the geoN file and detector, and relative paths made
+    absolute when the result lies in another folder; it must pass `laueflow config check`.
+
+    shape = Npixels [Nx, Ny] (columns along x, rows along y), size = size [sizeX, sizeY] in mm,
+    rot = R in radians (Rodrigues), pos = P in mm; other units in the file are converted.  Not taken: the
+    sample origin (a raw reading of the sample positioner; laueflow's depths count from the beamline
+    origin along the beam, and geo.source.offset stays as it is), the sample and wire rotations, the wire,
+    and detector translators m1..m3 (their distances are not in the file).
+    """
+    if out is not None:
+        if out.is_dir():
+            fail(f"--out {out} is a folder; give a file name")
+        if base is not None and out.exists() and out.resolve() == base.resolve():
+            fail(f"--out {out} is the base configuration; write the new one to another file")
+        if out.exists() and not force:
+            fail(f"--out {out} exists; use --force to overwrite it")
+    with input_errors():
+        geo = read_geon(geo_file)
+        det = geo.select(which)
+        notes = [f"not taken from the geoN file: {n}" for n in _not_taken(geo, det)]
+        header = _provenance(geo, det) + notes
+        if base is None:
+            text = _detector_fragment(det, header)
+        else:
+            text = _with_detector(base, out, geo, det, header)
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        with atomic_path(out) as tmp:
+            tmp.write_text(text)
+    except OSError as exc:
+        fail(f"cannot write {out}: {exc.strerror or exc}")
+    what = "geo.detector" if base is None else f"{base} with geo.detector"
+    click.echo(f"wrote {out}: {what} from {geo.path}, detector {det.label()}")
+    for line in notes:
+        click.echo(line)
+
+
+def _provenance(geo: GeoNFile, det: GeoNDetector) -> list[str]:
+    measured = f", measured {det.time_measured}" if det.time_measured else ""
+    return [f"geo.detector from {geo.path.resolve()}, detector {det.label()}{measured}",
+            "by laueflow config from-geo; units: " + "; ".join(c.describe() for c in det.conversions)]
+
+
+def _not_taken(geo: GeoNFile, det: GeoNDetector) -> list[str]:
+    """What the geoN file holds that laueflow does not use, one line each."""
+    notes = []
+    if geo.sample is not None:
+        s = geo.sample
+        unit = s.origin_conversion.unit or s.origin_conversion.assumed
+        given = " ".join(f"{v:g}" for v in s.origin_given)
+        notes.append(f"Sample/Origin ({given} {unit}) is a reading of the sample positioner; laueflow's "
+                     f"depths count from the beamline origin along the beam (geo.source.offset is left as "
+                     f"it is)")
+    unused = (["Sample/R"] if geo.sample is not None and geo.sample.rot is not None else []) + \
+        (["Wire"] if geo.has_wire else [])
+    if unused:
+        notes.append(f"{' and '.join(unused)}: laueflow has no use for them (the coded aperture's pose is "
+                     f"geo.mask.focus)")
+    if det.translators:
+        notes.append(f"{len(det.translators)} detector translator direction(s) m1..m3: not applied, their "
+                     f"distances are not in the geoN file; P is taken as the detector position")
+    others = [d.label() for d in geo.detectors if d is not det]
+    if others:
+        notes.append(f"the other detectors in the file: {', '.join(others)}")
+    return notes
+
+
+def _round_trip() -> YAML:
+    """ruamel's YAML for writing configurations: floats always with a point (PyYAML, which laueflow
+    loads with, reads 1e-05 as a string but 1.0e-05 as a number), lines up to 120 characters."""
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.width = 120
+
+    def float_with_point(representer: Any, value: float) -> Any:
+        text = repr(float(value))
+        if "e" in text and "." not in text:
+            mantissa, exponent = text.split("e")
+            text = f"{mantissa}.0e{exponent}"
+        return representer.represent_scalar("tag:yaml.org,2002:float", text)
+
+    yaml.representer.add_representer(float, float_with_point)
+    return yaml
+
+
+def _dump(yaml: YAML, data: Any) -> str:
+    buf = io.StringIO()
+    yaml.dump(data, buf)
+    return buf.getvalue()
+
+
+def _comments(lines: list[str]) -> str:
+    return "".join(f"# {line}\n" for line in lines)
+
+
+def _detector_fragment(det: GeoNDetector, header: list[str]) -> str:
+    """The geo.detector section alone, each key's source and unit in a comment."""
+    data = _commented({"geo": {"detector": detector_keys(det)}})
+    node = data["geo"]["detector"]
+    units = {c.element: c for c in det.conversions}
+    for key, comment in (
+        ("shape", "px: Npixels [Nx, Ny]; columns along x, rows along y"),
+        ("size", f"mm: size [sizeX, sizeY], {units['size'].how()}"),
+        ("rot", f"rad, Rodrigues vector: R, {units['R'].how()}"),
+        ("pos", f"mm: P, {units['P'].how()}"),
+    ):
+        node.yaml_add_eol_comment(comment, key, column=_COMMENT_COLUMN + 16)
+    return _comments(header) + _dump(_round_trip(), data)
+
+
+def _with_detector(base: Path, out: Path | None, geo: GeoNFile, det: GeoNDetector, header: list[str]) -> str:
+    """BEAMLINE.yaml as text with geo.detector from ``det``, checked as `config check` would check it."""
+    if not base.is_file():
+        raise ConfigError(f"{base}: configuration file does not exist")
+    yaml = _round_trip()
+    try:
+        data = yaml.load(base.read_text())
+    except (YAMLError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{base}: cannot read the configuration: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, CommentedMap):
+        raise ConfigError(f"{base}: expected a YAML mapping with sections file / geo")
+    geo_node = data.setdefault("geo", CommentedMap())
+    if not isinstance(geo_node, CommentedMap):
+        raise ConfigError(f"{base}: geo: expected a section (mapping)")
+    if not isinstance(geo_node.get("detector"), CommentedMap):
+        geo_node["detector"] = CommentedMap()
+    node = geo_node["detector"]
+    for key, values in detector_keys(det).items():
+        node[key] = _commented(values)
+    if not geo_node.ca.items.get("detector"):
+        geo_node.yaml_add_eol_comment(f"from {geo.path.name}, detector {det.label()}", "detector")
+    # relative paths are relative to the file's folder: keep them only where the result stays beside base
+    if out is None or out.resolve().parent != base.resolve().parent:
+        for section, key in ((data.get("file"), "path"), ((geo_node.get("mask")), "path")):
+            value = section.get(key) if isinstance(section, CommentedMap) else None
+            if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+                section[key] = str((base.resolve().parent / value).resolve())
+    calibrated = isinstance(data.get("calibration"), CommentedMap) and bool(data["calibration"])
+    text = _comments(header) + _dump(yaml, data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            from_dict(pyyaml.safe_load(text), source=str(base))
+        except (ConfigError, pyyaml.YAMLError) as exc:
+            raise ConfigError(f"{base} with detector {det.label()} of {geo.path} is not a valid "
+                              f"configuration: {exc}") from None
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    if calibrated:
+        click.echo(f"warning: {base} carries a calibration record: its mask pose was fitted with the base's "
+                   f"detector, not with this one; recalibrate (laueflow calibrate) if the detector moved",
+                   err=True)
+    return text
