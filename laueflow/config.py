@@ -15,7 +15,7 @@ import math
 import os
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,12 @@ from typing import Any
 import numpy as np
 import yaml
 from ruamel.yaml import YAML
+from ruamel.yaml import YAMLError as RuamelYAMLError
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.representer import RoundTripRepresenter
 
 from .errors import ConfigError  # noqa: F401 (re-exported)
+from .io.atomic import atomic_path
 
 
 class ConfigWarning(UserWarning):
@@ -702,41 +706,189 @@ def dump(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(cfg.to_yaml())
 
 
+# ----------------------------------------------------------------------------------------------
+# Writing configurations: YAML that laueflow's own loader reads back as the values written
+
+# keys holding paths relative to the configuration file's folder
+PATH_KEYS = ("file.path", "geo.mask.path")
+
+
+def _represent_float(representer: RoundTripRepresenter, value: float) -> Any:
+    """A float PyYAML reads back as the same float: always with a point or as .inf / .nan (PyYAML reads
+    1e-05 as a string, 1.0e-05 as a number)."""
+    if math.isnan(value):
+        text = ".nan"
+    elif math.isinf(value):
+        text = ".inf" if value > 0 else "-.inf"
+    else:
+        text = repr(float(value))
+        if "." not in text:  # 1e-05 -> 1.0e-05; repr puts a point in every other finite float
+            mantissa, _, exponent = text.partition("e")
+            text = f"{mantissa}.0e{exponent}"
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
+
+
+class _Representer(RoundTripRepresenter):
+    """ruamel's round-trip representer with :func:`_represent_float` for new floats (values read from a
+    file keep the text they had there)."""
+
+
+_Representer.add_representer(float, _represent_float)
+
+
+def yaml_writer() -> YAML:
+    """ruamel's round-trip YAML for the configurations laueflow writes: comments and quotes of a file
+    read with it are kept, new floats are written so that :func:`load` reads them back as numbers,
+    lines run up to 120 characters."""
+    writer = YAML()
+    writer.Representer = _Representer
+    writer.preserve_quotes = True
+    writer.width = 120
+    return writer
+
+
+def yaml_text(writer: YAML, data: Any, header: Sequence[str] = ()) -> str:
+    """``data`` dumped by ``writer`` (a :func:`yaml_writer`) as a string, after the ``header`` lines as
+    comments."""
+    buf = io.StringIO()
+    writer.dump(data, buf)
+    return "".join(f"# {line}\n" for line in header) + buf.getvalue()
+
+
+def commented(obj: Any) -> Any:
+    """Plain values as ruamel's nodes: mappings as CommentedMap, lists and tuples as CommentedSeq (of
+    scalars in flow style, [a, b]), NumPy scalars as Python ones."""
+    if isinstance(obj, Mapping):
+        return CommentedMap((k, commented(v)) for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        seq = CommentedSeq(commented(v) for v in obj)
+        if all(not isinstance(v, Mapping | list | tuple) for v in obj):
+            seq.fa.set_flow_style()
+        return seq
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _read_round_trip(writer: YAML, base: Path) -> CommentedMap:
+    if not base.is_file():
+        raise ConfigError(f"{base}: configuration file does not exist")
+    try:
+        data = writer.load(base.read_text())
+    except (RuamelYAMLError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{base}: cannot read the configuration: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, CommentedMap):
+        raise ConfigError(f"{base}: expected a YAML mapping with sections file / geo")
+    return data
+
+
+def _at(data: CommentedMap, dotted: str) -> Any:
+    """The value at ``dotted`` in ``data``, None where a key on the way is absent or not a mapping."""
+    node: Any = data
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, CommentedMap) else None
+    return node
+
+
+def _section(base: Path, data: CommentedMap, dotted: str) -> CommentedMap:
+    """The mapping at ``dotted`` in ``data``, created (empty) where it is absent or null."""
+    node = data
+    keys: list[str] = []
+    for part in dotted.split(".") if dotted else ():
+        keys.append(part)
+        if node.get(part) is None:
+            node[part] = CommentedMap()
+        node = node[part]
+        if not isinstance(node, CommentedMap):
+            raise ConfigError(f"{base}: {'.'.join(keys)}: expected a section (mapping)")
+    return node
+
+
+def derived_yaml(base: str | Path, updates: Mapping[str, Any], *, out: str | Path | None = None,
+                 header: Sequence[str] = (), notes: Mapping[str, str] | None = None,
+                 what: str | None = None) -> tuple[str, Config]:
+    """The configuration file ``base`` with ``updates`` applied, as YAML text, and the configuration it
+    holds, checked as ``laueflow config check`` checks a file.
+
+    ``updates`` maps dotted keys (``geo.detector.pos``) to values; sections on the way are created where
+    absent, and every other key, value and comment of ``base`` is kept (ruamel.yaml round trip).
+    Relative paths of ``base`` (:data:`PATH_KEYS`) are made absolute unless ``out``, where the text is
+    meant to go, lies in the folder of ``base``.  ``header`` lines come first, as comments; ``notes``
+    adds an end-of-line comment to each dotted key it names that has none.  A result that is not a
+    valid configuration raises :class:`ConfigError` saying ``what`` it is (default: ``base`` with the
+    keys updated).  Warnings of the result (unknown keys) are issued as :class:`ConfigWarning`.
+    """
+    base = Path(base)
+    writer = yaml_writer()
+    data = _read_round_trip(writer, base)
+    if out is None or Path(out).resolve().parent != base.resolve().parent:  # relative paths would move
+        for dotted in PATH_KEYS:
+            value = _at(data, dotted)
+            if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+                parent, _, leaf = dotted.rpartition(".")
+                _at(data, parent)[leaf] = str((base.resolve().parent / value).resolve())
+    for dotted, value in updates.items():
+        parent, _, leaf = dotted.rpartition(".")
+        _section(base, data, parent)[leaf] = commented(value)
+    for dotted, comment in (notes or {}).items():
+        parent, _, leaf = dotted.rpartition(".")
+        node = _at(data, parent) if parent else data
+        if isinstance(node, CommentedMap) and leaf in node and not node.ca.items.get(leaf):
+            node.yaml_add_eol_comment(comment, leaf)
+    text = yaml_text(writer, data, header)
+    what = what or f"{base} with {', '.join(updates)}"
+    try:
+        cfg = from_dict(yaml.safe_load(text), source=str(base))
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{what} is not a valid configuration: {exc}") from None
+    if out is not None:
+        cfg = replace(cfg, source_file=os.path.abspath(out))
+    return text, cfg
+
+
+def write_derived(base: str | Path, out: str | Path, updates: Mapping[str, Any], *, force: bool = False,
+                  header: Sequence[str] = (), notes: Mapping[str, str] | None = None,
+                  what: str | None = None) -> Config:
+    """Write ``out``: the configuration file ``base`` with ``updates`` (see :func:`derived_yaml`), and
+    return the configuration written.
+
+    Nothing is written unless the result is valid; ``out`` appears whole or not at all, never is
+    ``base`` itself, and an existing ``out`` is replaced only with ``force``.  ``base`` is not touched.
+    """
+    base, out = Path(base), Path(out)
+    if out.exists() and out.resolve() == base.resolve():
+        raise ConfigError(f"{out}: is the configuration it would be derived from; write to another file")
+    if out.exists() and not force:
+        raise ConfigError(f"{out}: exists; overwriting it needs force")
+    text, cfg = derived_yaml(base, updates, out=out, header=header, notes=notes, what=what)
+    write_yaml(out, text)
+    return cfg
+
+
+def write_yaml(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (:func:`laueflow.io.atomic.atomic_path`); an OS
+    error is a :class:`ConfigError` saying why."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def write_calibrated(nominal: str | Path, out: str | Path, values: Mapping[str, float],
-                     record: Mapping) -> None:
+                     record: Mapping, *, force: bool = False) -> None:
     """Write ``out``: the nominal file with the calibrated pose and a ``calibration`` record.
 
-    ``values`` are geo.mask.focus keys (and ``shift``, ``thickness`` of geo.mask); every other key,
-    value and comment of the nominal file is kept (ruamel.yaml round trip), except that relative
-    ``file.path`` and ``geo.mask.path`` become absolute when ``out`` lies in another folder.  The
-    result is validated before it is written, and it is written whole or not at all; the nominal file
-    is never touched.
+    ``values`` are geo.mask.focus keys (and ``shift``, ``thickness`` of geo.mask); the rest is
+    :func:`write_derived`: comments kept, relative paths absolute when ``out`` lies in another folder,
+    validated before it is written, written whole or not at all, the nominal file never touched.  The
+    nominal file's own warnings are not repeated.
     """
-    nominal, out = Path(nominal), Path(out)
-    if out.resolve() == nominal.resolve():
-        raise ConfigError(f"{out}: is the nominal configuration; write the calibrated one to another file")
-    rt = YAML()
-    rt.preserve_quotes = True
-    data = rt.load(nominal.read_text())
-    mask = data["geo"]["mask"]
-    for key, value in values.items():
-        if key in ("shift", "thickness"):
-            mask[key] = float(value)
-        else:
-            mask.setdefault("focus", {})[key] = float(value)
-    if out.parent.resolve() != nominal.parent.resolve():  # relative paths would point elsewhere
-        for section, key in (("file", "path"), ("mask", "path")):
-            node = data["file"] if section == "file" else mask
-            value = node.get(key)
-            if isinstance(value, str) and not Path(value).expanduser().is_absolute():
-                node[key] = str((nominal.parent / value).resolve())
-    data["calibration"] = _plain(dict(record))
-    buf = io.StringIO()
-    rt.dump(data, buf)
-    text = buf.getvalue()
+    updates: dict[str, Any] = {
+        f"geo.mask.{k}" if k in ("shift", "thickness") else f"geo.mask.focus.{k}": float(v)
+        for k, v in values.items()
+    }
+    updates["calibration"] = dict(record)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)
-        from_dict(yaml.safe_load(text), source=str(out), check_files=False)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+        write_derived(nominal, out, updates, force=force, what=f"{nominal} with the calibrated pose")

@@ -18,13 +18,13 @@ from laueflow import sites
 from laueflow.calibration import fit as F
 from laueflow.calibration.films import read_film
 from laueflow.cli import main
-from laueflow.config import Config, ConfigWarning, from_dict, load, write_calibrated
+from laueflow.config import Config, ConfigError, ConfigWarning, from_dict, load, write_calibrated
 from laueflow.decode import decode
 from laueflow.evaluate import load_truth, score
 from laueflow.forward import Setup
 from laueflow.io.pointfile import read_provenance
 from laueflow.io.scan import open_scan
-from laueflow.simulate import simulate
+from laueflow.simulate import default_config_dict, simulate
 from laueflow.workflow import run
 
 ERROR = {"cenx": 0.02, "dist": -0.03, "cenz": 0.03, "angley": 0.3, "anglez": 0.3}
@@ -286,3 +286,35 @@ def test_point_file_names_its_calibration(calibrated: Path, multipoint_scan: Pat
     assert record["date"] in line and str(Path(record["scans"][1]["path"])) in line
     assert f"dist={nominal.geo.mask.focus.dist + 1e-4:.6g}" in line
     assert read_provenance(multipoint_run / "point_00000.h5")["calibration"] == "none (nominal pose)"
+
+
+def test_cli_refuses_to_overwrite_unless_forced(tmp_path: Path) -> None:
+    """An existing --out is refused before any reading or fitting; with --force the run goes on (here to
+    the film depth check) and write_calibrated replaces the file; the nominal file is refused even with
+    --force."""
+    scan = tmp_path / "scan"
+    scan.mkdir()
+    np.save(scan / "mask.npy", np.array([0, 1, 1, 0, 1, 0, 0, 1], dtype=np.int8))
+    nominal = scan / "config.yaml"
+    nominal.write_text(yaml.safe_dump(default_config_dict("tilted", frames=21, region=16), sort_keys=False))
+    before = nominal.read_bytes()
+    out = tmp_path / "calibrated.yaml"
+    out.write_text("precious\n")
+    args = ["calibrate", str(scan), "--config", str(nominal), "--film-depth"]
+    r = CliRunner().invoke(main, [*args, "30", "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    assert f"error: --out {out} exists; use --force to overwrite it" in r.stderr
+    r = CliRunner().invoke(main, [*args, "900", "--out", str(out), "--force"])
+    assert r.exit_code == 2 and "outside the depth grid" in r.stderr, r.output
+    r = CliRunner().invoke(main, [*args, "30", "--out", str(nominal), "--force"])
+    assert r.exit_code == 2 and "is the nominal configuration" in r.stderr, r.output
+    assert out.read_text() == "precious\n" and nominal.read_bytes() == before
+    assert "--force" in CliRunner().invoke(main, ["calibrate", "--help"]).output
+
+    dist = load(nominal).geo.mask.focus.dist + 1e-05
+    with pytest.raises(ConfigError, match="exists"):
+        write_calibrated(nominal, out, {"dist": dist}, {"by": "a test"})
+    write_calibrated(nominal, out, {"dist": dist}, {"by": "a test"}, force=True)
+    assert load(out).geo.mask.focus.dist == dist and load(out).calibration == {"by": "a test"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibrated.yaml", "scan"]  # no temporary left
+    assert nominal.read_bytes() == before

@@ -284,3 +284,85 @@ def test_source_file_is_absolute(tmp_path, beamline, monkeypatch):
     assert cfg.source_file == str(tmp_path / "config.yaml") and os.path.isabs(cfg.source_file)
     monkeypatch.chdir("/")  # paths in it still resolve against its folder
     assert cfg.resolve(cfg.geo.mask.path) == tmp_path / "mask.npy"
+
+
+# ----------------------------------------------------------------------------------------------
+# Configurations laueflow writes: read back by laueflow's loader as the numbers written
+
+# PyYAML, laueflow's loader, reads 1e-05 as a string and 1.0e-05 as a number
+SMALL_AND_LARGE = {"geo.source.beta": 1e-05, "geo.mask.shift": -2e-06, "geo.mask.focus.cenz": 3e-21,
+                   "recon.smoothness": 1e16}
+
+
+def _set(data: dict, dotted: str, value: object) -> dict:
+    data = copy.deepcopy(data)
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return data
+
+
+def test_config_show_output_loads_back_as_the_same_numbers(tmp_path, beamline):
+    data = beamline
+    for key, value in SMALL_AND_LARGE.items():
+        data = _set(data, key, value)
+    path = _write(tmp_path / "config.yaml", data)
+    r = CliRunner().invoke(main, ["config", "show", str(path)])
+    assert r.exit_code == 0, r.output
+    shown = tmp_path / "shown.yaml"
+    shown.write_text(r.stdout)
+    again = C.load(shown)
+    assert again.to_dict() == C.load(path).to_dict()
+    assert (again.geo.source.beta, again.geo.mask.shift, again.geo.mask.focus.cenz,
+            again.recon.smoothness) == tuple(SMALL_AND_LARGE.values())
+    assert yaml.safe_load(C.yaml_text(C.yaml_writer(), {"a": [1e-05, float("inf"), -float("inf")]})) == {
+        "a": [1e-05, float("inf"), -float("inf")]}
+
+
+def test_a_derived_configuration_keeps_comments_and_reads_back_its_numbers(tmp_path, beamline):
+    """write_derived: dotted keys set, the base's comments kept, header and notes added, relative paths
+    absolute from another folder and kept beside the base, and the numbers written load as they were."""
+    base = tmp_path / "beamline.yaml"
+    base.write_text("# 34-ID-E, run 2024-1\n" + yaml.safe_dump(beamline, sort_keys=False)
+                    .replace("thickness: 3.7\n", "thickness: 3.7  # measured by SEM\n"))
+    before = base.read_bytes()
+    out = tmp_path / "other" / "derived.yaml"
+    out.parent.mkdir()
+    record = {"by": "a test", "sigma": [1e-07, 0.5]}
+    updates = {"geo.mask.focus.cenx": np.float64(1e-05), "geo.source.beta": 2e-06,
+               "recon.iterations": np.int64(80), "calibration": record}
+    cfg = C.write_derived(base, out, updates, header=["derived by a test"], notes={"recon": "laueflow's own"})
+    text = out.read_text()
+    assert text.startswith("# derived by a test\n# 34-ID-E, run 2024-1\n")
+    assert "thickness: 3.7  # measured by SEM\n" in text and "recon:  # laueflow's own\n" in text
+    again = C.load(out)
+    assert again == cfg and again.source_file == str(out)
+    assert (again.geo.mask.focus.cenx, again.geo.source.beta, again.recon.iterations) == (1e-05, 2e-06, 80)
+    assert again.calibration == record
+    folder = tmp_path.resolve()
+    assert again.file.path == str(folder) and again.geo.mask.path == str(folder / "mask.npy")
+    nominal = C.load(base)
+    assert again.geo.detector == nominal.geo.detector and again.file.frame == nominal.file.frame
+    assert again.geo.mask.sha256 == nominal.geo.mask.sha256
+    assert base.read_bytes() == before
+
+    beside = tmp_path / "beside.yaml"
+    C.write_derived(base, beside, {"geo.source.beta": 2e-06})
+    kept = yaml.safe_load(beside.read_text())
+    assert kept["file"]["path"] == "." and kept["geo"]["mask"]["path"] == "mask.npy"
+    assert C.load(beside).geo.mask.sha256 == nominal.geo.mask.sha256
+
+    # refused: an existing file without force, the base itself, a result that would not pass check
+    with pytest.raises(C.ConfigError, match="exists"):
+        C.write_derived(base, out, {"geo.source.beta": 1e-3})
+    with pytest.raises(C.ConfigError, match="derived from"):
+        C.write_derived(base, base, {"geo.source.beta": 1e-3}, force=True)
+    with pytest.raises(C.ConfigError, match=r"with geo.mask.focus.dist is not a valid configuration: "
+                                            r".*geo.mask.focus.dist: must be > 0"):
+        C.write_derived(base, out, {"geo.mask.focus.dist": -1.0}, force=True)
+    assert out.read_text() == text and base.read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["derived.yaml"]  # no temporary left
+    C.write_derived(base, out, {"geo.source.beta": 1e-3}, force=True)
+    assert C.load(out).geo.source.beta == 1e-3

@@ -280,6 +280,23 @@ def test_with_base_beside_it_keeps_relative_paths(base):
     assert CliRunner().invoke(main, ["config", "check", str(out)]).exit_code == 0
 
 
+def test_with_base_printed_has_absolute_paths_and_numbers_that_load(tmp_path, base):
+    """Without --out the configuration is printed, its paths absolute (it may be saved anywhere); a small
+    component such as 1e-05 loads back as that number."""
+    path = _variant(tmp_path, ("-1.20133461 -1.2129874 -1.21875012", "1e-05 0 -2"))
+    r = _cli(path, "--base", base, "--detector", TOP)
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert sorted(p.name for p in base.parent.iterdir()) == ["beamline.yaml", "mask.npy"]  # nothing written
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(r.stdout)
+    data = yaml.safe_load(r.stdout)
+    assert data["file"]["path"] == str(base.parent)
+    assert data["geo"]["mask"]["path"] == str(base.parent / "mask.npy")
+    check = CliRunner().invoke(main, ["config", "check", str(saved)])
+    assert check.exit_code == 0, check.output
+    assert data["geo"]["detector"]["rot"] == [1e-05, 0.0, -2.0]
+
+
 def test_refuses_to_overwrite_unless_forced(tmp_path, base):
     out = tmp_path / "out.yaml"
     out.write_text("precious\n")

@@ -17,6 +17,7 @@ import numpy as np
 from .. import __version__
 from ..errors import CalibrationFailed
 from .common import echo_err, fail, input_errors, load_config
+from .config import refuse_out
 
 FIT_FAILED = 1
 
@@ -48,8 +49,9 @@ def _names(text: str) -> tuple[str, ...]:
     "out_file",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The calibrated configuration to write.",
+    help="The calibrated configuration to write; an existing file only with --force.",
 )
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 @click.option(
     "--fit",
     "fit_names",
@@ -69,11 +71,13 @@ def calibrate(
     config_file: Path,
     film_depths: tuple[float, ...],
     out_file: Path,
+    force: bool,
     fit_names: str,
     pixels: int,
 ) -> None:
     """Fit the mask pose to thin-film SCANS (folders or stack files) and write the calibrated
-    configuration: the nominal one with geo.mask.focus replaced and a calibration record."""
+    configuration: the nominal one with geo.mask.focus replaced and a calibration record.  An existing
+    --out file is replaced only with --force; the nominal file never."""
     # JAX and the fit load in seconds: only when calibrating, not for `laueflow --help`
     from ..calibration.films import check_scans, read_film
     from ..calibration.fit import UNITS, fit_pose
@@ -81,8 +85,7 @@ def calibrate(
 
     cfg = load_config(config_file)
     fit = _names(fit_names)
-    if out_file.exists() and out_file.resolve() == config_file.resolve():
-        fail(f"--out {out_file} is the nominal configuration; write the calibrated one to another file")
+    refuse_out(out_file, config_file, force, "nominal configuration", "calibrated one")
     t0 = time.perf_counter()
     with input_errors():
         check_scans(cfg, list(scans), list(film_depths))
@@ -146,5 +149,5 @@ def calibrate(
         ],
     }
     with input_errors():
-        write_calibrated(config_file, out_file, result.values(), record)
+        write_calibrated(config_file, out_file, result.values(), record, force=force)
     click.echo(f"wrote {out_file}")

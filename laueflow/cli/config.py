@@ -3,18 +3,14 @@ from a geoN geometry file."""
 
 from __future__ import annotations
 
-import io
 import warnings
 from pathlib import Path
 from typing import Any
 
 import click
-import yaml as pyyaml
-from ruamel.yaml import YAML, YAMLError
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.comments import CommentedMap
 
-from ..config import Config, ConfigError, from_dict
-from ..io.atomic import atomic_path
+from ..config import Config, commented, derived_yaml, write_derived, write_yaml, yaml_text, yaml_writer
 from ..io.geon import GeoNDetector, GeoNFile, detector_keys, read_geon
 from .common import fail, input_errors, load_config
 
@@ -50,7 +46,7 @@ def config_show(file: Path) -> None:
 def annotated_yaml(cfg: Config) -> str:
     """The configuration as YAML (the beamline schema of :meth:`Config.to_dict`), each value that came
     from laueflow's defaults rather than the file marked with a ``# default`` comment."""
-    data = _commented(cfg.to_dict())
+    data = commented(cfg.to_dict())
     for key in cfg.defaults:
         *parents, leaf = key.split(".")
         node = data
@@ -61,23 +57,18 @@ def annotated_yaml(cfg: Config) -> str:
     mask = data["geo"]["mask"]
     if "sha256" in mask:
         mask.yaml_add_eol_comment("of the code in geo.mask.path", "sha256", column=_COMMENT_COLUMN)
-    yaml = YAML()
-    yaml.width = 120
-    buf = io.StringIO()
-    yaml.dump(data, buf)
-    return buf.getvalue()
+    return yaml_text(yaml_writer(), data)
 
 
-def _commented(obj: Any) -> Any:
-    """Plain dicts and lists as ruamel's commented nodes (lists of scalars in flow style: [a, b])."""
-    if isinstance(obj, dict):
-        return CommentedMap((k, _commented(v)) for k, v in obj.items())
-    if isinstance(obj, list):
-        seq = CommentedSeq(_commented(v) for v in obj)
-        if all(not isinstance(v, dict | list) for v in obj):
-            seq.fa.set_flow_style()
-        return seq
-    return obj
+def refuse_out(out: Path, base: Path | None, force: bool, base_role: str, result: str) -> None:
+    """Stop before any work when --out is a folder, is the configuration ``base`` the result derives from
+    (its ``base_role``), or exists and --force is not given."""
+    if out.is_dir():
+        fail(f"--out {out} is a folder; give a file name")
+    if base is not None and out.exists() and out.resolve() == base.resolve():
+        fail(f"--out {out} is the {base_role}; write the {result} to another file")
+    if out.exists() and not force:
+        fail(f"--out {out} exists; use --force to overwrite it")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,12 +101,7 @@ def config_from_geo(geo_file: Path, base: Path | None, which: str | None, out: P
     and detector translators m1..m3 (their distances are not in the file).
     """
     if out is not None:
-        if out.is_dir():
-            fail(f"--out {out} is a folder; give a file name")
-        if base is not None and out.exists() and out.resolve() == base.resolve():
-            fail(f"--out {out} is the base configuration; write the new one to another file")
-        if out.exists() and not force:
-            fail(f"--out {out} exists; use --force to overwrite it")
+        refuse_out(out, base, force, "base configuration", "new one")
     with input_errors():
         geo = read_geon(geo_file)
         det = geo.select(which)
@@ -123,16 +109,13 @@ def config_from_geo(geo_file: Path, base: Path | None, which: str | None, out: P
         header = _provenance(geo, det) + notes
         if base is None:
             text = _detector_fragment(det, header)
-        else:
-            text = _with_detector(base, out, geo, det, header)
+            if out is not None:
+                write_yaml(out, text)
+        else:  # written to --out by _with_detector
+            text = _with_detector(base, out, force, geo, det, header)
     if out is None:
         click.echo(text, nl=False)
         return
-    try:
-        with atomic_path(out) as tmp:
-            tmp.write_text(text)
-    except OSError as exc:
-        fail(f"cannot write {out}: {exc.strerror or exc}")
     what = "geo.detector" if base is None else f"{base} with geo.detector"
     click.echo(f"wrote {out}: {what} from {geo.path}, detector {det.label()}")
     for line in notes:
@@ -169,37 +152,9 @@ def _not_taken(geo: GeoNFile, det: GeoNDetector) -> list[str]:
     return notes
 
 
-def _round_trip() -> YAML:
-    """ruamel's YAML for writing configurations: floats always with a point (PyYAML, which laueflow
-    loads with, reads 1e-05 as a string but 1.0e-05 as a number), lines up to 120 characters."""
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    yaml.width = 120
-
-    def float_with_point(representer: Any, value: float) -> Any:
-        text = repr(float(value))
-        if "e" in text and "." not in text:
-            mantissa, exponent = text.split("e")
-            text = f"{mantissa}.0e{exponent}"
-        return representer.represent_scalar("tag:yaml.org,2002:float", text)
-
-    yaml.representer.add_representer(float, float_with_point)
-    return yaml
-
-
-def _dump(yaml: YAML, data: Any) -> str:
-    buf = io.StringIO()
-    yaml.dump(data, buf)
-    return buf.getvalue()
-
-
-def _comments(lines: list[str]) -> str:
-    return "".join(f"# {line}\n" for line in lines)
-
-
 def _detector_fragment(det: GeoNDetector, header: list[str]) -> str:
     """The geo.detector section alone, each key's source and unit in a comment."""
-    data = _commented({"geo": {"detector": detector_keys(det)}})
+    data = commented({"geo": {"detector": detector_keys(det)}})
     node = data["geo"]["detector"]
     units = {c.element: c for c in det.conversions}
     for key, comment in (
@@ -209,48 +164,29 @@ def _detector_fragment(det: GeoNDetector, header: list[str]) -> str:
         ("pos", f"mm: P, {units['P'].how()}"),
     ):
         node.yaml_add_eol_comment(comment, key, column=_COMMENT_COLUMN + 16)
-    return _comments(header) + _dump(_round_trip(), data)
+    return yaml_text(yaml_writer(), data, header)
 
 
-def _with_detector(base: Path, out: Path | None, geo: GeoNFile, det: GeoNDetector, header: list[str]) -> str:
-    """BEAMLINE.yaml as text with geo.detector from ``det``, checked as `config check` would check it."""
-    if not base.is_file():
-        raise ConfigError(f"{base}: configuration file does not exist")
-    yaml = _round_trip()
-    try:
-        data = yaml.load(base.read_text())
-    except (YAMLError, OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{base}: cannot read the configuration: {' '.join(str(exc).split())}") from None
-    if not isinstance(data, CommentedMap):
-        raise ConfigError(f"{base}: expected a YAML mapping with sections file / geo")
-    geo_node = data.setdefault("geo", CommentedMap())
-    if not isinstance(geo_node, CommentedMap):
-        raise ConfigError(f"{base}: geo: expected a section (mapping)")
-    if not isinstance(geo_node.get("detector"), CommentedMap):
-        geo_node["detector"] = CommentedMap()
-    node = geo_node["detector"]
-    for key, values in detector_keys(det).items():
-        node[key] = _commented(values)
-    if not geo_node.ca.items.get("detector"):
-        geo_node.yaml_add_eol_comment(f"from {geo.path.name}, detector {det.label()}", "detector")
-    # relative paths are relative to the file's folder: keep them only where the result stays beside base
-    if out is None or out.resolve().parent != base.resolve().parent:
-        for section, key in ((data.get("file"), "path"), ((geo_node.get("mask")), "path")):
-            value = section.get(key) if isinstance(section, CommentedMap) else None
-            if isinstance(value, str) and not Path(value).expanduser().is_absolute():
-                section[key] = str((base.resolve().parent / value).resolve())
-    calibrated = isinstance(data.get("calibration"), CommentedMap) and bool(data["calibration"])
-    text = _comments(header) + _dump(yaml, data)
+def _with_detector(base: Path, out: Path | None, force: bool, geo: GeoNFile, det: GeoNDetector,
+                   header: list[str]) -> str:
+    """BEAMLINE.yaml with geo.detector from ``det``, checked as `config check` would check it: written to
+    ``out``, or returned as text where there is none.  Its warnings go to stderr."""
+    updates = {f"geo.detector.{k}": v for k, v in detector_keys(det).items()}
+    derived: dict[str, Any] = {
+        "header": header,
+        "notes": {"geo.detector": f"from {geo.path.name}, detector {det.label()}"},
+        "what": f"{base} with detector {det.label()} of {geo.path}",
+    }
+    text = ""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            from_dict(pyyaml.safe_load(text), source=str(base))
-        except (ConfigError, pyyaml.YAMLError) as exc:
-            raise ConfigError(f"{base} with detector {det.label()} of {geo.path} is not a valid "
-                              f"configuration: {exc}") from None
+        if out is None:
+            text, cfg = derived_yaml(base, updates, **derived)
+        else:
+            cfg = write_derived(base, out, updates, force=force, **derived)
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
-    if calibrated:
+    if cfg.calibration:
         click.echo(f"warning: {base} carries a calibration record: its mask pose was fitted with the base's "
                    f"detector, not with this one; recalibrate (laueflow calibrate) if the detector moved",
                    err=True)
