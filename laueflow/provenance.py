@@ -1,9 +1,9 @@
 """Provenance of a result: what produced it, from what, where and when.
 
-Stored in each point file under ``/entry/provenance`` (attributes plus a few datasets), so that a
-result can be traced and a rerun can tell whether an existing file is still valid (the
-configuration and input fingerprints, and the tiling: a block's background and dictionary are
-estimated per tile, so ``block_pixels`` is a model setting).
+Stored in each point file under ``/entry/provenance`` (a NeXus NXprocess: attributes, a few datasets
+and the configuration as an NXnote), so that a result can be traced and a rerun can tell whether an
+existing file is still valid (the configuration and input fingerprints, and the tiling: a block's
+background and dictionary are estimated per tile, so ``block_pixels`` is a model setting).
 """
 
 from __future__ import annotations
@@ -84,13 +84,23 @@ def build(*, config_yaml: str, config_fingerprint: str, inputs: Sequence[Mapping
 
 
 def write(group: Any, prov: Mapping[str, Any]) -> None:
-    """Write a provenance dictionary into an h5py group: scalars as attributes, the configuration YAML
-    as the string dataset ``config`` and the input files as datasets ``inputs/{name,size,sha256}``."""
+    """Write a provenance dictionary into an h5py group, a NeXus NXprocess (``program``, ``version``,
+    ``date``): scalars as attributes, the configuration YAML as the NXnote ``configuration``
+    (``type`` text/yaml, ``data``) and the input files as datasets ``inputs/{name,size,sha256}``."""
     text = h5py.string_dtype()
+    group.attrs["NX_class"] = "NXprocess"
+    group.create_dataset("program", data="laueflow", dtype=text)
+    group.create_dataset("version", data=str(prov.get("laueflow_version", __version__)), dtype=text)
+    if prov.get("end_time"):
+        group.create_dataset("date", data=str(prov["end_time"]), dtype=text)
     for key, value in prov.items():
         if key == "config":
-            ds = group.create_dataset("config", data=value, dtype=text)
-            ds.attrs["format"] = "yaml"
+            note = group.create_group("configuration")
+            note.attrs["NX_class"] = "NXnote"
+            note.create_dataset("type", data="text/yaml", dtype=text)
+            note.create_dataset("description", data="the configuration the result was computed with",
+                                dtype=text)
+            note.create_dataset("data", data=value, dtype=text)
         elif key == "inputs":
             inp = group.create_group("inputs")
             for key2 in ("name", "sha256"):
@@ -110,8 +120,8 @@ def read(group: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in group.attrs.items():
         out[key] = value.decode() if isinstance(value, bytes) else value
-    if "config" in group:
-        out["config"] = group["config"].asstr()[()]
+    if "configuration" in group:
+        out["config"] = group["configuration/data"].asstr()[()]
     if "inputs" in group:
         inp = group["inputs"]
         names, sizes, hashes = inp["name"].asstr()[()], inp["size"][()], inp["sha256"].asstr()[()]

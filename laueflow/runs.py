@@ -36,6 +36,7 @@ from .config import ConfigError, ConfigWarning, from_dict
 from .errors import ResultError  # noqa: F401 (re-exported)
 from .evaluate import load_truth
 from .evaluate import score as score_profiles
+from .flags import NO_SIGNAL, PIXEL_DECODED, PIXEL_STATES, QUALITY_FLAGS, Flag
 from .io.blocks import PIXEL_FIELDS
 from .io.layout import RunFolder, point_of
 from .io.pointfile import PointReader, signal_range
@@ -503,9 +504,10 @@ class Point:
     @cached_property
     def intensity_vs_depth(self) -> np.ndarray:
         """The volume summed over pixels, per depth bin."""
-        stored = self._file.intensity_vs_depth()
-        if stored is None:
-            raise ResultError(f"{self.path}: not a laueflow point file (no intensity_vs_depth)")
+        try:
+            stored = self._file.intensity_vs_depth()
+        except KeyError:
+            raise ResultError(f"{self.path}: not a laueflow point file (no intensity_vs_depth)") from None
         return np.asarray(stored, dtype=np.float64)
 
     def signal_range(self, fraction: float = 0.1) -> tuple[float, float] | None:
@@ -545,7 +547,21 @@ class Point:
     def pixels(self) -> Pixels:
         """The per-pixel diagnostics of the reconstructed pixels."""
         rows, cols = self._file.pixel_index()
-        return Pixels(rows=rows, cols=cols, **self._file.pixel_fields(rows.size))
+        return Pixels(rows=rows, cols=cols, **self._file.pixel_fields())
+
+    def pixel_state(self) -> np.ndarray:
+        """(rows, cols) uint8 map over the region of what became of each pixel: decoded, saturated, not
+        selected (below the threshold) or in a failed block (values and meanings:
+        :meth:`pixel_states`, laueflow.flags.PIXEL_STATES)."""
+        return self._file.pixel_state()
+
+    def pixel_states(self) -> tuple[Flag, ...]:
+        """The pixel states as the file defines them: (value, name, meaning)."""
+        return self._file.flag_table("states")
+
+    def quality_flags(self) -> tuple[Flag, ...]:
+        """The quality bits of :attr:`pixels` as the file defines them: (bit, name, meaning)."""
+        return self._file.flag_table("quality")
 
     def pixel(self, row: int, col: int) -> dict[str, Any] | None:
         """The diagnostics of pixel (row, col) as a dictionary, None when it was not reconstructed."""
@@ -707,16 +723,14 @@ class Point:
     # summary ------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """The figures :meth:`describe` prints, as a dictionary."""
-        from .decode import CONTRAST, ENERGY_AMBIGUOUS, NO_BACKGROUND, NO_SIGNAL, POOR_FIT  # JAX, as above
-
         z = self.depth
         px = self.pixels
         q = px.quality.astype(np.int64)
-        flags = {"no signal": NO_SIGNAL, "no background": NO_BACKGROUND, "contrast": CONTRAST,
-                 "poor fit": POOR_FIT, "energy ambiguous": ENERGY_AMBIGUOUS}
+        flags = {f.name.replace("_", " "): f.value for f in QUALITY_FLAGS}
         ivd = self.intensity_vs_depth
         with_signal = (q & NO_SIGNAL) == 0
         prov = self.provenance
+        counts = np.bincount(self.pixel_state().ravel(), minlength=len(PIXEL_STATES))
         return {
             "point": self.point, "file": str(self.path), "complete": self.complete,
             "region": list(self.frame), "depth_bins": int(z.size),
@@ -728,6 +742,8 @@ class Point:
             "median_residual": float(np.median(px.residual[with_signal])) if with_signal.any() else None,
             "flags": {name: int(((q & bit) != 0).sum()) for name, bit in flags.items()},
             "energies_estimated": int(np.isfinite(px.energy).sum()),
+            "not_decoded": {f.name.replace("_", " "): int(counts[f.value]) for f in PIXEL_STATES
+                            if f.value != PIXEL_DECODED},
             "laueflow_version": prov.get("laueflow_version"), "finished": prov.get("end_time"),
             "scan": prov.get("scan"),
         }
@@ -743,6 +759,7 @@ class Point:
             ("region", f"rows {r0}-{r1 - 1}, cols {c0}-{c1 - 1} ({r1 - r0} x {c1 - c0} pixels)"),
             ("depth grid", f"{z0:g} to {z1:g} um, step {dz:g} um ({s['depth_bins']} bins)"),
             ("pixels", f"{s['pixels']} reconstructed, {s['pixels_with_signal']} with signal"),
+            ("not decoded", ", ".join(f"{k} {v}" for k, v in s["not_decoded"].items() if v) or "none"),
             ("signal", f"{rng[0]:.1f} to {rng[1]:.1f} um" if rng else "none above the floor"),
             ("peak depth", "-" if s["peak_depth_um"] is None else f"{s['peak_depth_um']:.1f} um"),
             ("total", f"{s['total_intensity']:.4g} counts per frame"),

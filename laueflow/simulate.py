@@ -19,7 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import h5py
 import numpy as np
 import yaml
 
@@ -183,19 +185,49 @@ def _spot_weights(spot: tuple, rows: np.ndarray, cols: np.ndarray) -> np.ndarray
     return amp * np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * sigma**2))
 
 
+SCAN_NUMBER = 1  # entry1/scanNum of simulated frames
+SCAN_STEP_UM = 1.0  # sample X step between simulated scan points, um
+
+
+def _write_header(f: Any, shape: tuple[int, int], i0: float | np.ndarray, point: int | None,
+                  name: str) -> None:
+    """The header a 34-ID-E frame file carries, as datasets where the detector writes them (LaueGo's
+    readers and the indexing chain read ``entry1/detector/startx`` etc. as datasets): detector and
+    region, monitor, sample position and energy, scan number.  ``point`` None: a stack of several."""
+    text = h5py.string_dtype()
+    f.attrs["file_name"] = name
+    det = f.require_group("entry1/detector")
+    for key, value in {"Nx": shape[1], "Ny": shape[0], "startx": 0, "endx": shape[1] - 1, "starty": 0,
+                       "endy": shape[0] - 1, "binx": 1, "biny": 1}.items():
+        det.create_dataset(key, data=np.int32(value))
+    det.create_dataset("ID", data="laueflow simulated detector", dtype=text)
+    det.create_dataset("make", data="laueflow", dtype=text)
+    det.create_dataset("model", data="simulate", dtype=text)
+    det.create_dataset("exposure", data=np.float64(1.0)).attrs["units"] = "s"
+    mon = f.require_group("entry1/monitor")
+    mon.create_dataset("I0", data=np.asarray(i0, dtype=np.float64))
+    mon.create_dataset("mode", data="timer", dtype=text)
+    sample = f.require_group("entry1/sample")
+    sample.create_dataset("name", data="laueflow synthetic sample", dtype=text)
+    position = {"sampleX": SCAN_STEP_UM * (point or 0), "sampleY": 0.0, "sampleZ": 0.0}
+    for key, value in position.items():
+        sample.create_dataset(key, data=np.float64(value)).attrs["units"] = "micron"
+    sample.create_dataset("incident_energy", data=np.float64(20.0)).attrs["units"] = "keV"
+    md = f.require_group("entry1/microDiffraction")
+    md.create_dataset("MonoMode", data="white slitted", dtype=text)
+    f["entry1"].create_dataset("scanNum", data=np.int32(SCAN_NUMBER))
+    f["entry1"].create_dataset("title", data="laueflow simulate", dtype=text)
+
+
 def _write_frame(path: Path, image: np.ndarray, region: tuple[int, int, int, int], shape: tuple[int, int],
-                 i0: float, chunks: tuple[int, int] = (256, 256)) -> None:
+                 i0: float, chunks: tuple[int, int] = (256, 256), point: int = 0) -> None:
     """One detector frame in the beamline layout; only the region's chunks are stored."""
     r0, r1, c0, c1 = region
     with atomic_h5(path) as f:
         d = f.create_dataset(DETECTOR_KEY, shape=shape, dtype="uint16", chunks=chunks,
                              compression="gzip", compression_opts=1, shuffle=True, fillvalue=0)
         d[r0:r1, c0:c1] = image
-        det = f.create_group("entry1/detector")
-        det.attrs.update({"Nx": shape[1], "Ny": shape[0], "startx": 0, "endx": shape[1] - 1,
-                          "starty": 0, "endy": shape[0] - 1, "binx": 1, "biny": 1})
-        f["entry1/monitor/I0"] = np.float64(i0)
-        f["entry1/sample"] = "laueflow synthetic sample"
+        _write_header(f, shape, i0, point, path.name)
 
 
 def _write_truth(path: Path, truth: dict[str, list[np.ndarray]], grain_rows: list[tuple],
@@ -372,7 +404,7 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
                     dset[idx, r0:r1, c0:c1] = images[n]
                     i0_all[idx] = i0[n]
                 else:
-                    _write_frame(out / f"{prefix}_{idx}.h5", images[n], reg, shape, i0[n])
+                    _write_frame(out / f"{prefix}_{idx}.h5", images[n], reg, shape, i0[n], point=k)
                 n_written += 1
             spot_px = np.flatnonzero(prof_total.sum(1) >= 4 * np.sqrt(background))
             truth["pixels"].append(np.stack([rows[spot_px], cols[spot_px]], 1))
@@ -382,7 +414,7 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
             truth["energy"].append(energy[spot_px])
             truth["point"].append(np.full(spot_px.size, k))
         if single_file:
-            stack["entry1/monitor/I0"] = i0_all
+            _write_header(stack, shape, i0_all, None, f"{prefix}.h5")
 
     attrs = {"preset": preset, "seed": seed, "noise": noise, "points": points,
              "frames_per_point": n_frames, "background": background,

@@ -177,10 +177,11 @@ def test_dag_runs_on_the_endpoint(scan, tmp_path, local_endpoint):
     r0, r1, c0, c1 = cfg.file.frame
     with h5py.File(out / "point_00001.h5") as f:
         rec = f["entry/reconstruction"]
-        volume, index = rec["volume"][()], rec["pixels/index"][()]
+        volume, index = rec["volume"][()], f["entry/diagnostics/index"][()]
         assert volume.shape == (len(cfg.geo.source.depths), r1 - r0, c1 - c0) and volume.max() > 0
         assert index.shape == (done.n_pixels, 2) and f["entry/provenance"].attrs["worker_hosts"]
-        np.testing.assert_allclose(rec["intensity_vs_depth"][()], volume.sum(axis=(1, 2)), rtol=1e-4)
+        np.testing.assert_allclose(f["entry/intensity_vs_depth/intensity"][()], volume.sum(axis=(1, 2)),
+                                   rtol=1e-4)
 
     assert failed.status == "failed" and failed.point == 0
     assert failed.reason.startswith(f"block [{r0}, ") and "FileExistsError" in failed.reason

@@ -44,7 +44,7 @@ def blocks(tmp_path):
     b = _decoded([10, 12], [24, 27], seed=2)
     paths = [tmp_path / "blocks" / f"b{i}.npz" for i in range(3)]
     common = {"point": 3, "config_fingerprint": "fp", "input_fingerprint": "in", "n_depths": 5}
-    block_files.write_block(paths[0], tile=(10, 14, 20, 24), decoded=a, **common)
+    block_files.write_block(paths[0], tile=(10, 14, 20, 24), decoded=a, saturated=([12], [22]), **common)
     block_files.write_block(paths[1], tile=(10, 14, 24, 28), decoded=b, **common)
     block_files.write_block(paths[2], tile=(14, 18, 20, 24), skipped="all traces are zero", **common)
     return paths, (a, b)
@@ -132,12 +132,19 @@ def test_point_file_layout(tmp_path, blocks):
     summary = pointfile.write_point(out, paths, frame=FRAME, depths_mm=DEPTHS_MM, provenance=_provenance())
     assert summary["n_pixels"] == 5 and summary["complete"]
     with h5py.File(out, "r") as f:
+        assert f.attrs["NX_class"] == "NXroot" and f.attrs["default"] == "entry"
+        assert f.attrs[pointfile.FORMAT_ATTR] == pointfile.POINT_FORMAT
+        assert f["entry"].attrs["NX_class"] == "NXentry" and f["entry"].attrs["default"] == "reconstruction"
         rec = f["/entry/reconstruction"]
-        assert set(rec) == {"depth", "volume", "intensity_vs_depth", "pixels"}
+        assert set(rec) == {"depth", "row", "col", "volume"}
+        assert rec.attrs["NX_class"] == "NXdata" and rec.attrs["signal"] == "volume"
+        assert list(rec.attrs["axes"]) == ["depth", "row", "col"]
         np.testing.assert_allclose(rec["depth"][()], [-2.0, -1.0, 0.0, 1.0, 2.0])
         assert rec["depth"].attrs["units"] == "um"
+        assert rec["row"][()].tolist() == list(range(10, 18)) and rec["row"].attrs["units"] == "pixel"
+        assert rec["col"][()].tolist() == list(range(20, 28)) and rec["col"].attrs["units"] == "pixel"
         vol = rec["volume"]
-        assert vol.shape == (5, 8, 8) and vol.dtype == np.float32
+        assert vol.shape == (5, 8, 8) and vol.dtype == np.float32 and vol.attrs["units"] == "counts"
         assert vol.chunks is not None and vol.compression in ("gzip", "lzf")
         assert list(vol.attrs["frame"]) == list(FRAME)
         v = vol[()]
@@ -146,9 +153,14 @@ def test_point_file_layout(tmp_path, blocks):
             expected[:, d.rows - FRAME[0], d.cols - FRAME[2]] = d.profiles.T
         np.testing.assert_array_equal(v, expected)
         assert np.count_nonzero(v.sum(axis=0)) == 5  # not-reconstructed pixels are 0
-        np.testing.assert_allclose(rec["intensity_vs_depth"][()], expected.sum(axis=(1, 2)), rtol=1e-6)
-        pix = rec["pixels"]
-        assert set(pix) == {"index", "background", "residual", "quality", "energy", "energy_sigma"}
+        ivd = f["entry/intensity_vs_depth"]
+        assert ivd.attrs["signal"] == "intensity" and ivd["intensity"].attrs["units"] == "counts"
+        np.testing.assert_allclose(ivd["intensity"][()], expected.sum(axis=(1, 2)), rtol=1e-6)
+        assert ivd["depth"] == rec["depth"]  # a hard link, not a copy
+        pix = f["entry/diagnostics"]
+        assert pix.attrs["NX_class"] == "NXcollection"
+        assert set(pix) == {"index", "background", "residual", "quality", "energy", "energy_sigma",
+                            "quality_flags"}
         index = pix["index"][()]
         assert index.shape == (5, 2)
         assert sorted(map(tuple, index)) == sorted(zip([*a.rows, *b.rows], [*a.cols, *b.cols], strict=True))
@@ -156,6 +168,90 @@ def test_point_file_layout(tmp_path, blocks):
         assert pix["quality"].dtype == np.uint8
         for name in ("background", "residual", "quality", "energy", "energy_sigma"):
             assert pix[name].shape == (5,)
+        units = {"background": "counts", "residual": "1", "energy": "keV", "energy_sigma": "keV"}
+        assert {k: pix[k].attrs["units"] for k in units} == units
+        # the quality bits and pixel states are defined in the file, as CF flags and as a table
+        assert list(pix["quality"].attrs["flag_masks"]) == [1, 2, 4, 8, 16]
+        assert pix["quality"].attrs["flag_meanings"].split()[0] == "no_signal"
+        table = pix["quality_flags"][()]
+        assert [int(v) for v in table["value"]] == [1, 2, 4, 8, 16]
+        assert table["name"][3].decode() == "poor_fit" and b"chi-square" in table["meaning"][3]
+        state = f["entry/pixel_state/state"][()]
+        assert state.shape == (8, 8)
+        assert list(f["entry/pixel_state/state"].attrs["flag_values"]) == [0, 1, 2, 3]
+        expected_state = np.full((8, 8), pointfile.PIXEL_NO_BLOCK)  # the tile (14:18, 24:28) has no block
+        expected_state[0:4, 0:8] = pointfile.PIXEL_NOT_SELECTED
+        expected_state[4:8, 0:4] = pointfile.PIXEL_NOT_SELECTED
+        expected_state[index[:, 0] - FRAME[0], index[:, 1] - FRAME[2]] = pointfile.PIXEL_DECODED
+        expected_state[12 - FRAME[0], 22 - FRAME[2]] = pointfile.PIXEL_SATURATED
+        np.testing.assert_array_equal(state, expected_state)
+        assert f["entry/provenance"].attrs["NX_class"] == "NXprocess"
+        assert f["entry/provenance/program"].asstr()[()] == "laueflow"
+
+
+def test_point_files_open_in_nexus_viewers(tmp_path, blocks):
+    """silx and nexusformat find the volume as the default plot, with depth, row and column axes."""
+    import nexusformat.nexus as nexus  # dev extra: here, so the other tests do not wait for them to load
+    import silx.io.nxdata as silx_nxdata
+    paths, _ = blocks
+    out = tmp_path / "point_00003.h5"
+    pointfile.write_point(out, paths, frame=FRAME, depths_mm=DEPTHS_MM, provenance=_provenance())
+    with h5py.File(out, "r") as f:
+        default = silx_nxdata.get_default(f)
+        assert default is not None and default.is_valid
+        assert default.signal.name == "/entry/reconstruction/volume"
+        assert [ax.name.rpartition("/")[2] for ax in default.axes] == ["depth", "row", "col"]
+        assert silx_nxdata.is_valid_nxdata(f["entry/intensity_vs_depth"])
+        assert silx_nxdata.is_valid_nxdata(f["entry/pixel_state"])
+    root = nexus.nxload(str(out), "r")
+    try:
+        plot = root.plottable_data
+        assert plot.nxpath == "/entry/reconstruction"
+        assert plot.nxsignal.shape == (5, 8, 8)
+        assert [ax.nxname for ax in plot.nxaxes] == ["depth", "row", "col"]
+        assert str(plot.nxaxes[0].attrs["units"]) == "um"
+    finally:
+        root.nxfile.close()
+
+
+def test_the_frame_header_is_kept(tmp_path, blocks):
+    """The header of the point's first frame (datasets and attributes, not the image) is copied."""
+    paths, _ = blocks
+    frame_file = tmp_path / "scan_0.h5"
+    with h5py.File(frame_file, "w") as f:
+        f.attrs["file_name"] = "scan_0.h5"
+        f["entry1/data/data"] = np.zeros((4, 4), np.uint16)
+        f["entry1/detector/startx"] = 0
+        f["entry1/sample/incident_energy"] = 20.0
+        f["entry1/sample/incident_energy"].attrs["units"] = "keV"
+        f["entry1/scanNum"] = 272544
+    out = tmp_path / "point_00003.h5"
+    pointfile.write_point(out, paths, frame=FRAME, depths_mm=DEPTHS_MM, provenance=_provenance(),
+                          header=(frame_file, "/entry1/data/data"))
+    with pointfile.PointReader(out) as r:
+        acq = r.acquisition()
+        assert acq.attrs["file_name"] == "scan_0.h5" and acq.attrs["source_file"] == str(frame_file)
+        assert "data" not in acq["entry1/data"]  # the image is not copied
+        assert acq["entry1/detector/startx"][()] == 0 and acq["entry1/scanNum"][()] == 272544
+        assert acq["entry1/sample/incident_energy"].attrs["units"] == "keV"
+
+
+def test_older_point_files_are_refused_by_name(tmp_path, blocks):
+    paths, _ = blocks
+    old = tmp_path / "point_00003.h5"
+    pointfile.write_point(old, paths, frame=FRAME, depths_mm=DEPTHS_MM, provenance=_provenance())
+    with h5py.File(old, "a") as f:
+        del f.attrs[pointfile.FORMAT_ATTR]  # as laueflow wrote them before format 2
+    with pytest.raises(ResultError, match=r"point_00003\.h5: a point file of an older laueflow format"):
+        pointfile.PointReader(old)
+    with pytest.raises(ResultError, match="older laueflow format"):
+        pointfile.verify(old)  # a rerun recomputes it
+    assert pointfile.read_provenance(old) is None
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = 1
+    with pytest.raises(ResultError, match="not a laueflow point file"):
+        pointfile.PointReader(other)
 
 
 def test_provenance_contents(tmp_path, blocks):
@@ -172,7 +268,8 @@ def test_provenance_contents(tmp_path, blocks):
         assert g.attrs["config_fingerprint"] == "0123456789abcdef"
         assert g.attrs["input_fingerprint"] == provenance.input_fingerprint(INPUTS)
         assert g.attrs["scan"] == "/data/scan"
-        assert g["config"].asstr()[()] == "file:\n  path: .\n"
+        assert g["configuration/data"].asstr()[()] == "file:\n  path: .\n"
+        assert g["configuration"].attrs["NX_class"] == "NXnote"
         assert list(g["inputs/name"].asstr()[()]) == ["scan_0.h5", "scan_1.h5"]
         assert list(g["inputs/size"][()]) == [1234, 1240]
         assert list(g["inputs/sha256"].asstr()[()]) == ["ab" * 32, "cd" * 32]

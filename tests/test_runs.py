@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 import laueflow
 from laueflow import provenance
 from laueflow.config import load
+from laueflow.flags import PIXEL_DECODED, PIXEL_SATURATED
 from laueflow.runs import FILE_STATES, POINT_STATES, ResultError, open_point, open_run
 
 POINTS = 3
@@ -103,8 +105,8 @@ def test_point_access_reads_what_the_file_holds(watched):
     np.testing.assert_allclose(pt.depth, cfg.geo.source.depths * 1000.0, atol=1e-6)
     with h5py.File(pt.path, "r") as f:
         vol = f["entry/reconstruction/volume"][()]
-        index = f["entry/reconstruction/pixels/index"][()]
-        residual = f["entry/reconstruction/pixels/residual"][()]
+        index = f["entry/diagnostics/index"][()]
+        residual = f["entry/diagnostics/residual"][()]
     assert pt.shape == vol.shape
     j = int(np.argmax(vol.sum(axis=(1, 2))))
     np.testing.assert_array_equal(pt.depth_slice(pt.depth[j]), vol[j])
@@ -126,6 +128,11 @@ def test_point_access_reads_what_the_file_holds(watched):
     undecoded = [(r, c) for r in range(r0, r1) for c in range(c0, c1) if (r, c) not in decoded]
     assert undecoded, "the simulator marks saturated pixels, which are not decoded"
     assert pt.pixel(*undecoded[0]) is None
+    state = pt.pixel_state()
+    assert state.shape == (r1 - r0, c1 - c0)
+    assert {(r0 + i, c0 + j) for i, j in zip(*np.nonzero(state == PIXEL_DECODED), strict=True)} == decoded
+    assert (state == PIXEL_SATURATED).sum() >= 1  # the simulator's hot pixels
+    assert {f.name for f in pt.pixel_states()} >= {"saturated", "not_selected"}
     assert pt.signal_range() is not None
     with pytest.raises(ResultError, match="outside the region"):
         pt.profile(r1, c0)
@@ -134,7 +141,8 @@ def test_point_access_reads_what_the_file_holds(watched):
     with pytest.raises(ResultError, match="no depth bin"):
         pt.volume(depth=(1e6, 2e6))
     text = pt.describe()
-    assert "point       1" in text and f"{r1 - r0} x {c1 - c0} pixels" in text and "with signal" in text
+    assert re.search(r"^point +1 ", text, re.M) and f"{r1 - r0} x {c1 - c0} pixels" in text
+    assert "with signal" in text and re.search(r"^not decoded +saturated \d+", text, re.M)
 
 
 def test_truth_and_predicted_traces(watched):

@@ -166,6 +166,24 @@ def test_frame_files_layout(thin: tuple[Path, dict]) -> None:
         assert img[r0:r1, c0:c1].min() > 0, "every region pixel has background"
 
 
+def test_frames_carry_the_beamline_header(thin: tuple[Path, dict]) -> None:
+    """The header a 34-ID-E frame file has, as datasets where the detector writes them (the chain's
+    readers take entry1/detector/startx etc. from datasets, not attributes)."""
+    out, _ = thin
+    with h5py.File(out / "scan_0.h5", "r") as f:
+        det = f["entry1/detector"]
+        assert not set(det.attrs)
+        keys = ("Nx", "Ny", "startx", "endx", "starty", "endy", "binx", "biny")
+        assert {k: int(det[k][()]) for k in keys} == {"Nx": 2048, "Ny": 2048, "startx": 0, "endx": 2047,
+                                                      "starty": 0, "endy": 2047, "binx": 1, "biny": 1}
+        assert det["ID"].asstr()[()] and det["exposure"].attrs["units"] == "s"
+        assert f["entry1/sample/incident_energy"].attrs["units"] == "keV"
+        assert {"sampleX", "sampleY", "sampleZ"} <= set(f["entry1/sample"])
+        assert f["entry1/sample/sampleX"].attrs["units"] == "micron"
+        assert int(f["entry1/scanNum"][()]) == 1 and f.attrs["file_name"] == "scan_0.h5"
+        assert f["entry1/microDiffraction/MonoMode"].asstr()[()]
+
+
 def test_single_file_layout(root: Path) -> None:
     """--single-file: one [N, 2048, 2048] stack (and its monitor), no per-frame files; open_scan reads it."""
     out, info = sim(root, "single", region=16, single_file=True)

@@ -27,6 +27,7 @@ from click.testing import CliRunner
 from laueflow import provenance
 from laueflow.cli import main
 from laueflow.config import ConfigError, ConfigWarning, from_dict, load, transfer_settings
+from laueflow.io import pointfile
 from laueflow.transfer import (
     COMPUTE_ID_VAR,
     COMPUTE_SECRET_VAR,
@@ -120,6 +121,7 @@ def point_file(path: Path, config_file: Path | str = "", config_yaml: str = "") 
     """A finished point file as laueflow writes it, as far as transfers care: real HDF5 with provenance."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
+        f.attrs[pointfile.FORMAT_ATTR] = pointfile.POINT_FORMAT
         f.create_group("entry/reconstruction").attrs["complete"] = True
         prov = provenance.build(config_yaml=config_yaml, config_fingerprint="0" * 16, inputs=[],
                                 start_time=provenance.now(), config_file=str(config_file))

@@ -62,10 +62,11 @@ def check_point_file(path: Path, cfg, point: int) -> None:
     r0, r1, c0, c1 = cfg.file.frame
     depths_um = cfg.geo.source.depths * 1000.0
     with h5py.File(path, "r") as f:
-        assert set(f) == {"entry"}
-        assert set(f["entry"]) == {"reconstruction", "provenance"}
+        assert set(f) == {"entry"} and f.attrs["default"] == "entry"
+        assert set(f["entry"]) == {"reconstruction", "intensity_vs_depth", "pixel_state", "diagnostics",
+                                   "acquisition", "provenance"}
         rec = f["entry/reconstruction"]
-        assert set(rec) == {"depth", "volume", "intensity_vs_depth", "pixels"}
+        assert set(rec) == {"depth", "row", "col", "volume"}
         np.testing.assert_allclose(rec["depth"][()], depths_um, atol=1e-6)
         vol = rec["volume"]
         assert vol.shape == (depths_um.size, r1 - r0, c1 - c0) and vol.dtype == np.float32
@@ -73,9 +74,11 @@ def check_point_file(path: Path, cfg, point: int) -> None:
         assert list(vol.attrs["frame"]) == [r0, r1, c0, c1]
         v = vol[()]
         assert np.isfinite(v).all() and v.max() > 0
-        np.testing.assert_allclose(rec["intensity_vs_depth"][()], v.sum(axis=(1, 2)), rtol=1e-4, atol=1e-3)
-        pix = rec["pixels"]
-        assert set(pix) == {"index", "background", "residual", "quality", "energy", "energy_sigma"}
+        np.testing.assert_allclose(f["entry/intensity_vs_depth/intensity"][()], v.sum(axis=(1, 2)),
+                                   rtol=1e-4, atol=1e-3)
+        pix = f["entry/diagnostics"]
+        assert set(pix) == {"index", "background", "residual", "quality", "energy", "energy_sigma",
+                            "quality_flags"}
         index = pix["index"][()]
         n = index.shape[0]
         assert index.shape == (n, 2) and 0 < n <= (r1 - r0) * (c1 - c0)
@@ -90,7 +93,7 @@ def check_point_file(path: Path, cfg, point: int) -> None:
         assert prov.attrs["config_fingerprint"] == cfg.fingerprint()
         assert len(prov.attrs["input_fingerprint"]) == 16
         assert prov["inputs/name"].shape == (cfg.file.n_frames,)
-        stored = yaml.safe_load(prov["config"].asstr()[()])
+        stored = yaml.safe_load(prov["configuration/data"].asstr()[()])
         assert stored["geo"]["source"]["grid"] == list(cfg.geo.source.grid)
         for key in ("laueflow_version", "command_line", "host", "start_time", "end_time"):
             assert prov.attrs[key]

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import DecodeError
+from ..flags import CONTRAST, ENERGY_AMBIGUOUS, NO_BACKGROUND, NO_SIGNAL, POOR_FIT
 from ..forward import Setup
 from ..geometry import SATURATED
 from ..mask import contrast, mu_thickness
@@ -36,13 +37,6 @@ from .runtime import ONE_BLAS_THREAD, enable_precision
 from .settings import DecodeSettings
 from .solvers import Level, fit_supports
 from .support import component_energy, select_support
-
-# quality flag bits
-NO_SIGNAL = 1  # no modulation above noise: a background pixel (profile is zero)
-NO_BACKGROUND = 2  # no dark pixels in the block; the scale assumes the configured energy
-CONTRAST = 4  # fitted contrast outside what any energy in the range gives; scale from the configured energy
-POOR_FIT = 8  # reduced chi-square above 3
-ENERGY_AMBIGUOUS = 16  # energy asked for but the contrast fits several energies
 
 
 @dataclass

@@ -188,6 +188,7 @@ def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any,
     seconds = time.perf_counter() - t0
     write_block(block_file, point=point, tile=box, config_fingerprint=cfg.fingerprint(),
                 input_fingerprint=input_fp, n_depths=n_depths, decoded=decoded, skipped=skipped,
+                saturated=(block.rows[block.saturated], block.cols[block.saturated]),
                 host=socket.gethostname(), seconds=seconds)
     n = 0 if decoded is None else int(np.asarray(decoded.rows).size)
     return BlockOutcome(point, box, n_pixels=n, seconds=seconds, skipped=skipped, block_file=str(block_file),
@@ -266,7 +267,8 @@ def stitch_point(block_files: Sequence[str], out_file: str, meta: dict[str, Any]
         calibration=provenance.calibration(cfg.calibration, cfg.geo.mask.focus, cfg.geo.mask))
     summary = write_point(out_file, written, frame=meta["frame"], depths_mm=meta["depths_mm"],
                           provenance=record, complete=not errors,
-                          stamp={k: v for k, v in stamp.items() if k != "tile"})
+                          stamp={k: v for k, v in stamp.items() if k != "tile"},
+                          header=(scan.point_frames(point)[0][0], cfg.file.h5_key))
     depth_files, export_problem = 0, ""
     if meta.get("per_depth_files"):
         try:
