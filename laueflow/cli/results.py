@@ -10,7 +10,8 @@ import click
 from ..errors import ExportError
 from ..evaluate import load_truth, score
 from ..io.export import export_point_detailed
-from ..io.layout import RunFolder, point_dir_name, point_files
+from ..io.lauelab import export_lauelab
+from ..io.layout import RunFolder, point_dir_name, point_files, point_name
 from ..io.pointfile import read_profiles
 from ..io.scan import select_points
 from ..progress import plural
@@ -59,23 +60,36 @@ def score_command(run_dir: Path, truth_file: Path, point: int | None) -> None:
 @click.option("--points", help="Points to export: 5, 0,2,4, 3:7 (end exclusive) or all (default: every "
               "finished point).")
 @click.option("--dest", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the depth files, one sub-folder point_<k>/ per point "
-              "(default: OUT_DIR/depths).")
-@click.option("--force", is_flag=True, help="Rewrite depth files that are up to date.")
-def export_command(out_dir: Path, points: str | None, dest: Path | None, force: bool) -> None:
-    """Write one HDF5 image file per depth of the finished points of the run in OUT_DIR.
+              help="Folder for the exported files: one sub-folder point_<k>/ per point of depth files "
+              "(default: OUT_DIR/depths), or the lauelab point files (default: OUT_DIR/lauelab).")
+@click.option("--force", is_flag=True, help="Rewrite files that are up to date.")
+@click.option("--format", "fmt", type=click.Choice(["depths", "lauelab"]), default="depths",
+              show_default=True,
+              help="depths: one image file per depth for the indexing chain; lauelab: one lauelab "
+              "reconstruction point file per point (OUT_DIR/lauelab/point_<k>.h5 by default).")
+@click.option("--prefix", help="Name of the depth files, <prefix>_<j>.h5 (default: out_<scanNum> from the "
+              "frames' header, as the chain names them).")
+def export_command(out_dir: Path, points: str | None, dest: Path | None, force: bool, fmt: str,
+                   prefix: str | None) -> None:
+    """Export the finished points of the run in OUT_DIR for the beamline's other tools.
 
-    Each file holds entry1/data/data (float32 image over the region, attribute frame = [r0, r1, c0, c1])
-    and entry1/depth (um), the layout the indexing chain reads.  Files that are up to date are kept.
+    --format depths (default): one HDF5 file per depth, <prefix>_<j>.h5 in a folder per point, with the
+    frame's header (detector fields as datasets), entry1/data/data (float32 image over the region) and
+    entry1/depth (um), the layout the indexing chain reads.  --format lauelab: the lauelab point format.
+    Files that are up to date are kept; a folder or file laueflow did not write is never overwritten.
     Exit status 0 when every selected point was exported, 1 when some could not be (not finished,
     unreadable), 2 on bad input."""
+    if fmt == "lauelab" and prefix is not None:
+        fail("--prefix names per-depth files; --format lauelab writes one file per point")
     with input_errors():
         run_ = open_run(out_dir)
     if not run_.points:
         fail(f"{out_dir}: no scan points here (no point_<k>.h5 files and no status.json)")
     with input_errors():
         chosen = sorted(select_points(points, run_.points, "this run")) if points else list(run_.points)
-    root = (dest if dest is not None else RunFolder(out_dir).depths_root).resolve()
+    folder = RunFolder(out_dir)
+    default_root = folder.depths_root if fmt == "depths" else folder.lauelab_root
+    root = (dest if dest is not None else default_root).resolve()
     exported, waiting, failed, written, kept = 0, [], 0, 0, 0
     for k in chosen:
         info = run_.points[k]
@@ -85,7 +99,14 @@ def export_command(out_dir: Path, points: str | None, dest: Path | None, force: 
                 click.echo(f"point {k:5d}: not exported, no result file (state {info.state})", err=True)
             continue
         try:
-            r = export_point_detailed(info.file, root / point_dir_name(k), force=force)
+            if fmt == "lauelab":
+                target = root / point_name(k)
+                root.mkdir(parents=True, exist_ok=True)
+                done = export_lauelab(info.file, target, force=force)
+                exported, written, kept = exported + 1, written + done, kept + (not done)
+                click.echo(f"point {k:5d}: {target} ({'written' if done else 'up to date'})")
+                continue
+            r = export_point_detailed(info.file, root / point_dir_name(k), force=force, prefix=prefix)
         except ExportError as exc:
             click.echo(f"point {k:5d}: not exported: {exc}", err=True)
             failed += 1

@@ -1,21 +1,25 @@
 """Per-depth export: one HDF5 image file per depth bin of a point, for the beamline's indexing chain.
 
-The indexing software reads one file per depth with the detector-image layout (model.md section 6)::
+The chain (LaueGo's peak search, pyLaueGo, lauelab's per-depth reader) reads one file per depth in the
+layout of the detector's own frame files, the metadata as datasets (model.md section 6)::
 
-    /entry1/data/data       (rows, cols) float32   the volume's slice at this depth, over file.frame
-                            attrs frame = [r0, r1, c0, c1] (where the image lies on the detector),
-                                  units, depth_index
-    /entry1/depth           ()  float64, um        the depth bin centre
-    /entry1/detector        attrs Nx, Ny (detector columns, rows), startx, endx, starty, endy, binx, biny
-                            (the region, as the beamline's image files describe theirs)
-    /entry1/provenance      attrs source_file, source_point, source_config_fingerprint,
-                                  source_input_fingerprint, source_fingerprint, laueflow_version, created
+    /entry1/...             the header of the point's first frame file, every group it has, copied as the
+                            detector wrote it (monitor, sample, scanNum, microDiffraction, ...)
+    /entry1/data/data       (rows, cols) float32   the volume's slice at this depth, over file.frame,
+                            counts per frame (NXdata: @signal = data, @axes = [".", "."])
+    /entry1/depth           (1,) float64, um       the depth bin centre
+    /entry1/detector/       startx, endx, starty, endy: where the image lies on the detector (datasets,
+                            inclusive, unbinned pixels: the frame's own start plus the region's offset);
+                            Nx, Ny, binx, biny from the frame (or the configuration when it has none)
+    /entry1/laueflow        NXprocess: the point file, its fingerprints and the export's own
 
-Files go to ``OUT/depths/point_<k:05d>/depth_<j>_<z>um.h5`` (``j`` zero-padded, so names sort by
-depth), each written atomically; images are gzip-compressed (deflate, in every HDF5 build), since
-most pixels of most depths are zero.  Exporting again is cheap: a file whose recorded source fingerprint
-matches the point file is kept, a stale one is rewritten, and depth files of the same point that no
-longer belong to its grid are removed.
+Files are ``<prefix>_<j>.h5`` in ``OUT/depths/point_<k:05d>/`` (``j`` the depth index), the prefix by
+default ``out_<scanNum>`` as the chain's repack step names them (``out_<k>`` when the frames carry no
+scan number).  Each is written atomically and gzip-compressed (most pixels of most depths are zero).
+Exporting again is cheap: a file whose recorded source fingerprint matches the point file is kept, a
+stale one is rewritten, and depth files of the same point that no longer belong to its grid are
+removed.  A folder holding anything else is refused: the export never overwrites or mixes with files it
+did not write.
 """
 
 from __future__ import annotations
@@ -34,16 +38,18 @@ import yaml
 
 from .. import __version__
 from .. import provenance as prov
-from ..errors import ExportError  # noqa: F401 (re-exported)
+from ..errors import ExportError, ResultError
 from .atomic import atomic_h5
-from .layout import DEPTHS_DIR, RunFolder, point_of
+from .layout import DEPTHS_DIR, TMP_MARK, RunFolder, point_of
 from .pointfile import PointReader
 
-__all__ = ["DEPTHS_DIR", "ExportError", "ExportResult", "default_dest", "depth_file_name", "export_point",
-           "export_point_detailed"]
+__all__ = ["DEPTHS_DIR", "ExportError", "ExportResult", "copy_group", "default_dest", "default_prefix",
+           "depth_file_name", "export_point", "export_point_detailed", "region_on_detector"]
 
-EXPORT_FORMAT = 1
-_DEPTH_FILE = re.compile(r"depth_\d+_.*um\.h5")
+EXPORT_FORMAT = 2  # 1: depth_<j>_<z>um.h5, detector fields as attributes, no frame header
+MARK = "entry1/laueflow"  # the group that says laueflow wrote the file, and from what
+DETECTOR = "entry1/detector"
+_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -63,10 +69,50 @@ def default_dest(point_file: str | os.PathLike, point: int) -> Path:
     return RunFolder(Path(point_file).resolve().parent).depths(point)
 
 
-def depth_file_name(index: int, depth_um: float, n_depths: int) -> str:
-    """``depth_<index>_<depth>um.h5``, the index zero-padded to the grid's width so names sort by depth."""
-    width = max(4, len(str(max(n_depths - 1, 0))))
-    return f"depth_{index:0{width}d}_{depth_um:.2f}um.h5"
+def depth_file_name(prefix: str, index: int) -> str:
+    """``<prefix>_<index>.h5``, the chain's naming (the index not padded)."""
+    return f"{prefix}_{index}.h5"
+
+
+def default_prefix(header: h5py.Group, point: int) -> str:
+    """``out_<scanNum>`` from the frame header, else ``out_<point>``."""
+    scan = header.get("entry1/scanNum")
+    if isinstance(scan, h5py.Dataset) and scan.size == 1 and np.issubdtype(scan.dtype, np.number):
+        return f"out_{int(np.ravel(scan[()])[0])}"
+    return f"out_{point}"
+
+
+def copy_group(source: h5py.Group, dest: h5py.Group) -> None:
+    """Copy every attribute, group and dataset of ``source`` into ``dest`` (merging with what exists)."""
+    dest.attrs.update({k: v for k, v in source.attrs.items()})
+    for name, obj in source.items():
+        if isinstance(obj, h5py.Group):
+            copy_group(obj, dest.require_group(name))
+        elif name not in dest:
+            source.copy(obj, dest, name)
+
+
+def _number(group: h5py.Group, key: str) -> int | None:
+    ds = group.get(key)
+    if isinstance(ds, h5py.Dataset) and ds.size == 1 and np.issubdtype(ds.dtype, np.number):
+        return int(np.ravel(ds[()])[0])
+    return None
+
+
+def region_on_detector(header: h5py.Group, frame: list[int], shape: tuple[int, int]) -> dict[str, int]:
+    """The detector fields of an image over ``frame`` = [r0, r1, c0, c1] of a frame whose header is
+    ``header``: startx/endx (columns), starty/endy (rows), inclusive, in unbinned detector pixels (the
+    frame's own start plus the region's offset times the binning); Nx, Ny, binx, biny as the frame says,
+    or the configured detector ``shape`` (columns, rows) and 1 when it says nothing."""
+    r0, r1, c0, c1 = frame
+    binx = _number(header, f"{DETECTOR}/binx") or 1
+    biny = _number(header, f"{DETECTOR}/biny") or 1
+    sx = _number(header, f"{DETECTOR}/startx") or 0
+    sy = _number(header, f"{DETECTOR}/starty") or 0
+    nx = _number(header, f"{DETECTOR}/Nx") or shape[0]
+    ny = _number(header, f"{DETECTOR}/Ny") or shape[1]
+    return {"Nx": nx, "Ny": ny, "binx": binx, "biny": biny, "startx": sx + c0 * binx,
+            "endx": sx + c1 * binx - 1, "starty": sy + r0 * biny, "endy": sy + r1 * biny - 1}
 
 
 def _read_source(point_file: Path) -> dict[str, Any]:
@@ -78,8 +124,11 @@ def _read_source(point_file: Path) -> dict[str, Any]:
             frame = list(r.frame())
             complete = r.complete()
             shape = tuple(int(v) for v in r.volume.shape)
-            stored = r.intensity_vs_depth()
-            summed = np.zeros(0, np.float32) if stored is None else np.asarray(stored, dtype=np.float32)
+            summed = np.asarray(r.intensity_vs_depth(), dtype=np.float32)
+            has_header = "entry1" in r.acquisition()
+            prefix = default_prefix(r.acquisition(), int(info.get("point", -1)))
+    except ResultError as exc:
+        raise ExportError(str(exc)) from None
     except (OSError, KeyError, ValueError) as exc:
         raise ExportError(f"{point_file}: not a readable laueflow point file: {exc}") from None
     if len(shape) != 3 or shape[0] != depth.size:
@@ -94,24 +143,27 @@ def _read_source(point_file: Path) -> dict[str, Any]:
              "complete": complete, "frame": frame, "shape": list(shape), "size": st.st_size,
              "mtime_ns": st.st_mtime_ns, "summed": hashlib.sha256(summed.tobytes()).hexdigest()}
     return {"point": point, "depth": depth, "frame": frame, "complete": complete, "info": info,
+            "has_header": has_header, "prefix": prefix,
             "fingerprint": hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]}
 
 
-def _recorded(path: Path) -> tuple[str, str] | None:
-    """(source fingerprint, source file) a depth file records; None when it is missing, unreadable or
-    not written by this export."""
+_LEGACY_MARK = "entry1/provenance"  # export format 1 (depth_<j>_<z>um.h5): replaced when met
+
+
+def _recorded(path: Path) -> dict[str, Any] | None:
+    """What a depth file written by laueflow's export records (source fingerprint and file); None when
+    it is missing, unreadable or not written by laueflow's export."""
     try:
         with h5py.File(path, "r") as f:
-            attrs = f["entry1/provenance"].attrs
-            fp, source = attrs.get("source_fingerprint"), attrs.get("source_file")
+            group = f[MARK] if MARK in f else f[_LEGACY_MARK]
+            attrs = dict(group.attrs)
     except (OSError, KeyError):
         return None
-    if fp is None or source is None:
-        return None
-    return tuple(v.decode() if isinstance(v, bytes) else str(v) for v in (fp, source))  # type: ignore[return-value]
+    out = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+    return out if {"source_fingerprint", "source_file"} <= set(out) else None
 
 
-def _detector_shape(info: dict[str, Any], frame: list[int]) -> tuple[int, int]:
+def _configured_shape(info: dict[str, Any], frame: list[int]) -> tuple[int, int]:
     """(columns, rows) of the whole detector from the recorded configuration, else the region's end."""
     try:
         shape = yaml.safe_load(info.get("config") or "")["geo"]["detector"]["shape"]
@@ -121,30 +173,43 @@ def _detector_shape(info: dict[str, Any], frame: list[int]) -> tuple[int, int]:
 
 
 def _write_depth(path: Path, image: np.ndarray, j: int, z: float, src: dict[str, Any],
-                 point_file: Path, created: str) -> None:
-    r0, r1, c0, c1 = src["frame"]
-    info = src["info"]
-    n_cols, n_rows = _detector_shape(info, src["frame"])
+                 header: h5py.Group, point_file: Path, created: str) -> None:
     with atomic_h5(path) as f:
-        entry = f.create_group("entry1")
+        if src["has_header"]:
+            copy_group(header, f)
+            f.attrs.pop("source_file", None)  # the point file's note of where the header came from
+        f.attrs["NX_class"] = "NXroot"
+        f.attrs["default"] = "entry1"
+        entry = f.require_group("entry1")
         entry.attrs["NX_class"] = "NXentry"
+        entry.attrs["default"] = "data"
+        for stale in ("data", "depth", "laueflow"):
+            if stale in entry:
+                del entry[stale]
         data = entry.create_group("data")
-        data.attrs["NX_class"] = "NXdata"
-        data.attrs["signal"] = "data"
+        data.attrs.update({"NX_class": "NXdata", "signal": "data", "axes": [".", "."]})
         ds = data.create_dataset("data", data=np.asarray(image, dtype=np.float32), chunks=image.shape,
                                  compression="gzip", compression_opts=1, shuffle=True)
-        ds.attrs["frame"] = np.array([r0, r1, c0, c1], dtype=np.int64)
-        ds.attrs["axes"] = "row, col"
-        ds.attrs["units"] = "counts per frame per depth bin"
-        ds.attrs["depth_index"] = j
-        d = entry.create_dataset("depth", data=np.float64(z))
+        ds.attrs["units"] = "counts"
+        ds.attrs["long_name"] = "intensity at this depth, detector counts per frame"
+        d = entry.create_dataset("depth", data=np.array([z], dtype=np.float64))
         d.attrs["units"] = "um"
-        det = entry.create_group("detector")
-        det.attrs.update({"Nx": n_cols, "Ny": n_rows, "startx": c0, "endx": c1 - 1, "starty": r0,
-                          "endy": r1 - 1, "binx": 1, "biny": 1})
-        pg = entry.create_group("provenance")
-        pg.attrs.update({
-            "source_file": str(point_file), "source_point": src["point"],
+        d.attrs["long_name"] = "depth along the beam (bin centre)"
+        det = f.require_group(DETECTOR)
+        fields = region_on_detector(header, src["frame"], _configured_shape(src["info"], src["frame"]))
+        for key, value in fields.items():
+            dtype = det[key].dtype if key in det and np.issubdtype(det[key].dtype, np.number) else np.int32
+            if key in det:
+                del det[key]
+            det.create_dataset(key, data=np.asarray(value, dtype=dtype))
+        info = src["info"]
+        mark = entry.create_group("laueflow")
+        mark.attrs["NX_class"] = "NXprocess"
+        mark.create_dataset("program", data="laueflow export")
+        mark.create_dataset("version", data=__version__)
+        mark.attrs.update({
+            "source_file": str(point_file), "source_point": src["point"], "depth_index": j,
+            "frame": np.array(src["frame"], dtype=np.int64),
             "source_config_fingerprint": str(info.get(prov.CONFIG_FINGERPRINT, "")),
             "source_input_fingerprint": str(info.get(prov.INPUT_FINGERPRINT, "")),
             "source_end_time": str(info.get("end_time", "")), "source_complete": src["complete"],
@@ -152,29 +217,56 @@ def _write_depth(path: Path, image: np.ndarray, j: int, z: float, src: dict[str,
             "laueflow_version": __version__, "created": created})
 
 
+def _check_folder(dest: Path, point_file: Path, keep: set[str]) -> list[Path]:
+    """The depth files in ``dest`` this export wrote for ``point_file`` but no longer wants; anything
+    in ``dest`` that it did not write (or wrote for another point file) raises :class:`ExportError`."""
+    foreign, old = [], []
+    for entry in sorted(dest.iterdir()):
+        if TMP_MARK in entry.name:  # a temporary of an interrupted export: replaced on write
+            continue
+        recorded = _recorded(entry) if entry.is_file() else None
+        if recorded is None or recorded["source_file"] != str(point_file):
+            foreign.append(entry.name)
+        elif entry.name not in keep:
+            old.append(entry)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ExportError(f"{dest}: holds files that are not this point's per-depth files ({shown}); "
+                          "export into an empty folder (--dest) or move them away")
+    return old
+
+
 def export_point_detailed(point_file: str | os.PathLike, dest_dir: str | os.PathLike | None = None,
-                          *, force: bool = False) -> ExportResult:
+                          *, force: bool = False, prefix: str | None = None) -> ExportResult:
     """Export one point file as one image file per depth bin; see the module description.
 
-    ``dest_dir`` defaults to ``OUT/depths/point_<k:05d>/`` beside the point file.  Files whose
-    recorded source fingerprint matches are kept unless ``force``.
+    ``dest_dir`` defaults to ``OUT/depths/point_<k:05d>/`` beside the point file, ``prefix`` to
+    ``out_<scanNum>``.  Files whose recorded source fingerprint matches are kept unless ``force``.
     """
     point_file = Path(point_file).resolve()
     if not point_file.is_file():
         raise ExportError(f"{point_file}: point file does not exist")
+    if prefix is not None and not _PREFIX.fullmatch(prefix):
+        raise ExportError(f"file prefix {prefix!r}: use letters, digits, '_', '-' or '.', starting with a "
+                          "letter or digit")
     src = _read_source(point_file)
+    prefix = prefix or src["prefix"]
     dest = Path(dest_dir).resolve() if dest_dir is not None else default_dest(point_file, src["point"])
-    dest.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and not dest.is_dir():
+        raise ExportError(f"{dest}: not a folder")
     depth = src["depth"]
-    names = [depth_file_name(j, z, depth.size) for j, z in enumerate(depth)]
+    names = [depth_file_name(prefix, j) for j in range(depth.size)]
+    old = _check_folder(dest, point_file, set(names)) if dest.is_dir() else []
+    dest.mkdir(parents=True, exist_ok=True)
     result = ExportResult(point=src["point"], dest=dest, files=[dest / n for n in names])
-    current = (src["fingerprint"], str(point_file))
-    stale = [j for j, path in enumerate(result.files) if force or _recorded(path) != current]
+    stale = [j for j, path in enumerate(result.files)
+             if force or (_recorded(path) or {}).get("source_fingerprint") != src["fingerprint"]]
     result.kept = depth.size - len(stale)
     if stale:
         created = prov.now()
         todo = set(stale)
         with PointReader(point_file) as r:
+            header = r.acquisition()
             vol = r.volume
             step = max(1, (vol.chunks or (16,))[0])  # read whole depth chunks: each decompressed once
             for j0 in range(0, depth.size, step):
@@ -183,22 +275,18 @@ def export_point_detailed(point_file: str | os.PathLike, dest_dir: str | os.Path
                     continue
                 block = vol[j0:min(j0 + step, depth.size)]
                 for j in wanted:
-                    _write_depth(result.files[j], block[j - j0], j, float(depth[j]), src, point_file, created)
+                    _write_depth(result.files[j], block[j - j0], j, float(depth[j]), src, header, point_file,
+                                 created)
                     result.written += 1
-    keep = set(names)
-    for old in dest.iterdir():  # depth files of this point from an earlier depth grid
-        if old.name not in keep and _DEPTH_FILE.fullmatch(old.name):
-            recorded = _recorded(old)
-            if recorded is not None and recorded[1] == str(point_file):
-                old.unlink()
-                result.removed += 1
+    for path in old:  # this point's depth files of an earlier grid or prefix
+        path.unlink()
+        result.removed += 1
     return result
 
 
 def export_point(point_file: str | os.PathLike, dest_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Write one HDF5 image file per depth of a point file (``entry1/data/data``, ``entry1/depth`` in um)
-    into ``dest_dir`` (default ``OUT/depths/point_<k:05d>/``); returns the files in depth order.
-
-    Idempotent: up-to-date files are kept, stale ones rewritten (see :func:`export_point_detailed`).
-    """
+    """Write one HDF5 image file per depth of a point file (``entry1/data/data``, ``entry1/depth`` in um,
+    the frame's header) into ``dest_dir`` (default ``OUT/depths/point_<k:05d>/``); returns the files in
+    depth order.  Idempotent: up-to-date files are kept, stale ones rewritten (see
+    :func:`export_point_detailed`)."""
     return export_point_detailed(point_file, dest_dir).files

@@ -12,6 +12,7 @@
     OUT/.blocks/point_<k:05d>/block_r<r0:05d>_c<c0:05d>.npz
     OUT/.blocks/point_<k:05d>/frames.stage   (and frames.stage.json)
     OUT/depths/point_<k:05d>/                per-depth files (laueflow.io.export)
+    OUT/lauelab/point_<k:05d>.h5             lauelab point files (laueflow.io.lauelab, on request)
 
 Every file is written under a temporary name ``<name>.tmp-<pid>`` beside its final one and then
 renamed (laueflow.io.atomic), so a name without the mark is always a complete file.
@@ -32,6 +33,7 @@ BLOCKS_DIR = ".blocks"
 CONFIG_FILE = "config.yaml"
 STAGE_NAME = "frames.stage"
 DEPTHS_DIR = "depths"
+LAUELAB_DIR = "lauelab"
 TMP_MARK = ".tmp-"
 
 
@@ -110,6 +112,11 @@ class RunFolder:
     def depths_root(self) -> Path:
         """``OUT/depths``: the per-depth files of every point."""
         return self.root / DEPTHS_DIR
+
+    @property
+    def lauelab_root(self) -> Path:
+        """``OUT/lauelab``: the points exported in the lauelab format."""
+        return self.root / LAUELAB_DIR
 
     def point_file(self, point: int) -> Path:
         """``OUT/point_<k:05d>.h5``."""
