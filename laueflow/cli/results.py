@@ -9,9 +9,8 @@ import click
 
 from ..errors import ExportError
 from ..evaluate import load_truth, score
-from ..io.export import export_point_detailed
-from ..io.lauelab import export_lauelab
-from ..io.layout import RunFolder, point_dir_name, point_files, point_name
+from ..io.export import FORMATS, default_root, export_run_point
+from ..io.layout import point_files
 from ..io.pointfile import read_profiles
 from ..io.scan import select_points
 from ..progress import plural
@@ -63,7 +62,7 @@ def score_command(run_dir: Path, truth_file: Path, point: int | None) -> None:
               help="Folder for the exported files: one sub-folder point_<k>/ per point of depth files "
               "(default: OUT_DIR/depths), or the lauelab point files (default: OUT_DIR/lauelab).")
 @click.option("--force", is_flag=True, help="Rewrite files that are up to date.")
-@click.option("--format", "fmt", type=click.Choice(["depths", "lauelab"]), default="depths",
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="depths",
               show_default=True,
               help="depths: one image file per depth for the indexing chain; lauelab: one lauelab "
               "reconstruction point file per point (OUT_DIR/lauelab/point_<k>.h5 by default).")
@@ -79,17 +78,13 @@ def export_command(out_dir: Path, points: str | None, dest: Path | None, force: 
     Files that are up to date are kept; a folder or file laueflow did not write is never overwritten.
     Exit status 0 when every selected point was exported, 1 when some could not be (not finished,
     unreadable), 2 on bad input."""
-    if fmt == "lauelab" and prefix is not None:
-        fail("--prefix names per-depth files; --format lauelab writes one file per point")
     with input_errors():
         run_ = open_run(out_dir)
     if not run_.points:
         fail(f"{out_dir}: no scan points here (no point_<k>.h5 files and no status.json)")
     with input_errors():
         chosen = sorted(select_points(points, run_.points, "this run")) if points else list(run_.points)
-    folder = RunFolder(out_dir)
-    default_root = folder.depths_root if fmt == "depths" else folder.lauelab_root
-    root = (dest if dest is not None else default_root).resolve()
+    root = (dest if dest is not None else default_root(out_dir, fmt)).resolve()
     exported, waiting, failed, written, kept = 0, [], 0, 0, 0
     for k in chosen:
         info = run_.points[k]
@@ -99,20 +94,16 @@ def export_command(out_dir: Path, points: str | None, dest: Path | None, force: 
                 click.echo(f"point {k:5d}: not exported, no result file (state {info.state})", err=True)
             continue
         try:
-            if fmt == "lauelab":
-                target = root / point_name(k)
-                root.mkdir(parents=True, exist_ok=True)
-                done = export_lauelab(info.file, target, force=force)
-                exported, written, kept = exported + 1, written + done, kept + (not done)
-                click.echo(f"point {k:5d}: {target} ({'written' if done else 'up to date'})")
-                continue
-            r = export_point_detailed(info.file, root / point_dir_name(k), force=force, prefix=prefix)
+            r = export_run_point(info.file, k, root, fmt=fmt, force=force, prefix=prefix)
         except ExportError as exc:
             click.echo(f"point {k:5d}: not exported: {exc}", err=True)
             failed += 1
             continue
         exported += 1
         written, kept = written + r.written, kept + r.kept
+        if fmt == "lauelab":
+            click.echo(f"point {k:5d}: {r.files[0]} ({'written' if r.written else 'up to date'})")
+            continue
         extra = f", {r.removed} of an older depth grid removed" if r.removed else ""
         click.echo(f"point {k:5d}: {plural(len(r.files), 'depth file')} in {r.dest} ({r.written} written, "
                    f"{r.kept} up to date{extra})")

@@ -40,15 +40,18 @@ from .. import __version__
 from .. import provenance as prov
 from ..errors import ExportError, ResultError
 from .atomic import atomic_h5
-from .layout import DEPTHS_DIR, TMP_MARK, RunFolder, point_of
+from .header import DETECTOR, SCAN_NUMBER, copy_group, number, region_on_detector
+from .lauelab import export_lauelab
+from .layout import DEPTHS_DIR, TMP_MARK, RunFolder, point_dir_name, point_name, point_of
 from .pointfile import PointReader
 
-__all__ = ["DEPTHS_DIR", "ExportError", "ExportResult", "copy_group", "default_dest", "default_prefix",
-           "depth_file_name", "export_point", "export_point_detailed", "region_on_detector"]
+__all__ = ["DEPTHS_DIR", "FORMATS", "ExportError", "ExportResult", "default_dest", "default_prefix",
+           "default_root", "depth_file_name", "export_point", "export_point_detailed", "export_run_point"]
+
+FORMATS = ("depths", "lauelab")  # laueflow export --format
 
 EXPORT_FORMAT = 2  # 1: depth_<j>_<z>um.h5, detector fields as attributes, no frame header
 MARK = "entry1/laueflow"  # the group that says laueflow wrote the file, and from what
-DETECTOR = "entry1/detector"
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -76,43 +79,8 @@ def depth_file_name(prefix: str, index: int) -> str:
 
 def default_prefix(header: h5py.Group, point: int) -> str:
     """``out_<scanNum>`` from the frame header, else ``out_<point>``."""
-    scan = header.get("entry1/scanNum")
-    if isinstance(scan, h5py.Dataset) and scan.size == 1 and np.issubdtype(scan.dtype, np.number):
-        return f"out_{int(np.ravel(scan[()])[0])}"
-    return f"out_{point}"
-
-
-def copy_group(source: h5py.Group, dest: h5py.Group) -> None:
-    """Copy every attribute, group and dataset of ``source`` into ``dest`` (merging with what exists)."""
-    dest.attrs.update({k: v for k, v in source.attrs.items()})
-    for name, obj in source.items():
-        if isinstance(obj, h5py.Group):
-            copy_group(obj, dest.require_group(name))
-        elif name not in dest:
-            source.copy(obj, dest, name)
-
-
-def _number(group: h5py.Group, key: str) -> int | None:
-    ds = group.get(key)
-    if isinstance(ds, h5py.Dataset) and ds.size == 1 and np.issubdtype(ds.dtype, np.number):
-        return int(np.ravel(ds[()])[0])
-    return None
-
-
-def region_on_detector(header: h5py.Group, frame: list[int], shape: tuple[int, int]) -> dict[str, int]:
-    """The detector fields of an image over ``frame`` = [r0, r1, c0, c1] of a frame whose header is
-    ``header``: startx/endx (columns), starty/endy (rows), inclusive, in unbinned detector pixels (the
-    frame's own start plus the region's offset times the binning); Nx, Ny, binx, biny as the frame says,
-    or the configured detector ``shape`` (columns, rows) and 1 when it says nothing."""
-    r0, r1, c0, c1 = frame
-    binx = _number(header, f"{DETECTOR}/binx") or 1
-    biny = _number(header, f"{DETECTOR}/biny") or 1
-    sx = _number(header, f"{DETECTOR}/startx") or 0
-    sy = _number(header, f"{DETECTOR}/starty") or 0
-    nx = _number(header, f"{DETECTOR}/Nx") or shape[0]
-    ny = _number(header, f"{DETECTOR}/Ny") or shape[1]
-    return {"Nx": nx, "Ny": ny, "binx": binx, "biny": biny, "startx": sx + c0 * binx,
-            "endx": sx + c1 * binx - 1, "starty": sy + r0 * biny, "endy": sy + r1 * biny - 1}
+    scan = number(header, SCAN_NUMBER)
+    return f"out_{point}" if scan is None else f"out_{int(scan)}"
 
 
 def _read_source(point_file: Path) -> dict[str, Any]:
@@ -290,3 +258,28 @@ def export_point(point_file: str | os.PathLike, dest_dir: str | os.PathLike | No
     depth order.  Idempotent: up-to-date files are kept, stale ones rewritten (see
     :func:`export_point_detailed`)."""
     return export_point_detailed(point_file, dest_dir).files
+
+
+def default_root(run_dir: str | os.PathLike, fmt: str) -> Path:
+    """Where a run's exports go by default: ``OUT/depths`` (a folder per point) or ``OUT/lauelab``."""
+    folder = RunFolder(Path(run_dir))
+    return folder.depths_root if fmt == "depths" else folder.lauelab_root
+
+
+def export_run_point(point_file: str | os.PathLike, point: int, root: str | os.PathLike, *,
+                     fmt: str = "depths", force: bool = False, prefix: str | None = None) -> ExportResult:
+    """Export one point of a run under ``root`` in format ``fmt`` (see :data:`FORMATS`): its depth files
+    in ``root/point_<k:05d>/``, or its lauelab point file ``root/point_<k:05d>.h5``."""
+    root = Path(root)
+    if fmt == "lauelab":
+        if prefix is not None:
+            raise ExportError("a file prefix names per-depth files; the lauelab format writes one file "
+                              "per point")
+        root.mkdir(parents=True, exist_ok=True)
+        target = root / point_name(point)
+        written = export_lauelab(point_file, target, force=force)
+        return ExportResult(point=point, dest=root, files=[target], written=int(written),
+                            kept=int(not written))
+    if fmt != "depths":
+        raise ExportError(f"export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    return export_point_detailed(point_file, root / point_dir_name(point), force=force, prefix=prefix)

@@ -33,7 +33,7 @@ from .. import provenance as prov
 from ..config import from_dict
 from ..errors import ConfigError, ExportError, ResultError, ScanError
 from .atomic import atomic_h5
-from .export import copy_group, region_on_detector
+from .header import SCAN_NUMBER, copy_group, number, region_on_detector, text
 from .pointfile import PointReader
 from .scan import Tile, open_scan
 
@@ -53,10 +53,8 @@ def _params(parent: h5py.Group, name: str) -> h5py.Group:
 
 
 def _scalar(header: h5py.Group, key: str) -> float:
-    ds = header.get(key)
-    if isinstance(ds, h5py.Dataset) and ds.size >= 1 and np.issubdtype(ds.dtype, np.number):
-        return float(np.ravel(ds[()])[0])
-    return float("nan")
+    value = number(header, key)
+    return float("nan") if value is None else value
 
 
 def _raw_references(info: dict[str, Any], point: int, frame: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -161,7 +159,7 @@ def export_lauelab(point_file: str | os.PathLike, dest: str | os.PathLike, *, fo
                 if first_frame.is_file() else (-1, -1)
             g.create_dataset("source_size", data=np.int64(size)).attrs["units"] = "bytes"
             g.create_dataset("source_mtime_ns", data=np.int64(mtime))
-            scan_number = _scalar(header, "entry1/scanNum")
+            scan_number = _scalar(header, SCAN_NUMBER)
             g.create_dataset("scan_number", data=np.int32(scan_number if np.isfinite(scan_number) else -1))
             position = [_scalar(header, f"entry1/sample/sample{a}") for a in "XYZ"]
             g.create_dataset("sample_position", data=np.array(position)).attrs["units"] = "um"
@@ -170,8 +168,7 @@ def export_lauelab(point_file: str | os.PathLike, dest: str | os.PathLike, *, fo
             n_frames = len(names) if names else 0
             g.create_dataset("raw_slices", data=np.array([0, n_frames], dtype=np.int64))
             g = _params(rec, "detector")
-            ident_ds = header.get("entry1/detector/ID")
-            _text(g, "id", ident_ds.asstr()[()] if isinstance(ident_ds, h5py.Dataset) else "")
+            _text(g, "id", text(header, "entry1/detector/ID"))
             for name, value in (("size", (det["Nx"], det["Ny"])),
                                 ("roi_start", (det["startx"], det["starty"])),
                                 ("roi_group", (det["binx"], det["biny"]))):

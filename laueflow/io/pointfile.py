@@ -55,6 +55,7 @@ from ..flags import (
 )
 from .atomic import atomic_h5
 from .blocks import PIXEL_DTYPES, PIXEL_FIELDS, read_block
+from .header import copy_header
 
 __all__ = ["ACQUISITION", "DIAGNOSTICS", "INTENSITY_UNITS", "PIXEL_DECODED", "PIXEL_NOT_SELECTED",
            "PIXEL_NO_BLOCK", "PIXEL_SATURATED", "PIXEL_STATES", "POINT_FORMAT", "PointReader", "checksum",
@@ -80,7 +81,6 @@ PIXEL_MEANINGS = {"background": "background under the pixel's trace, " + INTENSI
                   "quality": "quality flag bits, 0 = good (see quality_flags)",
                   "energy": "energy of the pixel's spot, NaN where not estimated",
                   "energy_sigma": "standard error of energy"}
-HEADER_LIMIT = 1 << 20  # header datasets above this size (bytes) are not copied: image stacks, not metadata
 
 
 def _chunks(n_depth: int, n_rows: int, n_cols: int) -> tuple[int, int, int]:
@@ -144,26 +144,6 @@ def _cf_flags(ds: h5py.Dataset, flags: Sequence[Flag], bits: bool) -> None:
     """CF attributes naming a code's values (``flag_masks`` for bits, ``flag_values`` for states)."""
     ds.attrs["flag_masks" if bits else "flag_values"] = np.array([f.value for f in flags], dtype=ds.dtype)
     ds.attrs["flag_meanings"] = " ".join(f.name for f in flags)
-
-
-def copy_header(source: str | os.PathLike, image_key: str, dest: h5py.Group) -> None:
-    """Copy a frame file's header into ``dest``: every group (with its attributes) and every dataset but
-    the image ``image_key`` and datasets above HEADER_LIMIT, the root's attributes onto ``dest``.  The
-    paths stay as the detector wrote them (``entry1/detector/startx`` ...).  The file is opened read-only."""
-    image = image_key.strip("/")
-    with h5py.File(source, "r") as src:
-        dest.attrs.update({k: v for k, v in src.attrs.items()})
-
-        def visit(name: str, obj: Any) -> None:
-            if name == image:
-                return
-            if isinstance(obj, h5py.Group):
-                dest.require_group(name).attrs.update({k: v for k, v in obj.attrs.items()})
-            elif isinstance(obj, h5py.Dataset) and obj.dtype.itemsize * obj.size <= HEADER_LIMIT:
-                parent = name.rpartition("/")[0]
-                src.copy(obj, dest.require_group(parent) if parent else dest, name.rpartition("/")[2])
-
-        src.visititems(visit)
 
 
 def write_point(path: str | os.PathLike, block_files: Sequence[str | os.PathLike], *,
