@@ -33,6 +33,7 @@ import numpy as np
 
 from .errors import LaueflowError
 from .evaluate import centroids
+from .io import header
 from .io.atomic import atomic_path
 from .io.pointfile import PIXEL_DECODED, PIXEL_NO_BLOCK, PIXEL_NOT_SELECTED, PIXEL_SATURATED, PointReader
 from .runs import Point, Run
@@ -610,20 +611,20 @@ def signal_mean_depth(depth: np.ndarray, intensity: np.ndarray, fraction: float 
 
 def recorded_positions(path: str | os.PathLike) -> dict[str, tuple[float, str]]:
     """The sample position in the frame header a point file keeps (``SAMPLE_POSITIONS``, as the
-    detector wrote them): {sampleX: (value, units), ...} for those present as numbers."""
+    detector wrote them; the first value of a per-frame array): {sampleX: (value, units), ...} for those
+    present as numbers."""
     out: dict[str, tuple[float, str]] = {}
     with PointReader(path) as reader:
         try:
-            header = reader.acquisition()
+            acquisition = reader.acquisition()
         except KeyError:
             return out
         for key in SAMPLE_POSITIONS:
-            ds = header.get(key)
-            if ds is None or not hasattr(ds, "dtype") or ds.shape != () or ds.dtype.kind not in "iuf":
+            value = header.number(acquisition, key)
+            if value is None:
                 continue
-            units = ds.attrs.get("units", "")
-            units = units.decode() if isinstance(units, bytes) else str(units)
-            out[key.rsplit("/", 1)[1]] = (float(ds[()]), units)
+            units = acquisition[key].attrs.get("units", "")
+            out[key.rsplit("/", 1)[1]] = (value, units.decode() if isinstance(units, bytes) else str(units))
     return out
 
 
