@@ -35,7 +35,14 @@ from .errors import LaueflowError
 from .evaluate import centroids
 from .io import header
 from .io.atomic import atomic_path
-from .io.pointfile import PIXEL_DECODED, PIXEL_NO_BLOCK, PIXEL_NOT_SELECTED, PIXEL_SATURATED, PointReader
+from .io.pointfile import (
+    PIXEL_DECODED,
+    PIXEL_NO_BLOCK,
+    PIXEL_NOT_SELECTED,
+    PIXEL_SATURATED,
+    PointReader,
+    signal_excess,
+)
 from .runs import Point, Run
 
 FIGURES = ("integrated", "intensity", "slices", "depthmap", "quality")
@@ -324,10 +331,10 @@ def signal_slabs(point: Point, n: int = 12, fraction: float = 0.05) -> list[np.n
     ivd = point.intensity_vs_depth
     if ivd.size == 0:
         return []
-    excess = ivd - np.median(ivd)
-    if excess.max() <= 0:
+    excess = signal_excess(ivd, fraction)
+    if excess is None:
         return [np.array([int(np.argmax(ivd))])]
-    above = np.flatnonzero(excess >= fraction * excess.max())
+    above = np.flatnonzero(excess)
     runs = np.split(above, np.flatnonzero(np.diff(above) != 1) + 1)
     if len(runs) > n:
         brightest = sorted(np.argsort([-ivd[r].sum() for r in runs])[:n])
@@ -599,14 +606,8 @@ def signal_mean_depth(depth: np.ndarray, intensity: np.ndarray, fraction: float 
     """Mean depth (um) of the signal: the depth bins whose intensity rises above the floor (the median)
     by ``fraction`` of the peak, weighted by that excess (the bins of ``io.pointfile.signal_range``);
     None without signal.  The floor keeps noise spread over the whole grid from pulling it to the middle."""
-    intensity = np.asarray(intensity, dtype=np.float64)
-    if intensity.size == 0 or not np.isfinite(intensity).all():
-        return None
-    excess = intensity - np.median(intensity)
-    if excess.max() <= 0:
-        return None
-    weight = np.where(excess >= fraction * excess.max(), excess, 0.0)
-    return float((weight * depth).sum() / weight.sum())
+    weight = signal_excess(intensity, fraction)
+    return None if weight is None else float((weight * depth).sum() / weight.sum())
 
 
 def recorded_positions(path: str | os.PathLike) -> dict[str, tuple[float, str]]:

@@ -59,7 +59,8 @@ from .header import copy_header
 
 __all__ = ["ACQUISITION", "DIAGNOSTICS", "INTENSITY_UNITS", "PIXEL_DECODED", "PIXEL_NOT_SELECTED",
            "PIXEL_NO_BLOCK", "PIXEL_SATURATED", "PIXEL_STATES", "POINT_FORMAT", "PointReader", "checksum",
-           "point_summary", "read_profiles", "read_provenance", "signal_range", "verify", "write_point"]
+           "point_summary", "read_profiles", "read_provenance", "signal_excess", "signal_range", "verify",
+           "write_point"]
 
 # 1: laueflow 0.1 before NeXus defaults (diagnostics in reconstruction/pixels, no state map or header)
 POINT_FORMAT = 2
@@ -99,17 +100,26 @@ def _band_cache(n_depth: int, n_rows: int, n_cols: int) -> dict[str, int]:
     return {"rdcc_nbytes": nbytes, "rdcc_nslots": 20011}  # a prime, well above the chunks held
 
 
-def signal_range(depth_um: np.ndarray, intensity: np.ndarray,
-                 fraction: float = 0.1) -> tuple[float, float] | None:
-    """Depth interval (um) where the summed intensity rises above its floor (the median, which noise and
-    background-level pixels set) by more than ``fraction`` of the peak; None when there is no peak."""
+def signal_excess(intensity: np.ndarray, fraction: float = 0.1) -> np.ndarray | None:
+    """How far each depth bin's summed intensity rises above its floor (the median, which noise and
+    background-level pixels set), 0 where it rises by less than ``fraction`` of the peak; None when
+    nothing rises (no signal, or values that are not finite).  The bins with signal of a point."""
     intensity = np.asarray(intensity, dtype=np.float64)
     if intensity.size == 0 or not np.isfinite(intensity).all():
         return None
     excess = intensity - np.median(intensity)
     if excess.max() <= 0:
         return None
-    above = np.flatnonzero(excess >= fraction * excess.max())
+    return np.where(excess >= fraction * excess.max(), excess, 0.0)
+
+
+def signal_range(depth_um: np.ndarray, intensity: np.ndarray,
+                 fraction: float = 0.1) -> tuple[float, float] | None:
+    """Depth interval (um) of the bins with signal (:func:`signal_excess`); None when there is none."""
+    excess = signal_excess(intensity, fraction)
+    if excess is None:
+        return None
+    above = np.flatnonzero(excess)
     return float(depth_um[above[0]]), float(depth_um[above[-1]])
 
 
