@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import shutil
 import time
 from dataclasses import replace
@@ -22,9 +23,10 @@ from laueflow.cli import main
 from laueflow.config import load
 from laueflow.io import layout
 from laueflow.simulate import simulate
-from laueflow.workflow import RunError, run
+from laueflow.workflow import Driver, RunError, RunOptions, run
 from laueflow.workflow import tasks as T
 from laueflow.workflow.hooks import RunHooks
+from laueflow.workflow.outcomes import StitchRequest
 from laueflow.workflow.status import read_status
 
 REGION = 16
@@ -258,3 +260,24 @@ def test_refuses_when_parsl_is_already_loaded(scan, tmp_path):
         with pytest.raises(RunError, match="already loaded"):
             run(scan, load(scan / "config.yaml"), tmp_path / "recon")
     assert not (tmp_path / "recon").exists()
+
+
+def test_stitch_request_is_plain(scan, tmp_path):
+    """What the driver sends a stitching task is a frozen dataclass of plain fields: it pickles (Parsl
+    carries it to other processes) and holds no configuration or scan object."""
+    cfg = load(scan / "config.yaml")
+    options = RunOptions(block_pixels=BLOCK, command_line="laueflow run")
+    driver = Driver(scan, cfg, tmp_path / "recon", options)
+    driver.prepare()
+    driver.start()
+    request = driver.stitch_request(point=2)
+    assert isinstance(request, StitchRequest) and pickle.loads(pickle.dumps(request)) == request
+    with pytest.raises(AttributeError):
+        request.point = 1  # frozen
+    assert request.point == 2 and request.block_pixels == BLOCK and request.command_line == "laueflow run"
+    assert list(request.frame) == list(cfg.file.frame)
+    assert len(request.depths_mm) == len(cfg.geo.source.depths)
+    plain = (str, int, float, bool, type(None))
+    for name, value in vars(request).items():
+        items = value if isinstance(value, tuple) else (value,)
+        assert all(isinstance(v, plain) for v in items), name

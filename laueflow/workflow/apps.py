@@ -8,12 +8,12 @@ files, never through Parsl.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from parsl import python_app
 
-from .outcomes import BlockOutcome, StageOutcome, StitchOutcome
+from .outcomes import BlockOutcome, StageOutcome, StitchOutcome, StitchRequest
 
 
 @python_app(executors=["stitch"])
@@ -40,9 +40,9 @@ def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any, bloc
 
 
 @python_app(executors=["stitch"])
-def stitch_point(block_files: Sequence[str], out_file: str, meta: Mapping[str, Any],
+def stitch_point(block_files: Sequence[str], out_file: str, request: StitchRequest,
                  inputs: Sequence[Any] = ()) -> StitchOutcome:
     """Write one point's HDF5 file from its block files, once every block task in ``inputs`` has finished."""
     from laueflow.workflow.tasks import stitch_point as run
 
-    return run(block_files, out_file, meta, list(inputs))
+    return run(block_files, out_file, request, list(inputs))

@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ from ..io.scan import Scan, ScanError, open_scan, select_points
 from ..sites.base import stop_now
 from . import apps
 from .hooks import PointFeed, ProgressCallback, ProgressEvent, RunHooks
-from .outcomes import BlockOutcome, PointResult, StitchOutcome
+from .outcomes import BlockOutcome, PointResult, StitchOutcome, StitchRequest
 from .resume import resumable_point, reusable_blocks
 from .status import FILE_STATES, PointState, RunLock, RunState, StatusFile, out_dir_error
 
@@ -63,6 +64,8 @@ STAGE_BUDGET_BYTES = 4 << 30
 STOP_TIMEOUT_S = 10.0
 # what the operating system says when the output disk (or the user's quota on it) is full
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# what the final line calls a point in state PointState.RESUMED (status.json counts them as points_kept)
+KEPT_LABEL = "kept"
 
 
 @dataclass
@@ -89,7 +92,7 @@ class RunResult:
         origin, the time and where the results are."""
         counts: dict[str, int] = {}
         for p in self.points:
-            state = "kept" if p.status == PointState.RESUMED else str(p.status)
+            state = KEPT_LABEL if p.status == PointState.RESUMED else str(p.status)
             counts[state] = counts.get(state, 0) + 1
         parts = ", ".join(f"{n} {s}" for s, n in counts.items())
         px = self.pixels or {"decoded": sum(p.n_pixels for p in self.points
@@ -340,7 +343,7 @@ class Driver:
         self.status: StatusFile | None = None
         self.cfg_path = ""  # set by drive(): the configuration file the workers load
         self.worker_fp = ""  # its fingerprint as the workers see it
-        self.meta_common: dict[str, Any] = {}  # what every stitching task records
+        self.stitch_request: Callable[..., StitchRequest] | None = None  # set by start(); takes point=k
         self.max_points_in_flight = options.max_points_in_flight
         self.lock = lock  # held by the caller (laueflow watch takes it before its first point)
 
@@ -385,15 +388,14 @@ class Driver:
         source = Path(cfg.source_file) if cfg.source_file else None
         source_text = source.read_text() if source is not None and source.is_file() else None
         command = o.command_line if o.command_line is not None else provenance.command_line()
-        self.meta_common = {
-            "scan_path": str(self.scan_path), "cfg_path": self.cfg_path,
-            "frame": [int(v) for v in cfg.file.frame], "depths_mm": [float(z) for z in cfg.geo.source.depths],
-            "config_yaml": cfg.to_yaml(), "config_fingerprint": cfg.fingerprint(),
-            "start_time": self.start_time,
-            "command_line": command, "host": socket.gethostname(), "config_file": cfg.source_file or "",
-            "config_source": source_text, "per_depth_files": o.per_depth_files,
-            "block_pixels": self.plan.block_pixels,
-        }
+        # what every stitching task is told, short of its point
+        self.stitch_request = partial(
+            StitchRequest, scan_path=str(self.scan_path), cfg_path=self.cfg_path,
+            frame=tuple(int(v) for v in cfg.file.frame),
+            depths_mm=tuple(float(z) for z in cfg.geo.source.depths),
+            config_yaml=cfg.to_yaml(), config_fingerprint=cfg.fingerprint(), start_time=self.start_time,
+            command_line=command, host=socket.gethostname(), config_file=cfg.source_file or "",
+            config_source=source_text, per_depth_files=o.per_depth_files, block_pixels=self.plan.block_pixels)
         _remove_stale_temporaries(self.out_dir, keep_staged=self.plan.points if o.staging else ())
         self.status = StatusFile(self.out_dir, scan=str(self.scan_path), command=command,
                                  extra=self.status_sections)
@@ -635,8 +637,7 @@ class Driver:
 
     def stitch(self, k: int, files: Sequence[str], deps: Sequence[Future | BlockOutcome]) -> Future:
         """Submit the stitching of a point, to run once its block tasks (``deps``) have finished."""
-        meta = {**self.meta_common, "point": k}
-        fut = apps.stitch_point(list(files), str(self.folder.point_file(k)), meta,
+        fut = apps.stitch_point(list(files), str(self.folder.point_file(k)), self.stitch_request(point=k),
                                 inputs=list(deps))
         self.live[fut] = ("point", k)
         return fut

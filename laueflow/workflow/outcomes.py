@@ -1,4 +1,5 @@
-"""What the tasks of a run send back to the driver: small, picklable dataclasses (Parsl returns them).
+"""What the driver and the tasks of a run hand each other: small, picklable dataclasses (Parsl carries
+them), the requests the driver sends and the outcomes the tasks send back.
 
 Arrays never travel this way; they go through the block and point files.
 """
@@ -6,10 +7,41 @@ Arrays never travel this way; they go through the block and point files.
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .status import OK_STATES, PointState
+
+
+@dataclass(frozen=True)
+class StitchRequest:
+    """What a stitching task needs besides its block files and their outcomes, built once per point by
+    the driver: where the scan and the workers' configuration are, the region and depth grid of the
+    volume, and what the point file's provenance records.  Plain fields only, so that it pickles.
+
+    ``scan_path``, ``cfg_path``: the scan and the configuration file the workers load;
+    ``frame``: the detector region [r0, r1, c0, c1]; ``depths_mm``: the depth grid;
+    ``config_yaml``, ``config_fingerprint``: the run's configuration as recorded;
+    ``start_time``, ``command_line``, ``host``: the run's start, command and driver host (None: this
+    process's); ``config_file``, ``config_source``: the configuration's file and its text as written;
+    ``per_depth_files``: also write the per-depth files; ``block_pixels``: the tiling.
+    """
+
+    point: int
+    scan_path: str
+    cfg_path: str
+    frame: Sequence[int]
+    depths_mm: Sequence[float]
+    config_yaml: str
+    config_fingerprint: str
+    start_time: str
+    block_pixels: int
+    command_line: str | None = None
+    host: str | None = None
+    config_file: str = ""
+    config_source: str | None = None
+    per_depth_files: bool = False
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from laueflow.io.export import ExportError, export_point
 from laueflow.io.pointfile import write_point
 from laueflow.io.scan import Scan, ScanError, open_scan
 
-from .outcomes import BlockOutcome, StageOutcome, StitchOutcome
+from .outcomes import BlockOutcome, StageOutcome, StitchOutcome, StitchRequest
 from .status import PointState
 
 _LOCK = threading.Lock()
@@ -225,21 +225,23 @@ def _stale(block_files: Sequence[str], blocks: Sequence[BlockOutcome], stamp: di
     return out
 
 
-def stitch_point(block_files: Sequence[str], out_file: str, meta: dict[str, Any],
+def stitch_point(block_files: Sequence[str], out_file: str, request: StitchRequest | Mapping[str, Any],
                  blocks: Sequence[BlockOutcome]) -> StitchOutcome:
     """Write a point file from the blocks that were decoded; report the point as skipped when none were.
 
-    ``blocks`` are the block tasks' outcomes (in the order of ``block_files``); ``meta`` carries
-    what the driver knows: scan and config paths, point, region, depths, tiling and provenance fields.
+    ``blocks`` are the block tasks' outcomes (in the order of ``block_files``); ``request`` carries
+    what the driver knows (a mapping of the same fields is taken too): scan and config paths, point,
+    region, depths, tiling and provenance fields.
     Only block files stamped with this point, their tile, the workers' configuration and the point's
     frames as they are now are stitched; any other counts as a failed block (the point is partial and
     a rerun recomputes it).
     """
     t0 = time.perf_counter()
-    point = int(meta["point"])
-    cfg = cached_config(meta["cfg_path"])
-    scan = cached_scan(meta["scan_path"], cfg, point)
-    inputs = point_inputs(meta["scan_path"], scan, point)
+    req = request if isinstance(request, StitchRequest) else StitchRequest(**request)
+    point = int(req.point)
+    cfg = cached_config(req.cfg_path)
+    scan = cached_scan(req.scan_path, cfg, point)
+    inputs = point_inputs(req.scan_path, scan, point)
     stamp = {"point": point, "tile": None, "config_fingerprint": cfg.fingerprint(),
              "input_fingerprint": provenance.input_fingerprint(inputs)}
     stale = _stale(block_files, blocks, stamp)
@@ -259,18 +261,18 @@ def stitch_point(block_files: Sequence[str], out_file: str, meta: dict[str, Any]
             return StitchOutcome(**base, status=PointState.SKIPPED, reason="; ".join(reasons))
     hosts = sorted({b.host for b in blocks if b.host})
     record = provenance.build(
-        config_yaml=meta["config_yaml"], config_fingerprint=meta["config_fingerprint"], inputs=inputs,
-        start_time=meta["start_time"], command=meta.get("command_line"), host=meta.get("host"),
-        point=point, scan=str(meta["scan_path"]), config_file=str(meta.get("config_file") or ""),
-        config_source=meta.get("config_source") or None, worker_hosts=", ".join(hosts),
-        failed_blocks=len(errors), **{provenance.BLOCK_PIXELS: int(meta["block_pixels"])},
+        config_yaml=req.config_yaml, config_fingerprint=req.config_fingerprint, inputs=inputs,
+        start_time=req.start_time, command=req.command_line, host=req.host,
+        point=point, scan=str(req.scan_path), config_file=str(req.config_file or ""),
+        config_source=req.config_source or None, worker_hosts=", ".join(hosts),
+        failed_blocks=len(errors), **{provenance.BLOCK_PIXELS: int(req.block_pixels)},
         calibration=provenance.calibration(cfg.calibration, cfg.geo.mask.focus, cfg.geo.mask))
-    summary = write_point(out_file, written, frame=meta["frame"], depths_mm=meta["depths_mm"],
+    summary = write_point(out_file, written, frame=req.frame, depths_mm=req.depths_mm,
                           provenance=record, complete=not errors,
                           stamp={k: v for k, v in stamp.items() if k != "tile"},
                           header=(scan.point_frames(point)[0][0], cfg.file.h5_key))
     depth_files, export_problem = 0, ""
-    if meta.get("per_depth_files"):
+    if req.per_depth_files:
         try:
             depth_files = len(export_point(out_file))
         except (ExportError, OSError) as exc:  # the point file itself is complete and stays
