@@ -1,8 +1,8 @@
 """laueflow's errors: one base class, one subclass per layer.
 
-Every error that a user can cause (a bad configuration, scan, site, point file, export folder or
-transfer setting) is a :class:`LaueflowError`; the command line prints its message as one
-``error: ...`` line and exits with status 2.  Anything else is a bug and keeps its traceback.
+Every error that a user can cause (a bad configuration, scan, site, point file, export folder,
+transfer setting or simulation argument) is a :class:`LaueflowError`; the command line prints its
+message as one ``error: ...`` line and exits with status 2.  Anything else is a bug and keeps its traceback.
 
 The layer subclasses also derive from :class:`ValueError` where callers have long caught them as
 such (a bad value given by the user).  Each module raises its own layer's class and re-exports it
@@ -70,3 +70,8 @@ class TransferAuthError(TransferError):
 
 class GeometryFileError(LaueflowError):
     """A geometry file of the beamline (geoN XML) cannot be read or lacks what is asked of it."""
+
+
+class SimulateError(LaueflowError, ValueError):
+    """A synthetic scan cannot be written as asked (unknown preset or geometry, a region, frame count,
+    film depth or pose error out of range)."""

@@ -28,6 +28,7 @@ import yaml
 from . import __version__
 from . import config as C
 from . import geometry as G
+from .errors import SimulateError
 from .forward import Setup, traces
 from .geometry import SATURATED, SUBSAMPLE_OFFSETS
 from .io.atomic import atomic_h5
@@ -53,7 +54,7 @@ DETECTOR_SIDE = 2048  # pixels, the built-in detector (default_config_dict)
 def default_config_dict(geometry: str = "tilted", frames: int = 261, region: int = 64) -> dict:
     """A beamline-schema configuration for a synthetic scan (34-ID-E-like detector)."""
     if geometry not in GEOMETRIES:
-        raise ValueError(f"unknown geometry {geometry!r}; choose one of {', '.join(GEOMETRIES)}")
+        raise SimulateError(f"unknown geometry {geometry!r}; choose one of {', '.join(GEOMETRIES)}")
     g = GEOMETRIES[geometry]
     r0 = DETECTOR_SIDE // 2 - region // 2
     return {
@@ -141,7 +142,7 @@ def _grains(preset: str, rng: np.random.Generator, region: tuple[int, int, int, 
         for t in tops:
             grains.append(Grain(top=t, thickness=rng.uniform(6, 12)))
     else:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise SimulateError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
     def apart(new: list[tuple], placed: list[tuple]) -> bool:
         """Whether every spot in `new` keeps clear of every placed one: centres 4 (sigma1 + sigma2) apart."""
@@ -270,18 +271,18 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
     keeps (attribute ``focus``): a nominal configuration that is off, as after a mask installation.
     """
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise SimulateError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if film_depth is not None and preset != "film":
-        raise ValueError(f"a film depth is for the film preset, not {preset!r}")
+        raise SimulateError(f"a film depth is for the film preset, not {preset!r}")
     pose_error = _check_pose(pose_error)
     # arguments are checked before anything is written
     if points < 1:
-        raise ValueError(f"points must be >= 1, got {points}")
+        raise SimulateError(f"points must be >= 1, got {points}")
     if config is None and not MIN_REGION <= region <= DETECTOR_SIDE:
-        raise ValueError(f"region must be between {MIN_REGION} and {DETECTOR_SIDE} pixels (the detector's "
-                         f"side), got {region}")
+        raise SimulateError(f"region must be between {MIN_REGION} and {DETECTOR_SIDE} pixels (the detector's "
+                            f"side), got {region}")
     if frames is not None and frames < MIN_FRAMES:
-        raise ValueError(f"frames must be >= {MIN_FRAMES} per scan point, got {frames}")
+        raise SimulateError(f"frames must be >= {MIN_FRAMES} per scan point, got {frames}")
     if preset == "multipoint":
         points = max(points, 3)
     out = Path(out_dir)
@@ -311,12 +312,12 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
         data["file"]["range"] = [0, n_frames, 1]
     if config is not None:  # frames and region from the given configuration
         if n_frames < MIN_FRAMES:
-            raise ValueError(f"frames must be >= {MIN_FRAMES} per scan point, got {n_frames} "
-                             f"(file.range of {config})")
+            raise SimulateError(f"frames must be >= {MIN_FRAMES} per scan point, got {n_frames} "
+                                f"(file.range of {config})")
         fr0, fr1, fc0, fc1 = user.file.frame
         if min(fr1 - fr0, fc1 - fc0) < MIN_REGION:
-            raise ValueError(f"region must be at least {MIN_REGION} x {MIN_REGION} pixels, got "
-                             f"{fr1 - fr0} x {fc1 - fc0} (file.frame of {config})")
+            raise SimulateError(f"region must be at least {MIN_REGION} x {MIN_REGION} pixels, got "
+                                f"{fr1 - fr0} x {fc1 - fc0} (file.frame of {config})")
 
     written = _posed(data, pose_error)
     if preset == "film":
@@ -431,7 +432,7 @@ def _check_pose(pose_error: dict[str, float] | None) -> dict[str, float]:
     pose_error = dict(pose_error or {})
     bad = sorted(set(pose_error) - set(POSE_KEYS))
     if bad:
-        raise ValueError(f"unknown pose parameter(s) {', '.join(bad)}; choose from {', '.join(POSE_KEYS)}")
+        raise SimulateError(f"unknown pose parameter(s) {', '.join(bad)}; choose from {', '.join(POSE_KEYS)}")
     return pose_error
 
 
@@ -449,8 +450,8 @@ def _film_depth(cfg: C.Config, film_depth: float | None) -> float:
     film_depth = FILM_DEPTH if film_depth is None else float(film_depth)
     grid_um = cfg.geo.source.depths * 1e3
     if not grid_um[0] + FILM_THICKNESS <= film_depth <= grid_um[-1] - FILM_THICKNESS:
-        raise ValueError(f"film depth {film_depth:g} um is outside the depth grid "
-                         f"[{grid_um[0]:g}, {grid_um[-1]:g}] um")
+        raise SimulateError(f"film depth {film_depth:g} um is outside the depth grid "
+                            f"[{grid_um[0]:g}, {grid_um[-1]:g}] um")
     return film_depth
 
 
@@ -473,11 +474,11 @@ def parse_pose(text: str) -> dict[str, float]:
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or key not in POSE_KEYS:
-            raise ValueError(f"{item!r}: expected NAME=VALUE with NAME one of {', '.join(POSE_KEYS)}")
+            raise SimulateError(f"{item!r}: expected NAME=VALUE with NAME one of {', '.join(POSE_KEYS)}")
         try:
             out[key] = float(value)
         except ValueError:
-            raise ValueError(f"{item!r}: {value.strip()!r} is not a number") from None
+            raise SimulateError(f"{item!r}: {value.strip()!r} is not a number") from None
     return out
 
 
@@ -529,8 +530,8 @@ def _spot_grid(rng: np.random.Generator, region: tuple[int, int, int, int], frac
         cell -= 1
     if cell < np.ceil(SPOT_SEPARATION):
         most = fraction * (h // int(np.ceil(SPOT_SEPARATION))) * (w // int(np.ceil(SPOT_SEPARATION))) / n
-        raise ValueError(f"spot_fraction {fraction:g} does not fit a {h} x {w} region with spots kept apart; "
-                         f"at most about {most:.2f}")
+        raise SimulateError(f"spot_fraction {fraction:g} does not fit a {h} x {w} region with spots kept "
+                            f"apart; at most about {most:.2f}")
     n_r, n_c = h // cell, w // cell
     cells = rng.choice(n_r * n_c, size=n, replace=False)
     jitter = (cell - SPOT_SEPARATION) / 2
@@ -568,19 +569,19 @@ def simulate_large(out_dir: str | Path, *, region: int = 1200, frames: int = 201
     ``progress`` receives a line now and then.  Returns a summary like :func:`simulate`'s.
     """
     if preset not in LARGE_PRESETS:
-        raise ValueError(f"unknown preset {preset!r} for a large scan; "
-                         f"choose one of {', '.join(LARGE_PRESETS)}")
+        raise SimulateError(f"unknown preset {preset!r} for a large scan; "
+                            f"choose one of {', '.join(LARGE_PRESETS)}")
     if not MIN_REGION <= region <= DETECTOR_SIDE:
-        raise ValueError(f"region must be between {MIN_REGION} and {DETECTOR_SIDE} pixels, got {region}")
+        raise SimulateError(f"region must be between {MIN_REGION} and {DETECTOR_SIDE} pixels, got {region}")
     if frames < MIN_FRAMES:
-        raise ValueError(f"frames must be >= {MIN_FRAMES} per scan point, got {frames}")
+        raise SimulateError(f"frames must be >= {MIN_FRAMES} per scan point, got {frames}")
     if not 0 < spot_fraction < 1:
-        raise ValueError(f"spot_fraction must be between 0 and 1, got {spot_fraction}")
+        raise SimulateError(f"spot_fraction must be between 0 and 1, got {spot_fraction}")
     n_grains = 1 if preset == "film" else grains if grains is not None else (6 if preset == "thin" else 3)
     if n_grains < 1:
-        raise ValueError(f"grains must be >= 1, got {n_grains}")
+        raise SimulateError(f"grains must be >= 1, got {n_grains}")
     if len(chunks) != 2 or min(chunks) < 1:
-        raise ValueError(f"chunks must be two positive sizes (rows, cols), got {chunks}")
+        raise SimulateError(f"chunks must be two positive sizes (rows, cols), got {chunks}")
     say = progress or (lambda line: None)
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
@@ -589,7 +590,7 @@ def simulate_large(out_dir: str | Path, *, region: int = 1200, frames: int = 201
     if preset == "film":
         film_depth = _film_depth(C.from_dict(data, check_files=False), film_depth)
     elif film_depth is not None:
-        raise ValueError(f"a film depth is for the film preset, not {preset!r}")
+        raise SimulateError(f"a film depth is for the film preset, not {preset!r}")
     threshold = 4 * np.sqrt(background)  # the truth's spot pixels, as in simulate()
     # spots first: a fraction that does not fit stops before anything is written
     spots = _spot_grid(rng, tuple(data["file"]["frame"]), spot_fraction, threshold)

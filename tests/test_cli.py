@@ -194,6 +194,38 @@ def test_simulate_command(tmp_path):
     assert bad.exit_code == 2 and not (tmp_path / "x").exists()
 
 
+
+BAD_SIMULATE = [(["--region", "4"], "region must be between 8"), (["--frames", "7"], "frames must be >= 8"),
+                (["--pose-error", "cenx=abc"], "is not a number"),
+                (["--film-depth", "20"], "a film depth is for the film preset"),
+                (["--preset", "film", "--film-depth", "900"], "outside the depth grid")]
+
+
+@pytest.mark.parametrize(("args", "named"), BAD_SIMULATE, ids=[b[1].split()[0] for b in BAD_SIMULATE])
+def test_simulate_bad_arguments(tmp_path, args, named):
+    """Arguments the simulator refuses (SimulateError, a LaueflowError): one error line, exit status 2,
+    nothing written."""
+    out = tmp_path / "sim"
+    r = _invoke("simulate", out, "--region", "16", *args)
+    assert r.exit_code == 2, r.output
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], r.stderr
+    assert not out.exists()
+
+
+def test_simulate_bad_frames_of_a_configuration(tmp_path, good):
+    """A configuration whose frames are too few to simulate: one error line naming it, exit status 2."""
+    data = copy.deepcopy(good)
+    data["file"]["range"] = [0, 4, 1]
+    path = _write(tmp_path, data)
+    out = tmp_path / "sim"
+    r = _invoke("simulate", out, "--config", path)
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: frames must be >= 8") and str(path) in lines[0]
+    assert not out.exists()
+
 # Output folders the operating system refuses (issue 14, defect 6): one error line, exit 2, nothing written.
 
 def _run_cli(*args) -> subprocess.CompletedProcess:

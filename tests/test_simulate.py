@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from laueflow import geometry as G
 from laueflow.cli import main
 from laueflow.config import Config, ConfigWarning, load
+from laueflow.errors import SimulateError
 from laueflow.evaluate import Truth, load_truth
 from laueflow.forward import Setup, traces
 from laueflow.io.scan import open_scan
@@ -370,13 +371,13 @@ def test_multipoint_preset(multipoint: tuple[Path, dict]) -> None:
 
 
 def test_points_option_and_presets_rejected(root: Path) -> None:
-    """points=2 gives two points; unknown presets and points < 1 raise ValueError naming the problem."""
+    """points=2 gives two points; unknown presets and points < 1 raise SimulateError naming the problem."""
     out, info = sim(root, "two_points", points=2, region=16)
     assert info["points"] == 2
     assert open_scan(cfg_of(out)).n_points == 2
-    with pytest.raises(ValueError, match="unknown preset 'bogus'.*thin"):
+    with pytest.raises(SimulateError, match="unknown preset 'bogus'.*thin"):
         simulate(root / "bad", preset="bogus")
-    with pytest.raises(ValueError, match="points"):
+    with pytest.raises(SimulateError, match="points"):
         simulate(root / "bad", points=0)
 
 
@@ -528,7 +529,7 @@ def test_config_too_small_refused(root: Path, file: dict, word: str) -> None:
     """A given configuration with under 8 frames or a region under 8 pixels is refused; nothing written."""
     src = _flat_config(root / f"given_small_{word}", **file)
     out = root / f"from_config_small_{word}"
-    with pytest.raises(ValueError, match=f"{word} must be .*8.*file\\.(range|frame)"):
+    with pytest.raises(SimulateError, match=f"{word} must be .*8.*file\\.(range|frame)"):
         simulate(out, config=src)
     assert not out.exists()
 
@@ -585,8 +586,8 @@ def test_smallest_region_and_frames_simulate(root: Path) -> None:
 
 @pytest.mark.parametrize("frames", [0, 7, -1])
 def test_too_few_frames_refused(tmp_path: Path, frames: int) -> None:
-    """frames below 8 (0 included: no silent default) is refused with a ValueError; nothing written."""
-    with pytest.raises(ValueError, match="frames must be >= 8"):
+    """frames below 8 (0 included: no silent default) is refused with a SimulateError; nothing written."""
+    with pytest.raises(SimulateError, match="frames must be >= 8"):
         simulate(tmp_path / "scan", frames=frames, region=8, noise=False)
     assert not (tmp_path / "scan").exists()
 
@@ -707,7 +708,7 @@ def test_large_arguments_checked(tmp_path: Path) -> None:
     for kwargs, match in (({"preset": "overlap"}, "unknown preset"), ({"region": 4}, "region"),
                           ({"frames": 7}, "frames must be >= 8"), ({"spot_fraction": 0}, "spot_fraction"),
                           ({"spot_fraction": 0.6}, "does not fit"), ({"grains": 0}, "grains")):
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(SimulateError, match=match):
             simulate_large(tmp_path / "scan", **{"region": 32, "frames": 8, **kwargs})
     assert not (tmp_path / "scan").exists()
 
@@ -739,7 +740,7 @@ def test_parse_pose() -> None:
     assert parse_pose("cenx=0.02, dist=-0.03,angley=0.3") == {"cenx": 0.02, "dist": -0.03, "angley": 0.3}
     assert parse_pose("") == {}
     for bad in ("tilt=1", "cenx", "cenx=abc"):
-        with pytest.raises(ValueError, match=bad.split("=")[0]):
+        with pytest.raises(SimulateError, match=bad.split("=")[0]):
             parse_pose(bad)
 
 
@@ -770,6 +771,6 @@ def test_large_film_with_pose_error(tmp_path: Path) -> None:
         focus = json.loads(f["truth"].attrs["focus"])
     assert cfg.geo.mask.focus.dist == pytest.approx(focus["dist"] - 0.03)
     assert cfg.geo.mask.focus.anglez == pytest.approx(focus["anglez"] + 0.2)
-    with pytest.raises(ValueError, match="outside the depth grid"):
+    with pytest.raises(SimulateError, match="outside the depth grid"):
         simulate_large(tmp_path / "bad", region=64, frames=16, preset="film", film_depth=500.0)
     assert not (tmp_path / "bad").exists()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import fail, input_errors, load_config
+from .common import input_errors, load_config
 
 
 @click.command()
@@ -39,13 +39,10 @@ def simulate(out_dir: Path, preset: str, seed: int, frames: int | None, points: 
 
     if config_file is not None:
         load_config(config_file)  # report its problems the usual way before simulating
-    try:
-        with input_errors():
-            info = sim(out_dir, preset=preset, seed=seed, frames=frames, points=points, noise=noise,
-                       single_file=single_file, config=config_file, region=region, geometry=geometry,
-                       film_depth=film_depth, pose_error=parse_pose(pose_error or ""))
-    except ValueError as exc:
-        fail(str(exc))
+    with input_errors():  # SimulateError, and ConfigError from --config
+        info = sim(out_dir, preset=preset, seed=seed, frames=frames, points=points, noise=noise,
+                   single_file=single_file, config=config_file, region=region, geometry=geometry,
+                   film_depth=film_depth, pose_error=parse_pose(pose_error or ""))
     what = "one stack file" if info.get("layout") == "stack" else f"{info.get('frames')} frame files"
     click.echo(f"wrote {what}: {info.get('points')} points x {info.get('frames_per_point')} frames, "
                f"region {info.get('region')}, {info.get('grains')} grains, "
