@@ -32,7 +32,7 @@ import yaml
 from .config import Config, ConfigError, ConfigWarning, TransferConfig, from_dict, load
 from .errors import TransferAuthError, TransferError  # noqa: F401 (re-exported)
 from .io.export import default_dest
-from .io.layout import point_files
+from .io.layout import RunFolder
 from .io.pointfile import read_provenance
 from .workflow.hooks import RunHooks
 from .workflow.status import FILE_STATES, record_section
@@ -510,13 +510,9 @@ class Transfers:
 
 
 def run_files(out_dir: str | os.PathLike) -> list[Path]:
-    """The finished result files of a run folder: ``point_<k>.h5`` first, then HDF5 files in its
-    subfolders (per-depth files), never hidden folders (``.blocks``, ``.runinfo``) or temporary names."""
-    out = Path(out_dir)
-    points = list(point_files(out).values())
-    others = sorted(p for p in out.rglob("*.h5") if p.parent != out and p.is_file()
-                    and not any(part.startswith(".") for part in p.relative_to(out).parts))
-    return points + others
+    """The finished result files of a run folder (:meth:`RunFolder.result_files`): ``point_<k>.h5``
+    first, then the HDF5 files in its subfolders (per-depth files)."""
+    return RunFolder(out_dir).result_files()
 
 
 def recorded_settings(out_dir: str | os.PathLike) -> TransferConfig | None:

@@ -76,6 +76,20 @@ def scan_copy(multipoint_scan: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(multipoint_scan, tmp_path / "scan"))
 
 
+def test_block_files_lists_finished_blocks_in_order(tmp_path):
+    """RunFolder.block_files, what resume looks at: the point's block files sorted, without temporaries,
+    staged frames or other points' blocks; nothing for a point without a block folder."""
+    folder = RunFolder(tmp_path / "recon")
+    assert folder.block_files(3) == []
+    names = [folder.block_file(3, r0, c0) for r0, c0 in ((64, 0), (0, 64), (0, 0))]
+    for name in [*names, folder.block_file(4, 0, 0)]:
+        name.parent.mkdir(parents=True, exist_ok=True)
+        name.write_bytes(b"")
+    (folder.blocks(3) / (names[0].name + ".tmp-12")).write_bytes(b"")
+    folder.staged(3).write_bytes(b"")
+    assert folder.block_files(3) == sorted(names) == [names[2], names[1], names[0]]
+
+
 def test_blocks_of_changed_frames_are_recomputed(scan_copy, tmp_path):
     """Defect 1: a run killed after point 1's blocks were done, one of its frames changed, a rerun: the
     old blocks (and a late write of the killed run's worker) are not reused, and the point equals a

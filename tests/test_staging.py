@@ -17,7 +17,7 @@ from test_scan import config, write_frames, write_stack
 from laueflow import sites
 from laueflow.config import load
 from laueflow.io import blocks, layout, staging
-from laueflow.io.layout import STAGE_NAME
+from laueflow.io.layout import STAGE_NAME, RunFolder
 from laueflow.io.scan import ScanError, Tile, open_scan
 from laueflow.workflow import run
 from laueflow.workflow import tasks as T
@@ -52,6 +52,14 @@ def test_staged_tiles_equal_direct_reads(tmp_path: Path, layout: str) -> None:
         block = staging.read_tile(info, tile, cfg.file.threshold)
         assert_same_block(block, scan.read_block(1, tile))
     assert 0 < sum(staging.read_tile(info, t, cfg.file.threshold).selected.sum() for t in tiles) < 48 * 64
+
+
+def test_the_description_lies_beside_the_data_file(tmp_path: Path) -> None:
+    """The run folder names a staged point's description (frames.stage.json); staging writes it there."""
+    folder = RunFolder(tmp_path / "out")
+    assert folder.staged_description(2) == tmp_path / "out" / ".blocks" / "point_00002" / "frames.stage.json"
+    assert staging.description_path(folder.staged(2)) == folder.staged_description(2)
+    assert staging.description_path(tmp_path / "x.stage") == tmp_path / "x.stage.json"
 
 
 def test_a_subset_of_tiles(tmp_path: Path) -> None:
@@ -219,7 +227,7 @@ def test_scratch_of_other_points_is_removed_at_start(multipoint_scan: Path, tmp_
     out = tmp_path / "out"
     for k in (0, 2):
         staging.stage(scan, k, scan.tiles(64), out / ".blocks" / f"point_{k:05d}" / STAGE_NAME)
-    kept = staging.description_path(out / ".blocks" / "point_00000" / STAGE_NAME).read_text()
+    kept = RunFolder(out).staged_description(0).read_text()
     seen: list[bool] = []
 
     def progress(event) -> None:

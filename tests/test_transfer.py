@@ -28,6 +28,7 @@ from laueflow import provenance
 from laueflow.cli import main
 from laueflow.config import ConfigError, ConfigWarning, from_dict, load, transfer_settings
 from laueflow.io import pointfile
+from laueflow.io.layout import RunFolder
 from laueflow.transfer import (
     COMPUTE_ID_VAR,
     COMPUTE_SECRET_VAR,
@@ -454,11 +455,15 @@ def test_service_account_from_the_environment(tmp_path, run_dir, rsps, service_a
 def test_run_files_and_recorded_settings(tmp_path, run_dir):
     depth_file(run_dir / "depths" / "point_00000" / "depth_0000_1.00um.h5")
     depth_file(run_dir / ".blocks" / "point_00001" / "x.h5")
+    depth_file(run_dir / "lauelab" / "point_00001.h5")
+    depth_file(run_dir / "depths" / ".hidden" / "y.h5")
     (run_dir / "point_00003.h5.tmp-123").write_bytes(b"partial")
     (run_dir / "depths" / "point_00000" / "depth_0001.h5.tmp-9").write_bytes(b"partial")
+    (run_dir / "depths" / "point_00000" / "notes.txt").write_text("not a result")
     names = [p.relative_to(run_dir).as_posix() for p in run_files(run_dir)]
     assert names == ["point_00000.h5", "point_00001.h5", "point_00002.h5",
-                     "depths/point_00000/depth_0000_1.00um.h5"]
+                     "depths/point_00000/depth_0000_1.00um.h5", "lauelab/point_00001.h5"]
+    assert run_files(run_dir) == RunFolder(run_dir).result_files()
     assert recorded_settings(run_dir).destination == DEST  # from the configuration file the run used
     cfg_file = tmp_path / "beamline.yaml"
     text = cfg_file.read_text()

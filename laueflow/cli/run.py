@@ -16,19 +16,12 @@ import click
 from rich.console import Console
 
 from .. import provenance, sites
-from ..io.layout import RunFolder
+from ..io.layout import RunFolder, default_out_dir
 from ..progress import plural, reporter
 from ..transfer import TransferHooks
 from ..watch import PointFeed, WatchHooks, sigterm_as_interrupt
 from ..workflow.status import RunLock
 from .common import echo_err, fail, input_errors, load_config
-
-
-def default_out_dir(scan_dir: Path) -> Path:
-    """``<scan>_recon`` beside the scan (never inside the input)."""
-    scan_dir = scan_dir.resolve()
-    name = scan_dir.stem if scan_dir.is_file() else scan_dir.name
-    return scan_dir.parent / f"{name}_recon"
 
 
 def _scan_location(scan_dir: Path, cfg: Any) -> Path:

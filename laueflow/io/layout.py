@@ -10,12 +10,13 @@
     OUT/.blocks/point_<k:05d>/               a point's block files (laueflow.io.blocks) until it is
                                              stitched, and its staged frames (laueflow.io.staging)
     OUT/.blocks/point_<k:05d>/block_r<r0:05d>_c<c0:05d>.npz
-    OUT/.blocks/point_<k:05d>/frames.stage   (and frames.stage.json)
+    OUT/.blocks/point_<k:05d>/frames.stage   (and its description frames.stage.json)
     OUT/depths/point_<k:05d>/                per-depth files (laueflow.io.export)
     OUT/lauelab/point_<k:05d>.h5             lauelab point files (laueflow.io.lauelab, on request)
 
-Every file is written under a temporary name ``<name>.tmp-<pid>`` beside its final one and then
-renamed (laueflow.io.atomic), so a name without the mark is always a complete file.
+``OUT`` is ``<scan>_recon`` beside the scan unless the command line names another folder
+(:func:`default_out_dir`).  Every file is written under a temporary name ``<name>.tmp-<pid>`` beside its
+final one and then renamed (laueflow.io.atomic), so a name without the mark is always a complete file.
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ RUNINFO_DIR = ".runinfo"
 BLOCKS_DIR = ".blocks"
 CONFIG_FILE = "config.yaml"
 STAGE_NAME = "frames.stage"
+DESCRIPTION_SUFFIX = ".json"  # a staged point's description: <data file name>.json beside it
 DEPTHS_DIR = "depths"
 LAUELAB_DIR = "lauelab"
 TMP_MARK = ".tmp-"
+RESULT_SUFFIX = ".h5"  # result files: point files, per-depth files, lauelab point files
+RUN_FOLDER_SUFFIX = "_recon"  # the default OUT: <scan>_recon beside the scan
 
 
 def point_name(point: int) -> str:
@@ -50,6 +54,19 @@ def point_dir_name(point: int) -> str:
 def block_name(r0: int, c0: int) -> str:
     """File name of the block of the tile whose first row and column are ``r0``, ``c0``."""
     return f"block_r{r0:05d}_c{c0:05d}.npz"
+
+
+def stage_description(path: str | os.PathLike) -> Path:
+    """The JSON description beside a staged point's data file (``frames.stage.json``)."""
+    path = Path(path)
+    return path.with_name(path.name + DESCRIPTION_SUFFIX)
+
+
+def default_out_dir(scan_path: str | os.PathLike) -> Path:
+    """``<scan>_recon`` beside the scan folder or stack file (never inside the input)."""
+    scan_path = Path(scan_path).resolve()
+    name = scan_path.stem if scan_path.is_file() else scan_path.name
+    return scan_path.parent / f"{name}{RUN_FOLDER_SUFFIX}"
 
 
 def tmp_name(path: Path) -> Path:
@@ -138,13 +155,30 @@ class RunFolder:
         """The block file of point ``point``'s tile starting at row ``r0``, column ``c0``."""
         return self.blocks(point) / block_name(r0, c0)
 
+    def block_files(self, point: int) -> list[Path]:
+        """The block files present in a point's block folder, sorted (none under temporary names)."""
+        return sorted(self.blocks(point).glob("block_*.npz"))
+
     def staged(self, point: int) -> Path:
         """``OUT/.blocks/point_<k:05d>/frames.stage``: a point's staged frames."""
         return self.blocks(point) / STAGE_NAME
 
+    def staged_description(self, point: int) -> Path:
+        """``OUT/.blocks/point_<k:05d>/frames.stage.json``: the description of a point's staged frames."""
+        return stage_description(self.staged(point))
+
     def depths(self, point: int) -> Path:
         """``OUT/depths/point_<k:05d>``: a point's per-depth files."""
         return self.depths_root / point_dir_name(point)
+
+    def result_files(self) -> list[Path]:
+        """The finished result files: the point files first (by point), then the HDF5 files in
+        subfolders (per-depth and lauelab files), sorted; never files in hidden folders (``.blocks``,
+        ``.runinfo``) or under temporary names."""
+        others = sorted(p for p in self.root.rglob(f"*{RESULT_SUFFIX}")
+                        if p.parent != self.root and p.is_file() and TMP_MARK not in p.name
+                        and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
+        return [*self.point_files().values(), *others]
 
     def temporaries(self) -> Iterator[Path]:
         """Files left under their temporary names in OUT and in the points' block folders."""

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_path
+from .layout import stage_description
 from .scan import MIB, Block, Scan, ScanError, Tile, make_block
 
 STAGE_FORMAT = 2
@@ -37,9 +38,8 @@ BATCH_BYTES = 64 * MIB
 
 
 def description_path(path: str | os.PathLike) -> Path:
-    """The JSON description of a staged point's data file."""
-    path = Path(path)
-    return path.with_name(path.name + ".json")
+    """The JSON description of a staged point's data file (its name: :func:`layout.stage_description`)."""
+    return stage_description(path)
 
 
 def _box(tile: Tile) -> list[int]:

@@ -65,8 +65,7 @@ def reusable_blocks(folder: RunFolder, scan: Scan, point: int, tiles: Sequence[A
     Damaged block files are removed with a warning naming them, stale ones silently; the block tasks
     write them anew.
     """
-    block_dir = folder.blocks(point)
-    present = sorted(block_dir.glob("block_*.npz")) if block_dir.is_dir() else []
+    present = folder.block_files(point)
     if not present:
         return {}
     try:
