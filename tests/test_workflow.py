@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import re
 import shutil
 import time
 from dataclasses import replace
@@ -21,12 +22,14 @@ import laueflow.decode as D
 from laueflow import sites
 from laueflow.cli import main
 from laueflow.config import load
-from laueflow.io import layout
+from laueflow.errors import ResultError
+from laueflow.io import blocks, layout
 from laueflow.simulate import simulate
 from laueflow.workflow import Driver, RunError, RunOptions, run
 from laueflow.workflow import tasks as T
 from laueflow.workflow.hooks import RunHooks
 from laueflow.workflow.outcomes import StitchRequest
+from laueflow.workflow.resume import ResumeWarning, reusable_blocks
 from laueflow.workflow.status import read_status
 
 REGION = 16
@@ -172,6 +175,29 @@ def test_finished_blocks_are_reused(scan, tmp_path):
     assert p.status == "done" and p.reused_blocks == 3
     check_point_file(out / "point_00002.h5", cfg, 2)
 
+
+
+def test_block_file_of_another_format_is_recomputed(scan, tmp_path):
+    """A block file of another format is a ResultError naming it and its format when read whole, no
+    stamp to stitch (read_block_meta gives None), and a rerun removes it with a warning naming it."""
+    cfg = load(scan / "config.yaml")
+    opened = T.cached_scan(str(scan), cfg)
+    tiles = opened.tiles(BLOCK)
+    folder = layout.RunFolder(tmp_path / "recon")
+    name = folder.block_file(2, tiles[0].r0, tiles[0].c0)
+    assert not T.reconstruct_block(str(scan), str(scan / "config.yaml"), 2, tiles[0], str(name)).error
+    box = (tiles[0].r0, tiles[0].r1, tiles[0].c0, tiles[0].c1)
+    assert set(reusable_blocks(folder, opened, 2, tiles, cfg.fingerprint())) == {box}  # this format: kept
+    with np.load(name) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(name, **{**arrays, "format": np.array(blocks.BLOCK_FORMAT - 1)})
+    older = f"{name}: block file of format {blocks.BLOCK_FORMAT - 1}"
+    with pytest.raises(ResultError, match=re.escape(older)):
+        blocks.read_block(name)
+    assert blocks.read_block_meta(name) is None
+    with pytest.warns(ResumeWarning, match=re.escape(older)):
+        assert reusable_blocks(folder, opened, 2, tiles, cfg.fingerprint()) == {}
+    assert not name.exists()
 
 def test_bad_points_are_skipped_and_the_run_goes_on(scan, tmp_path):
     """Point 1 has all-zero traces (skipped, fine), point 2 a corrupt frame file (skipped, an error)."""

@@ -100,9 +100,11 @@ def write_block(path: str | os.PathLike, *, point: int, tile: Sequence[int], con
 STAMP = ("point", "tile", "config_fingerprint", "input_fingerprint")  # what decides reuse
 
 
-def _meta(z: Any) -> dict[str, Any]:
+def _meta(z: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """The small fields of an open block file; :class:`ResultError` for a file of another format."""
     if int(z["format"]) != BLOCK_FORMAT:
-        raise ValueError(f"block format {int(z['format'])}, this laueflow writes {BLOCK_FORMAT}")
+        raise ResultError(f"{path}: block file of format {int(z['format'])}, this laueflow writes format "
+                          f"{BLOCK_FORMAT}")
     return {"point": int(z["point"]), "tile": tuple(int(v) for v in z["tile"]),
             "config_fingerprint": str(z["config_fingerprint"]),
             "input_fingerprint": str(z["input_fingerprint"]),
@@ -111,11 +113,11 @@ def _meta(z: Any) -> dict[str, Any]:
 
 def read_block_meta(path: str | os.PathLike) -> dict[str, Any] | None:
     """The small fields of a block file (its stamp, skipped, host, seconds, n_pixels); None if unreadable
-    (the arrays are not checked: :func:`read_block` does)."""
+    or of another format (the arrays are not checked: :func:`read_block` does)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {**_meta(z), "n_pixels": int(z["rows"].size)}
-    except _UNREADABLE:
+            return {**_meta(z, path), "n_pixels": int(z["rows"].size)}
+    except (*_UNREADABLE, ResultError):
         return None
 
 
@@ -132,7 +134,7 @@ def read_block(path: str | os.PathLike) -> BlockResult:
             sat_rows, sat_cols = z["saturated_rows"], z["saturated_cols"]
             profiles = np.zeros((rows.size, stored.shape[1]), np.float32)
             profiles[lit] = stored
-            meta = _meta(z)
+            meta = _meta(z, path)
     except _UNREADABLE as exc:
         raise ResultError(f"{path}: unreadable block file ({type(exc).__name__}: {exc})") from None
     n = rows.size
