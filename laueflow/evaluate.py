@@ -2,6 +2,7 @@
 
 The figures of the reconstruction issue: centroid error, profile correlation, both depth peaks
 found in two-grain pixels, coverage of spot pixels, and phantom intensity in background pixels.
+Plain functions on arrays: the truth file is written and read by :mod:`laueflow.simulate`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 
@@ -43,22 +43,11 @@ class Truth:
 
 
 def load_truth(path: str | Path) -> Truth:
-    """Read ``truth.h5`` written by ``laueflow simulate``."""
-    with h5py.File(path, "r") as f:
-        t = f["truth"]
-        g = t["grains"]
-        return Truth(
-            t["pixels"][()],
-            t["depth"][()],
-            t["profiles"][()],
-            t["grain"][()],
-            t["second_grain"][()],
-            t["energy"][()],
-            t["point"][()],
-            g["top_um"][()],
-            g["thickness_um"][()],
-            g["decay_um"][()],
-        )
+    """Read ``truth.h5`` written by ``laueflow simulate``: :func:`laueflow.simulate.load_truth`, which owns
+    the file (kept here for callers).  Imported on the first call, since laueflow.simulate loads JAX."""
+    from .simulate import load_truth as read
+
+    return read(path)
 
 
 @dataclass

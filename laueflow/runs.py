@@ -38,13 +38,12 @@ from .evaluate import load_truth
 from .evaluate import score as score_profiles
 from .flags import NO_SIGNAL, PIXEL_DECODED, PIXEL_STATES, QUALITY_FLAGS, Flag
 from .io.blocks import PIXEL_FIELDS
-from .io.layout import RunFolder, point_of
+from .io.layout import SCAN_CONFIG_FILE, TRUTH_FILE, RunFolder, point_of
 from .io.pointfile import PointReader, signal_range
 from .io.scan import ScanError, Tile, open_scan
 from .workflow.status import FILE_STATES, PointState, RunState, age_seconds, driver_alive, load_status
 
 POINT_STATES = tuple(PointState)
-TRUTH_FILE = "truth.h5"
 
 
 def _open(path: Path) -> PointReader:
@@ -602,7 +601,7 @@ class Point:
             raise ResultError(f"{self.path}: no configuration in the provenance")
         data = yaml.safe_load(text)
         sources = [s for s in (self.provenance.get("config_file"),
-                               str(self.scan_dir / "config.yaml") if self.scan_dir else None) if s]
+                               str(self.scan_dir / SCAN_CONFIG_FILE) if self.scan_dir else None) if s]
         problem = ""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConfigWarning)

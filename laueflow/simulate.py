@@ -29,9 +29,11 @@ from . import __version__
 from . import config as C
 from . import geometry as G
 from .errors import SimulateError
+from .evaluate import Truth
 from .forward import Setup, traces
 from .geometry import SATURATED, SUBSAMPLE_OFFSETS
 from .io.atomic import atomic_h5
+from .io.layout import SCAN_CONFIG_FILE, TRUTH_FILE
 from .mask import debruijn, load_code
 
 PRESETS = ("thin", "extended", "overlap", "multipoint", "film")
@@ -233,7 +235,8 @@ def _write_frame(path: Path, image: np.ndarray, region: tuple[int, int, int, int
 
 def _write_truth(path: Path, truth: dict[str, list[np.ndarray]], grain_rows: list[tuple],
                  depth_um: np.ndarray, attrs: dict) -> None:
-    """truth.h5: every point's spot pixels with their profiles, grains and energies (laueflow.evaluate)."""
+    """truth.h5: every point's spot pixels with their profiles, grains and energies (read back by
+    :func:`load_truth`)."""
     with atomic_h5(path) as f:
         t = f.create_group("truth")
         t["pixels"] = np.concatenate(truth["pixels"]).astype(np.int32)
@@ -252,6 +255,25 @@ def _write_truth(path: Path, truth: dict[str, list[np.ndarray]], grain_rows: lis
         g["point"], g["top_um"] = gr[:, 0].astype(int), gr[:, 1]
         g["thickness_um"], g["decay_um"] = gr[:, 2], gr[:, 3]
         t.attrs.update({**attrs, "laueflow_version": __version__})
+
+
+def load_truth(path: str | Path) -> Truth:
+    """Read a truth file written by :func:`simulate` or :func:`simulate_large` (``truth.h5``)."""
+    with h5py.File(path, "r") as f:
+        t = f["truth"]
+        g = t["grains"]
+        return Truth(
+            t["pixels"][()],
+            t["depth"][()],
+            t["profiles"][()],
+            t["grain"][()],
+            t["second_grain"][()],
+            t["energy"][()],
+            t["point"][()],
+            g["top_um"][()],
+            g["thickness_um"][()],
+            g["decay_um"][()],
+        )
 
 
 def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: int | None = None,
@@ -326,12 +348,13 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
 
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "mask.npy", code)
-    (out / "config.yaml").write_text(
+    config_path = out / SCAN_CONFIG_FILE
+    config_path.write_text(
         f"# Synthetic scan written by laueflow simulate (preset {preset}, seed {seed})\n"
         + yaml.safe_dump(written, sort_keys=False))
-    cfg = C.load(out / "config.yaml")
+    cfg = C.load(config_path)
     if pose_error:
-        cfg = C.from_dict(data, source=str(out / "config.yaml"))
+        cfg = C.from_dict(data, source=str(config_path))
     setup = Setup.from_config(cfg)
     reg = tuple(cfg.file.frame)
     r0, r1, c0, c1 = reg
@@ -420,9 +443,9 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
     attrs = {"preset": preset, "seed": seed, "noise": noise, "points": points,
              "frames_per_point": n_frames, "background": background,
              **_pose_attrs(cfg, preset, film_depth, pose_error)}
-    _write_truth(out / "truth.h5", truth, grain_rows, depth_um, attrs)
+    _write_truth(out / TRUTH_FILE, truth, grain_rows, depth_um, attrs)
     n_truth = int(sum(len(p) for p in truth["pixels"]))
-    return {"out_dir": str(out), "config": str(out / "config.yaml"), "truth": str(out / "truth.h5"),
+    return {"out_dir": str(out), "config": str(config_path), "truth": str(out / TRUTH_FILE),
             "frames": n_written, "points": points, "frames_per_point": n_frames, "region": list(reg),
             "spot_pixels": n_truth, "layout": "stack" if single_file else "frames",
             "grains": len(grain_rows), "film_depth": film_depth, "pose_error": pose_error}
@@ -596,10 +619,11 @@ def simulate_large(out_dir: str | Path, *, region: int = 1200, frames: int = 201
     spots = _spot_grid(rng, tuple(data["file"]["frame"]), spot_fraction, threshold)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "mask.npy", debruijn(8))
-    (out / "config.yaml").write_text(
+    config_path = out / SCAN_CONFIG_FILE
+    config_path.write_text(
         f"# Synthetic scan point written by laueflow.simulate.simulate_large (preset {preset}, seed {seed}, "
         f"spot fraction {spot_fraction:g})\n" + yaml.safe_dump(_posed(data, pose_error), sort_keys=False))
-    cfg = C.from_dict(data, source=str(out / "config.yaml"))  # the true pose
+    cfg = C.from_dict(data, source=str(config_path))  # the true pose
     setup = Setup.from_config(cfg)
     r0, r1, c0, c1 = reg = tuple(cfg.file.frame)
     h, w = r1 - r0, c1 - c0
@@ -699,12 +723,12 @@ def simulate_large(out_dir: str | Path, *, region: int = 1200, frames: int = 201
              "grain": [first[spot]], "grain2": [second[spot]], "energy": [energy[spot]],
              "point": [np.zeros(int(spot.sum()), np.int64)]}
     grain_rows = [(0, g.top, g.thickness, g.decay) for g in grain_list]
-    _write_truth(out / "truth.h5", truth, grain_rows, depth_um,
+    _write_truth(out / TRUTH_FILE, truth, grain_rows, depth_um,
                  {"preset": preset, "seed": seed, "noise": noise, "points": 1, "frames_per_point": frames,
                   "background": background, "spot_fraction": spot_fraction, "method": "simulate_large",
                   **_pose_attrs(cfg, preset, film_depth, pose_error)})
     n_spot = int(spot.sum())
-    return {"out_dir": str(out), "config": str(out / "config.yaml"), "truth": str(out / "truth.h5"),
+    return {"out_dir": str(out), "config": str(config_path), "truth": str(out / TRUTH_FILE),
             "frames": frames, "points": 1, "frames_per_point": frames, "region": list(reg),
             "spot_pixels": n_spot, "spot_fraction": n_spot / (h * w), "signal_pixels": n_near,
             "spots": len(spots), "grains": n_grains, "layout": "frames", "full_frames": full_frames,

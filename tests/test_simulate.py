@@ -14,15 +14,16 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from laueflow import evaluate
 from laueflow import geometry as G
 from laueflow.cli import main
 from laueflow.config import Config, ConfigWarning, load
 from laueflow.errors import SimulateError
-from laueflow.evaluate import Truth, load_truth
+from laueflow.evaluate import Truth
 from laueflow.forward import Setup, traces
 from laueflow.io.scan import open_scan
 from laueflow.mask import load_code
-from laueflow.simulate import default_config_dict, parse_pose, simulate, simulate_large
+from laueflow.simulate import default_config_dict, load_truth, parse_pose, simulate, simulate_large
 
 KEY = "/entry1/data/data"
 MONITOR = "/entry1/monitor/I0"
@@ -243,6 +244,10 @@ def test_truth_contents(thin: tuple[Path, dict]) -> None:
     np.testing.assert_allclose(t.depth, cfg.geo.source.depths * 1000)
     assert t.profiles.shape == (n, t.depth.size)
     assert (t.profiles >= 0).all() and (t.profiles.sum(axis=1) > 0).all()
+    again = evaluate.load_truth(info["truth"])  # the simulator's reader, kept importable from evaluate
+    assert info["truth"] == str(out / "truth.h5") and info["config"] == str(out / "config.yaml")
+    for name in ("pixels", "depth", "profiles", "grain", "second_grain", "energy", "point", "grain_top"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(t, name), err_msg=name)
     n_grains = info["grains"]
     assert t.grain.shape == t.second_grain.shape == t.energy.shape == t.point.shape == (n,)
     assert ((t.grain >= 0) & (t.grain < n_grains)).all()

@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from ..config import Config, ConfigWarning, load
 from ..errors import CalibrationError
+from ..io.layout import SCAN_CONFIG_FILE
 from ..io.scan import open_scan
 from .fit import Film
 
@@ -28,7 +29,7 @@ TILE_PIXELS = 256 * 256
 
 def _scan_config(path: Path) -> Config | None:
     """The configuration a scan folder carries (config.yaml beside its frames), if any."""
-    own = path / "config.yaml" if path.is_dir() else None
+    own = path / SCAN_CONFIG_FILE if path.is_dir() else None
     if own is None or not own.is_file():
         return None
     with warnings.catch_warnings():
@@ -62,7 +63,7 @@ def check_scans(cfg: Config, paths: list[Path], depths_um: list[float]) -> None:
         ):
             if tuple(mine) != tuple(theirs):
                 raise CalibrationError(
-                    f"{p}: its config.yaml has another {what}: {list(theirs)}, the "
+                    f"{p}: its {SCAN_CONFIG_FILE} has another {what}: {list(theirs)}, the "
                     f"nominal configuration {list(mine)}; calibrate scans of one region "
                     "and frame count"
                 )

@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 
 from .. import provenance, sites
-from ..io.layout import RunFolder, default_out_dir
+from ..io.layout import SCAN_CONFIG_FILE, RunFolder, default_out_dir
 from ..progress import plural, reporter
 from ..transfer import TransferHooks
 from ..watch import PointFeed, WatchHooks, sigterm_as_interrupt
@@ -55,7 +55,7 @@ def run_options(func: Callable) -> Callable:
     """The options `laueflow run` and `laueflow watch` share."""
     options = [
         click.option("--config", "config_file", type=click.Path(path_type=Path),
-                     help="Beamline configuration (default: SCAN_DIR/config.yaml)."),
+                     help=f"Beamline configuration (default: SCAN_DIR/{SCAN_CONFIG_FILE})."),
         click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Output folder (default: <scan>_recon beside SCAN_DIR)."),
         click.option("--block-pixels", type=click.IntRange(min=1),
@@ -97,7 +97,7 @@ class RunSetup:
 def prepare_run(scan_dir: Path, config_file: Path | None, out_dir: Path | None, site: str,
                 site_option: tuple[str, ...], endpoint: str | None, workers: int | None) -> RunSetup:
     """Load the configuration and the site and print where things are (errors exit with status 2)."""
-    config_file = config_file or (scan_dir if scan_dir.is_dir() else scan_dir.parent) / "config.yaml"
+    config_file = config_file or (scan_dir if scan_dir.is_dir() else scan_dir.parent) / SCAN_CONFIG_FILE
     cfg = load_config(config_file)
     location = _scan_location(scan_dir, cfg)
     out_dir = (out_dir or default_out_dir(scan_dir)).resolve()

@@ -15,8 +15,10 @@
     OUT/lauelab/point_<k:05d>.h5             lauelab point files (laueflow.io.lauelab, on request)
 
 ``OUT`` is ``<scan>_recon`` beside the scan unless the command line names another folder
-(:func:`default_out_dir`).  Every file is written under a temporary name ``<name>.tmp-<pid>`` beside its
-final one and then renamed (laueflow.io.atomic), so a name without the mark is always a complete file.
+(:func:`default_out_dir`).  The scan folder's own names (``config.yaml``, ``truth.h5``) are here too.
+
+Every file is written under a temporary name ``<name>.tmp-<pid>`` beside its final one and then
+renamed (laueflow.io.atomic), so a name without the mark is always a complete file.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ LAUELAB_DIR = "lauelab"
 TMP_MARK = ".tmp-"
 RESULT_SUFFIX = ".h5"  # result files: point files, per-depth files, lauelab point files
 RUN_FOLDER_SUFFIX = "_recon"  # the default OUT: <scan>_recon beside the scan
+
+# The scan folder: files laueflow expects beside a scan's frames.  They are named here, beside the run
+# folder's names, so that every file name laueflow uses by convention lives in one light module (no
+# numpy, h5py or JAX): the CLI, calibration, runs and simulate all import it.  io/scan.py only reads
+# the frames, wherever the configuration says they are.
+SCAN_CONFIG_FILE = "config.yaml"  # the scan's beamline configuration (run, watch, calibrate, simulate)
+TRUTH_FILE = "truth.h5"  # a simulated scan's truth (written and read by laueflow.simulate)
 
 
 def point_name(point: int) -> str:
