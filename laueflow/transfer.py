@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,9 +118,29 @@ def transfer_client(settings: TransferConfig, login: bool = False) -> Any:
     return client
 
 
-def _shown(state: str) -> str:
+class TransferState(StrEnum):
+    """A file's transfer state (the values are written to status.json)."""
+
+    QUEUED = "queued"  # waiting for its batch (a retry: for its time)
+    SUBMITTING = "submitting"  # in a batch being submitted now; reported as queued
+    ACTIVE = "active"  # in a Globus task that has not ended
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # no attempts left
+
+
+# the states status.json counts, in this order (a file being submitted counts as queued)
+REPORTED = (TransferState.QUEUED, TransferState.ACTIVE, TransferState.SUCCEEDED, TransferState.FAILED)
+PENDING = (TransferState.QUEUED, TransferState.SUBMITTING, TransferState.ACTIVE)  # not yet arrived or failed
+
+
+def _shown(state: TransferState) -> str:
     """A file's state as reported: one being submitted right now is still queued."""
-    return "queued" if state == "submitting" else state
+    return (TransferState.QUEUED if state == TransferState.SUBMITTING else state).value
+
+
+def _state_counts() -> dict[str, int]:
+    """Zero files in each reported state."""
+    return {s.value: 0 for s in REPORTED}
 
 
 def _iso() -> str:
@@ -146,7 +167,7 @@ class _File:
     queued_at: float
     size: int = 0
     mtime_ns: int = 0
-    state: str = "queued"  # queued (or submitting: being submitted now), active, succeeded, failed
+    state: TransferState = TransferState.QUEUED
     attempts: int = 0
     not_before: float = 0.0  # a retry waits until then
     retry: bool = False
@@ -217,7 +238,7 @@ class Transfers:
                     raise ValueError(f"{path} is not inside the output folder {self.out_dir}")
                 rel = path.relative_to(self.out_dir).as_posix()
                 known = self._files.get(rel)
-                if known is not None and known.state == "queued":
+                if known is not None and known.state == TransferState.QUEUED:
                     continue
                 self._files[rel] = _File(rel=rel, path=path, queued_at=now)
 
@@ -271,18 +292,18 @@ class Transfers:
     def pending(self) -> int:
         """Files queued or in an active task."""
         with self._lock:
-            return sum(f.state in ("queued", "submitting", "active") for f in self._files.values())
+            return sum(f.state in PENDING for f in self._files.values())
 
     @property
     def ok(self) -> bool:
         """True when every file that was added has arrived."""
         with self._lock:
-            return all(f.state == "succeeded" for f in self._files.values())
+            return all(f.state == TransferState.SUCCEEDED for f in self._files.values())
 
     def counts(self) -> dict[str, int]:
         """Files by state, and the number of tasks."""
         with self._lock:
-            out = {"files": len(self._files), "queued": 0, "active": 0, "succeeded": 0, "failed": 0}
+            out = {"files": len(self._files), **_state_counts()}
             for f in self._files.values():
                 out[_shown(f.state)] += 1
             out["tasks"] = len(self._tasks)
@@ -308,14 +329,14 @@ class Transfers:
                 if not folder:
                     files[f.rel] = entry
                     continue
-                group = folders.setdefault(folder, {"files": 0, "queued": 0, "active": 0, "succeeded": 0,
-                                                    "failed": 0, "attempts": 0, "task_ids": []})
+                group = folders.setdefault(folder, {"files": 0, **_state_counts(), "attempts": 0,
+                                                    "task_ids": []})
                 group["files"] += 1
                 group[_shown(f.state)] += 1
                 group["attempts"] = max(group["attempts"], f.attempts)
                 if f.task_id and f.task_id not in group["task_ids"]:
                     group["task_ids"].append(f.task_id)
-                if f.state == "failed":
+                if f.state == TransferState.FAILED:
                     failed.append({"file": f.rel, **entry})
             tasks = {t.task_id: {"state": t.state, "files": len(t.files), "attempt": t.attempt,
                                  "submitted": t.submitted, "finished": t.finished, "detail": t.detail,
@@ -334,7 +355,8 @@ class Transfers:
         c = self.counts()
         head = (f"{c['succeeded']} of {_n_files(c['files'])} transferred to {self.settings.destination}:"
                 f"{self.destination_dir} in {c['tasks']} task{'' if c['tasks'] == 1 else 's'}")
-        rest = [f"{c[k]} {k}" for k in ("failed", "active", "queued") if c[k]]
+        rest = [f"{c[k]} {k}" for k in (TransferState.FAILED, TransferState.ACTIVE, TransferState.QUEUED)
+                if c[k]]
         return head + (f"; {', '.join(rest)}" if rest else "")
 
     # -- the network side: one step at a time ----------------------------------------------------------
@@ -365,7 +387,8 @@ class Transfers:
             in_flight = sum(t.state not in (SUCCEEDED, FAILED, TIMEOUT) for t in self._tasks.values())
             if in_flight >= MAX_ACTIVE:
                 return []
-            queued = [f for f in self._files.values() if f.state == "queued" and f.not_before <= now]
+            queued = [f for f in self._files.values()
+                      if f.state == TransferState.QUEUED and f.not_before <= now]
             if not queued:
                 return []
             due = (self._flush or any(f.retry for f in queued) or len(queued) >= s.batch_files
@@ -374,7 +397,7 @@ class Transfers:
                 return []
             batch = sorted(queued, key=lambda f: (not f.retry, f.queued_at, f.rel))[:MAX_ITEMS]
             for f in batch:
-                f.state = "submitting"
+                f.state = TransferState.SUBMITTING
             return batch
 
     def _submit(self, batch: list[_File]) -> None:
@@ -409,8 +432,8 @@ class Transfers:
             self._tasks[task_id] = _Task(task_id=task_id, files=[f.rel for f in ready], attempt=attempt,
                                          started=self._clock(), submitted=_iso())
             for f in ready:
-                if f.state == "submitting":
-                    f.state, f.task_id, f.retry, f.error = "active", task_id, False, ""
+                if f.state == TransferState.SUBMITTING:
+                    f.state, f.task_id, f.retry, f.error = TransferState.ACTIVE, task_id, False, ""
                     f.attempts += 1
         self._note(f"transfer task {task_id}: {_n_files(len(ready))} submitted"
                    + (f" (attempt {attempt} of {s.retries + 1})" if attempt > 1 else ""))
@@ -448,9 +471,9 @@ class Transfers:
         with self._lock:
             task.finished = _iso()
             mine = [self._files[r] for r in task.files if self._files.get(r) and self._files[r].task_id ==
-                    task.task_id and self._files[r].state == "active"]
+                    task.task_id and self._files[r].state == TransferState.ACTIVE]
             for f in mine:
-                f.state, f.error = "succeeded", ""
+                f.state, f.error = TransferState.SUCCEEDED, ""
         if self.settings.remove_local:
             for f in mine:
                 removed += self._remove(f)
@@ -473,7 +496,7 @@ class Transfers:
         with self._lock:
             task.state, task.finished, task.detail = state, _iso(), reason
             mine = [self._files[r] for r in task.files if self._files.get(r) and self._files[r].task_id ==
-                    task.task_id and self._files[r].state == "active"]
+                    task.task_id and self._files[r].state == TransferState.ACTIVE]
         self._note(f"transfer task {task.task_id}: {reason}", error=True)
         self._retry_or_fail(mine, reason, submitted=True)
 
@@ -489,7 +512,7 @@ class Transfers:
                 if f.attempts <= s.retries:
                     # a failed submission waits a little (the service may be down); a failed task goes at once
                     delay = 0.0 if submitted else min(300.0, 5.0 * 2 ** (f.attempts - 1))
-                    f.state, f.retry, f.not_before, f.error = "queued", True, now + delay, reason
+                    f.state, f.retry, f.not_before, f.error = TransferState.QUEUED, True, now + delay, reason
                     retried += 1
                 else:
                     self._fail_file(f, reason)
@@ -502,7 +525,7 @@ class Transfers:
 
     def _fail_file(self, f: _File, reason: str) -> None:
         with self._lock:
-            f.state, f.error = "failed", reason
+            f.state, f.error = TransferState.FAILED, reason
 
 
 # ----------------------------------------------------------------------------------------------------

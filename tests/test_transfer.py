@@ -38,6 +38,7 @@ from laueflow.transfer import (
     TransferAuthError,
     TransferError,
     Transfers,
+    TransferState,
     record_status,
     recorded_settings,
     run_files,
@@ -235,7 +236,8 @@ def test_batches_success_and_snapshot(tmp_path, run_dir, rsps):
     assert snap["folders"]["depths/point_00000"]["active"] == 1
     assert t.finish(timeout=60) is True
     snap = t.snapshot()
-    json.dumps(snap)
+    assert json.loads(json.dumps(snap)) == snap
+    assert type(snap["files"]["point_00000.h5"]["state"]) is str  # the state's value, not the enum
     assert snap["totals"] == {"files": 4, "queued": 0, "active": 0, "succeeded": 4, "failed": 0, "tasks": 2}
     assert {k: v["state"] for k, v in snap["tasks"].items()} == {"task-one": SUCCEEDED, "task-two": SUCCEEDED}
     assert snap["tasks"]["task-one"]["files_transferred"] == 2 and snap["tasks"]["task-one"]["finished"]
@@ -313,6 +315,11 @@ def test_timed_out_task_is_cancelled_and_resubmitted(tmp_path, run_dir, rsps):
     assert "timed out after 100 s" in snap["tasks"]["task-one"]["detail"]
     assert snap["files"]["point_00001.h5"]["attempts"] == 2
     assert snap["files"]["point_00001.h5"]["state"] == "succeeded"
+
+
+def test_file_states_keep_the_words_status_json_holds():
+    """A file's state is written to status.json (transfers) as these words, which readers match."""
+    assert [str(s) for s in TransferState] == ["queued", "submitting", "active", "succeeded", "failed"]
 
 
 def test_failed_submission_waits_and_is_retried(tmp_path, run_dir, rsps):
