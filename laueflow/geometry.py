@@ -22,9 +22,19 @@ if TYPE_CHECKING:  # forward imports this module
 
 SATURATED = 65535  # detector counts of a saturated pixel (16-bit full scale)
 
-# sample positions across a bin, in bin widths: a depth bin (or a column of the decoder's code grid) is a
-# continuous slab, averaged over these points
+# sample positions across a bin, in bin widths: a depth bin (or a column of the decoder's code grid, or the
+# calibration's thin film) is a continuous slab, averaged over these points
 SUBSAMPLE_OFFSETS = (np.arange(4) + 0.5) / 4 - 0.5
+
+
+def subsample_depths(depths_mm: np.ndarray, step_mm: float,
+                     values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A profile on depth bins as one on points: the :data:`SUBSAMPLE_OFFSETS` points of each bin
+    (centres ``depths_mm``, width ``step_mm``), bin by bin, and each bin's value split evenly over its
+    points.  What the forward model takes for a profile that is continuous in depth."""
+    z = (np.asarray(depths_mm)[:, None] + step_mm * SUBSAMPLE_OFFSETS[None, :]).ravel()
+    weights = np.repeat(np.asarray(values) / SUBSAMPLE_OFFSETS.size, SUBSAMPLE_OFFSETS.size)
+    return z, weights
 
 
 def rodrigues(v) -> np.ndarray:

@@ -696,8 +696,7 @@ class Point:
         def predict(energies: np.ndarray) -> np.ndarray:
             if on.size == 0:
                 return np.full((energies.size, frames.size), b)
-            z = (depth_mm[on][:, None] + dz * G.SUBSAMPLE_OFFSETS[None, :]).ravel()
-            fz = np.repeat(f[on] / G.SUBSAMPLE_OFFSETS.size, G.SUBSAMPLE_OFFSETS.size)
+            z, fz = G.subsample_depths(depth_mm[on], dz, f[on])
             n = energies.size
             return traces(setup, np.repeat(centre, n, axis=0), np.tile(fz, (n, 1)), z, frames, energies, b)
 

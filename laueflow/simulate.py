@@ -31,7 +31,7 @@ from . import geometry as G
 from .errors import SimulateError
 from .evaluate import Truth
 from .forward import Setup, traces
-from .geometry import SATURATED, SUBSAMPLE_OFFSETS
+from .geometry import SATURATED
 from .io.atomic import atomic_h5
 from .io.layout import SCAN_CONFIG_FILE, TRUTH_FILE
 from .mask import debruijn, load_code
@@ -389,11 +389,10 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
             for gi, grain in enumerate(grains):
                 shape_z = grain.profile(depth_um)
                 grain_rows.append((k, grain.top, grain.thickness, grain.decay))
-                # a grain is continuous in depth: each bin's share is spread over SUBSAMPLES points
+                # a grain is continuous in depth: each bin's share is spread over the sub-samples
                 # inside the bin (only over the grain's bins, which also keeps this fast)
                 on = np.flatnonzero(shape_z > 0)
-                sub_z = (depths_mm[on][:, None] + dz_mm * SUBSAMPLE_OFFSETS[None, :]).ravel()
-                sub_f = np.repeat(shape_z[on] / SUBSAMPLE_OFFSETS.size, SUBSAMPLE_OFFSETS.size)
+                sub_z, sub_f = G.subsample_depths(depths_mm[on], dz_mm, shape_z[on])
                 for s in grain.spots:
                     wgt = _spot_weights(s, rows, cols)
                     near = np.flatnonzero(wgt >= 0.5)  # pixels receiving at least half a count per frame
@@ -656,8 +655,7 @@ def simulate_large(out_dir: str | Path, *, region: int = 1200, frames: int = 201
         idx_g = idx_g.astype(np.int64)
         shape_z = grain.profile(depth_um)
         on = np.flatnonzero(shape_z > 0)
-        sub_z = (depths_mm[on][:, None] + dz_mm * SUBSAMPLE_OFFSETS[None, :]).ravel()
-        sub_f = np.repeat(shape_z[on] / SUBSAMPLE_OFFSETS.size, SUBSAMPLE_OFFSETS.size)
+        sub_z, sub_f = G.subsample_depths(depths_mm[on], dz_mm, shape_z[on])
         n_g = idx_g.size
         signal_g = np.zeros((0, frames))
         if n_g:

@@ -155,6 +155,24 @@ def test_source_points() -> None:
     np.testing.assert_allclose(s_off - s, np.tile(0.03 * E1, (3, 1)), atol=1e-15)
 
 
+def test_subsample_depths_spread_each_bin_evenly_over_its_slab() -> None:
+    """Each bin's points lie inside its slab, symmetric about its centre and evenly spaced, bin by bin in
+    order, and share the bin's value equally (the sum is kept)."""
+    depths, step = np.array([0.010, 0.011, 0.030]), 0.001
+    values = np.array([2.0, 0.0, 5.0])
+    z, w = G.subsample_depths(depths, step, values)
+    n = G.SUBSAMPLE_OFFSETS.size
+    assert n > 1 and z.shape == w.shape == (depths.size * n,)
+    per_bin = z.reshape(depths.size, n)
+    np.testing.assert_allclose(per_bin.mean(1), depths, rtol=0, atol=1e-15)
+    assert (np.abs(per_bin - depths[:, None]) < step / 2).all()
+    np.testing.assert_allclose(np.diff(per_bin, axis=1), step / n, rtol=1e-9)
+    np.testing.assert_array_equal(w.reshape(depths.size, n), np.repeat(values[:, None] / n, n, axis=1))
+    assert w.sum() == values.sum()
+    z0, w0 = G.subsample_depths(np.zeros(0), step, np.zeros(0))
+    assert z0.shape == w0.shape == (0,)
+
+
 # ----------------------------------------------------------------------------------------------
 # Code coordinate
 

@@ -76,7 +76,6 @@ BOUND = {
     "thickness": 5.0,
 }
 FILM_THICKNESS = 1.5  # um, assumed when the caller gives none
-SUBSAMPLES = 4  # points across the film's thickness
 SCAN_MARGIN = 100.0  # um beyond the depth grid searched for the apparent film depth
 MIN_CORRELATION = 0.3  # a pixel whose trace correlates less with every film depth is dropped
 CHI2_LIMIT = 4.0  # reduced chi-square above which the model does not describe the traces
@@ -187,9 +186,11 @@ def _code_coordinates(theta, p, z_mm, frames, k: _Constants):
     return G.code_coordinate(p[None, None, :], s[None, :, :], c[:, None, :], m_x, m_y, k.code_length)
 
 
-def _film_basis(theta, p, depth_mm, thickness_mm, frames, k: _Constants, n_sub: int):
-    """(N, 3) columns 1, <gold>, <gold (1 - gold)> of a film of that thickness centred at depth_mm."""
-    offsets = (jnp.arange(n_sub) + 0.5) / n_sub - 0.5
+def _film_basis(theta, p, depth_mm, thickness_mm, frames, k: _Constants):
+    """(N, 3) columns 1, <gold>, <gold (1 - gold)> of a film of that thickness centred at depth_mm,
+    averaged over the film's sub-samples (geometry.SUBSAMPLE_OFFSETS across its thickness)."""
+    n_sub = G.SUBSAMPLE_OFFSETS.size
+    offsets = jnp.asarray(G.SUBSAMPLE_OFFSETS)
     z = depth_mm + thickness_mm * jnp.concatenate([offsets, jnp.array([-0.5, 0.5])])
     u_all = _code_coordinates(theta, p, z, frames, k)
     u = u_all[:, :n_sub]
@@ -418,7 +419,7 @@ def _trace_residual(prob: _Problem, basis=None, base=None) -> Callable:
         for centres, y, sw, depth, frames in data:
 
             def one(p, yy, ss, depth=depth, frames=frames):
-                b = _film_basis(theta, p, depth, FILM_THICKNESS * 1e-3, frames, k, SUBSAMPLES)
+                b = _film_basis(theta, p, depth, FILM_THICKNESS * 1e-3, frames, k)
                 return _project(b, yy, ss)
 
             parts.append(jax.vmap(one)(centres, y, sw).ravel())
