@@ -27,7 +27,6 @@ from laueflow.simulate import default_config_dict, load_truth, parse_pose, simul
 
 KEY = "/entry1/data/data"
 MONITOR = "/entry1/monitor/I0"
-SAT = 65535
 FRAMES = 40
 PRODUCTION_MASK = Path("/work/shared/masks/code-debruijn-2-8-000.npy")
 
@@ -82,7 +81,7 @@ def region_stack(out: Path, cfg: Config, n_total: int) -> tuple[np.ndarray, np.n
 
 def hot_mask(data: np.ndarray) -> np.ndarray:
     """Pixels (h, w) that are saturated in every frame."""
-    return (data == SAT).all(axis=0)
+    return (data == G.SATURATED).all(axis=0)
 
 
 def truth_image(truth: Truth, cfg: Config, sel: np.ndarray | None = None) -> np.ndarray:
@@ -435,13 +434,14 @@ def test_noise_is_seeded_poisson(root: Path, thin: tuple[Path, dict], thin_clean
 
 
 def test_saturated_pixels_and_background(thin: tuple[Path, dict]) -> None:
-    """A few pixels are 65535 in every frame, none of them a truth pixel; background ~ 50 counts."""
+    """A few pixels are saturated (geometry.SATURATED) in every frame, none of them a truth pixel;
+    background ~ 50 counts."""
     out, _ = thin
     cfg = cfg_of(out)
     data, _ = region_stack(out, cfg, FRAMES)
     hot = hot_mask(data)
     assert 1 <= hot.sum() <= 10
-    assert ((data == SAT).any(axis=0) == hot).all(), "no other pixel ever saturates"
+    assert ((data == G.SATURATED).any(axis=0) == hot).all(), "no other pixel ever saturates"
     spot = truth_image(load_truth(out / "truth.h5"), cfg) > 0
     assert not (hot & spot).any(), "saturated pixels are not truth pixels"
     mean = data.mean(axis=0)
