@@ -237,12 +237,13 @@ def measure(geometry: str, folder: str, opts: dict[str, Any], simulate_seconds: 
     from laueflow import provenance
     from laueflow.config import load
     from laueflow.decode import decode
-    from laueflow.evaluate import centroids, correlations, load_truth
+    from laueflow.evaluate import centroids, correlations
     from laueflow.forward import Setup
     from laueflow.io.blocks import write_block
     from laueflow.io.layout import point_name
     from laueflow.io.pointfile import write_point
     from laueflow.io.scan import open_scan
+    from laueflow.io.truth import load_truth
 
     scan_dir = Path(folder)
     with warnings.catch_warnings():

@@ -2,13 +2,12 @@
 
 The figures of the reconstruction issue: centroid error, profile correlation, both depth peaks
 found in two-grain pixels, coverage of spot pixels, and phantom intensity in background pixels.
-Plain functions on arrays: the truth file is written and read by :mod:`laueflow.simulate`.
+Plain functions on arrays: the truth file is written and read by :mod:`laueflow.io.truth`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -40,14 +39,6 @@ class Truth:
             self.grain_thickness,
             self.grain_decay,
         )
-
-
-def load_truth(path: str | Path) -> Truth:
-    """Read ``truth.h5`` written by ``laueflow simulate``: :func:`laueflow.simulate.load_truth`, which owns
-    the file (kept here for callers).  Imported on the first call, since laueflow.simulate loads JAX."""
-    from .simulate import load_truth as read
-
-    return read(path)
 
 
 @dataclass

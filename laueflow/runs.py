@@ -34,13 +34,13 @@ import yaml
 
 from .config import ConfigError, ConfigWarning, from_dict
 from .errors import ResultError  # noqa: F401 (re-exported)
-from .evaluate import load_truth
 from .evaluate import score as score_profiles
 from .flags import NO_SIGNAL, PIXEL_DECODED, PIXEL_STATES, QUALITY_FLAGS, Flag
 from .io.blocks import PIXEL_FIELDS
 from .io.layout import SCAN_CONFIG_FILE, TRUTH_FILE, RunFolder, point_of
 from .io.pointfile import PointReader, signal_range
 from .io.scan import ScanError, Tile, open_scan
+from .io.truth import load_truth
 from .workflow.status import FILE_STATES, PointState, RunState, age_seconds, driver_alive, load_status
 
 POINT_STATES = tuple(PointState)

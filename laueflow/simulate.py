@@ -25,15 +25,14 @@ import h5py
 import numpy as np
 import yaml
 
-from . import __version__
 from . import config as C
 from . import geometry as G
 from .errors import SimulateError
-from .evaluate import Truth
 from .forward import Setup, traces
 from .geometry import SATURATED
 from .io.atomic import atomic_h5
 from .io.layout import SCAN_CONFIG_FILE, TRUTH_FILE
+from .io.truth import load_truth, write_truth  # noqa: F401 (load_truth: the reader beside the writer)
 from .mask import debruijn, load_code
 
 PRESETS = ("thin", "extended", "overlap", "multipoint", "film")
@@ -233,49 +232,6 @@ def _write_frame(path: Path, image: np.ndarray, region: tuple[int, int, int, int
         _write_header(f, shape, i0, point, path.name)
 
 
-def _write_truth(path: Path, truth: dict[str, list[np.ndarray]], grain_rows: list[tuple],
-                 depth_um: np.ndarray, attrs: dict) -> None:
-    """truth.h5: every point's spot pixels with their profiles, grains and energies (read back by
-    :func:`load_truth`)."""
-    with atomic_h5(path) as f:
-        t = f.create_group("truth")
-        t["pixels"] = np.concatenate(truth["pixels"]).astype(np.int32)
-        t["depth"] = depth_um
-        t["depth"].attrs["units"] = "um"
-        t.create_dataset("profiles", data=np.concatenate(truth["profiles"]).astype(np.float32),
-                         compression="gzip")
-        t["profiles"].attrs["units"] = "counts per frame per depth bin"
-        t["grain"] = np.concatenate(truth["grain"]).astype(np.int32)
-        t["second_grain"] = np.concatenate(truth["grain2"]).astype(np.int32)
-        t["energy"] = np.concatenate(truth["energy"]).astype(np.float32)
-        t["energy"].attrs["units"] = "keV"
-        t["point"] = np.concatenate(truth["point"]).astype(np.int32)
-        gr = np.asarray(grain_rows, dtype=np.float64).reshape(-1, 4)
-        g = t.create_group("grains")
-        g["point"], g["top_um"] = gr[:, 0].astype(int), gr[:, 1]
-        g["thickness_um"], g["decay_um"] = gr[:, 2], gr[:, 3]
-        t.attrs.update({**attrs, "laueflow_version": __version__})
-
-
-def load_truth(path: str | Path) -> Truth:
-    """Read a truth file written by :func:`simulate` or :func:`simulate_large` (``truth.h5``)."""
-    with h5py.File(path, "r") as f:
-        t = f["truth"]
-        g = t["grains"]
-        return Truth(
-            t["pixels"][()],
-            t["depth"][()],
-            t["profiles"][()],
-            t["grain"][()],
-            t["second_grain"][()],
-            t["energy"][()],
-            t["point"][()],
-            g["top_um"][()],
-            g["thickness_um"][()],
-            g["decay_um"][()],
-        )
-
-
 def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: int | None = None,
              points: int = 1, noise: bool = True, single_file: bool = False, config: str | Path | None = None,
              region: int = 64, geometry: str = "tilted", background: float = 50.0,
@@ -442,7 +398,7 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
     attrs = {"preset": preset, "seed": seed, "noise": noise, "points": points,
              "frames_per_point": n_frames, "background": background,
              **_pose_attrs(cfg, preset, film_depth, pose_error)}
-    _write_truth(out / TRUTH_FILE, truth, grain_rows, depth_um, attrs)
+    write_truth(out / TRUTH_FILE, truth, grain_rows, depth_um, attrs)
     n_truth = int(sum(len(p) for p in truth["pixels"]))
     return {"out_dir": str(out), "config": str(config_path), "truth": str(out / TRUTH_FILE),
             "frames": n_written, "points": points, "frames_per_point": n_frames, "region": list(reg),
@@ -721,7 +677,7 @@ def simulate_large(out_dir: str | Path, *, region: int = 1200, frames: int = 201
              "grain": [first[spot]], "grain2": [second[spot]], "energy": [energy[spot]],
              "point": [np.zeros(int(spot.sum()), np.int64)]}
     grain_rows = [(0, g.top, g.thickness, g.decay) for g in grain_list]
-    _write_truth(out / TRUTH_FILE, truth, grain_rows, depth_um,
+    write_truth(out / TRUTH_FILE, truth, grain_rows, depth_um,
                  {"preset": preset, "seed": seed, "noise": noise, "points": 1, "frames_per_point": frames,
                   "background": background, "spot_fraction": spot_fraction, "method": "simulate_large",
                   **_pose_attrs(cfg, preset, film_depth, pose_error)})

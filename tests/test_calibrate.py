@@ -20,10 +20,11 @@ from laueflow.calibration.films import read_film
 from laueflow.cli import main
 from laueflow.config import Config, ConfigError, ConfigWarning, from_dict, load, write_calibrated
 from laueflow.decode import decode
-from laueflow.evaluate import load_truth, score
+from laueflow.evaluate import score
 from laueflow.forward import Setup
 from laueflow.io.pointfile import read_provenance
 from laueflow.io.scan import open_scan
+from laueflow.io.truth import load_truth
 from laueflow.simulate import default_config_dict, simulate
 from laueflow.workflow import run
 

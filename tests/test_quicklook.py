@@ -23,11 +23,11 @@ from matplotlib.colors import to_rgb  # noqa: E402
 from laueflow import provenance, quicklook  # noqa: E402
 from laueflow.cli import main  # noqa: E402
 from laueflow.config import load  # noqa: E402
-from laueflow.evaluate import load_truth  # noqa: E402
 from laueflow.flags import CONTRAST, NO_BACKGROUND, NO_SIGNAL, POOR_FIT  # noqa: E402
 from laueflow.io import blocks, layout, pointfile  # noqa: E402
 from laueflow.io.pointfile import PIXEL_NO_BLOCK, PIXEL_NOT_SELECTED, PIXEL_SATURATED  # noqa: E402
 from laueflow.io.scan import open_scan  # noqa: E402
+from laueflow.io.truth import load_truth  # noqa: E402
 from laueflow.runs import open_point  # noqa: E402
 from laueflow.simulate import simulate  # noqa: E402
 

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 from laueflow.cli import main
 from laueflow.config import load
-from laueflow.evaluate import load_truth
 from laueflow.io.blocks import write_block
 from laueflow.io.layout import point_files, point_name
 from laueflow.io.pointfile import read_profiles, write_point
+from laueflow.io.truth import load_truth
 from laueflow.simulate import simulate
 
 SHIFT = 10  # depth bins (1 um each) by which point 1's profiles are displaced

@@ -14,13 +14,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from laueflow import evaluate
 from laueflow import geometry as G
 from laueflow.cli import main
 from laueflow.config import Config, ConfigWarning, load
 from laueflow.errors import SimulateError
 from laueflow.evaluate import Truth
 from laueflow.forward import Setup, traces
+from laueflow.io import truth as truth_file
 from laueflow.io.scan import open_scan
 from laueflow.mask import load_code
 from laueflow.simulate import default_config_dict, load_truth, parse_pose, simulate, simulate_large
@@ -243,7 +243,7 @@ def test_truth_contents(thin: tuple[Path, dict]) -> None:
     np.testing.assert_allclose(t.depth, cfg.geo.source.depths * 1000)
     assert t.profiles.shape == (n, t.depth.size)
     assert (t.profiles >= 0).all() and (t.profiles.sum(axis=1) > 0).all()
-    again = evaluate.load_truth(info["truth"])  # the simulator's reader, kept importable from evaluate
+    again = truth_file.load_truth(info["truth"])  # h5py only: scoring does not load the simulator
     assert info["truth"] == str(out / "truth.h5") and info["config"] == str(out / "config.yaml")
     for name in ("pixels", "depth", "profiles", "grain", "second_grain", "energy", "point", "grain_top"):
         np.testing.assert_array_equal(getattr(again, name), getattr(t, name), err_msg=name)

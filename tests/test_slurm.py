@@ -31,9 +31,10 @@ import slurm_cluster
 from test_workflow import check_point_file
 
 from laueflow.config import Config, load
-from laueflow.evaluate import load_truth, score
+from laueflow.evaluate import score
 from laueflow.io import layout
 from laueflow.io.pointfile import read_profiles
+from laueflow.io.truth import load_truth
 from laueflow.simulate import simulate
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1200)]  # the first apt-get install may be slow

@@ -8,11 +8,12 @@ from pathlib import Path
 import click
 
 from ..errors import ExportError
-from ..evaluate import load_truth, score
+from ..evaluate import score
 from ..io.export import FORMATS, default_root, export_run_point
 from ..io.layout import point_files
 from ..io.pointfile import read_profiles
 from ..io.scan import select_points
+from ..io.truth import load_truth
 from ..progress import plural
 from ..runs import open_run
 from .common import fail, input_errors

@@ -12,7 +12,7 @@ import click
 import numpy as np
 
 from ..config import load
-from ..evaluate import load_truth
+from ..io.truth import load_truth
 from ..progress import plural
 from ..runs import open_point, open_run
 from .common import fail, input_errors
