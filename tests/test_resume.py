@@ -21,6 +21,7 @@ from laueflow.io import blocks, pointfile
 from laueflow.io.layout import RunFolder
 from laueflow.workflow import run
 from laueflow.workflow import tasks as T
+from laueflow.workflow.outcomes import StitchRequest
 from laueflow.workflow.resume import ResumeWarning
 from laueflow.workflow.status import read_status
 
@@ -131,11 +132,12 @@ def test_a_late_block_of_other_inputs_is_not_stitched(scan_copy, tmp_path):
     late = blocks.read_block(files[2])  # the same tile, written by a worker that read other frames
     blocks.write_block(files[2], point=1, tile=late.tile, config_fingerprint=late.config_fingerprint,
                        input_fingerprint="0" * 16, n_depths=late.profiles.shape[1])
-    meta = {"point": 1, "cfg_path": cfg_path, "scan_path": str(scan_copy), "frame": list(cfg.file.frame),
-            "depths_mm": list(cfg.geo.source.depths), "config_yaml": cfg.to_yaml(),
-            "config_fingerprint": cfg.fingerprint(), "start_time": provenance.now(), "block_pixels": BLOCK}
+    request = StitchRequest(point=1, cfg_path=cfg_path, scan_path=str(scan_copy), frame=tuple(cfg.file.frame),
+                            depths_mm=tuple(cfg.geo.source.depths), config_yaml=cfg.to_yaml(),
+                            config_fingerprint=cfg.fingerprint(), start_time=provenance.now(),
+                            block_pixels=BLOCK)
     point_file = out / "point_00001.h5"
-    stitched = T.stitch_point([str(f) for f in files], str(point_file), meta, outcomes)
+    stitched = T.stitch_point([str(f) for f in files], str(point_file), request, outcomes)
     assert stitched.status == "partial" and stitched.failed_blocks == 1
     assert str(files[2]) in stitched.reason and "other inputs" in stitched.reason
     with h5py.File(point_file, "r") as f:

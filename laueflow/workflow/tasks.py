@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -225,19 +225,18 @@ def _stale(block_files: Sequence[str], blocks: Sequence[BlockOutcome], stamp: di
     return out
 
 
-def stitch_point(block_files: Sequence[str], out_file: str, request: StitchRequest | Mapping[str, Any],
+def stitch_point(block_files: Sequence[str], out_file: str, request: StitchRequest,
                  blocks: Sequence[BlockOutcome]) -> StitchOutcome:
     """Write a point file from the blocks that were decoded; report the point as skipped when none were.
 
     ``blocks`` are the block tasks' outcomes (in the order of ``block_files``); ``request`` carries
-    what the driver knows (a mapping of the same fields is taken too): scan and config paths, point,
-    region, depths, tiling and provenance fields.
+    what the driver knows: scan and config paths, point, region, depths, tiling and provenance fields.
     Only block files stamped with this point, their tile, the workers' configuration and the point's
     frames as they are now are stitched; any other counts as a failed block (the point is partial and
     a rerun recomputes it).
     """
     t0 = time.perf_counter()
-    req = request if isinstance(request, StitchRequest) else StitchRequest(**request)
+    req = request
     point = int(req.point)
     cfg = cached_config(req.cfg_path)
     scan = cached_scan(req.scan_path, cfg, point)
