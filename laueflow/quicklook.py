@@ -802,8 +802,8 @@ def save_run_quicklooks(run: Run, out_dir: str | os.PathLike | None = None, trut
     if any(e.intensity is not None for e in entries):
         overview = _save(overview_figure(entries, title), out / OVERVIEW, dpi)
     lines = [f"run folder {run.path}", run.progress()]
-    if run.status and run.status.get("scan"):
-        lines.append(f"scan {run.status['scan']}")
+    if run.status is not None and run.status.scan:
+        lines.append(f"scan {run.status.scan}")
     page = index_html(entries, title, lines, overview.name if overview else None)
     index = out / INDEX
     with atomic_path(index) as tmp:

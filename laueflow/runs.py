@@ -41,7 +41,16 @@ from .io.layout import SCAN_CONFIG_FILE, TRUTH_FILE, RunFolder, point_of
 from .io.pointfile import PointReader, signal_range
 from .io.scan import ScanError, Tile, open_scan
 from .io.truth import load_truth
-from .workflow.status import FILE_STATES, PointState, RunState, age_seconds, driver_alive, load_status
+from .workflow.status import (
+    FILE_STATES,
+    PointState,
+    RunState,
+    StatusRecord,
+    Totals,
+    age_seconds,
+    driver_alive,
+    load_status,
+)
 
 POINT_STATES = tuple(PointState)
 
@@ -100,7 +109,8 @@ class Run:
 
     The state is read when the Run is made; :meth:`refresh` reads it again (a running reconstruction
     moves on).  Without status.json (an older run, or one whose driver has not written it yet) the
-    points are the point files present.
+    points are the point files present.  ``status`` is the status file's record
+    (:class:`laueflow.workflow.status.StatusRecord`), None without one.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -110,7 +120,7 @@ class Run:
         if not self.path.is_dir():
             raise ResultError(f"{self.path}: not a run folder (give the folder that holds point_<k>.h5 "
                               f"and status.json)")
-        self.status: dict[str, Any] | None = None
+        self.status: StatusRecord | None = None
         self.status_problem = ""
         self.points: dict[int, PointStatus] = {}
         self.refresh()
@@ -122,20 +132,14 @@ class Run:
         folder = RunFolder(self.path)
         on_disk = folder.point_files()
         points: dict[int, PointStatus] = {}
-        recorded = (self.status or {}).get("points", {})
-        for key, info in recorded.items():
-            try:
-                k = int(key)
-            except ValueError:
-                continue
-            info = info if isinstance(info, dict) else {}
-            file = self.path / info["file"] if info.get("file") else folder.point_file(k)
+        recorded = self.status.points if self.status is not None else {}
+        for k, info in recorded.items():
+            file = self.path / info.file if info.file else folder.point_file(k)
             points[k] = PointStatus(
-                point=k, state=str(info.get("state", PointState.PENDING)),
-                file=file if file.is_file() else None,
-                blocks_total=_number(info, "blocks_total"), blocks_done=_number(info, "blocks_done"),
-                blocks_failed=_number(info, "blocks_failed") or 0, n_pixels=_number(info, "n_pixels"),
-                seconds=_number(info, "seconds", float), reason=str(info.get("reason") or ""))
+                point=k, state=str(info.state), file=file if file.is_file() else None,
+                blocks_total=info.blocks_total, blocks_done=info.blocks_done,
+                blocks_failed=info.blocks_failed or 0, n_pixels=info.n_pixels, seconds=info.seconds,
+                reason=info.reason)
         for k, file in on_disk.items():
             if k not in points:  # a file from an earlier run, or no status file at all
                 points[k] = PointStatus(point=k, state=_file_state(file), file=file)
@@ -146,7 +150,7 @@ class Run:
     @property
     def recorded_state(self) -> str | None:
         """The state status.json records (running, finished, interrupted, failed), None without one."""
-        return None if self.status is None else str(self.status.get("state"))
+        return None if self.status is None else str(self.status.state)
 
     @property
     def driver_alive(self) -> bool | None:
@@ -181,35 +185,38 @@ class Run:
 
     @property
     def totals(self) -> dict[str, Any]:
-        """The run's totals: status.json's when there is one, else counted from the files."""
-        if self.status is not None and isinstance(self.status.get("totals"), dict):
-            return dict(self.status["totals"])
-        return {"points": len(self.points), "points_done": len(self.ready), "points_failed": 0,
-                "blocks": None, "blocks_done": None, "pixels_done": None, "pixels_per_second": None,
-                "eta_seconds": None}
+        """The run's totals: status.json's when there is one (None for a figure it does not record),
+        else counted from the files."""
+        return self._totals().to_json()
+
+    def _totals(self) -> Totals:
+        if self.status is not None and self.status.totals is not None:
+            return self.status.totals
+        return Totals(points=len(self.points), points_done=len(self.ready), points_failed=0)
 
     def progress(self) -> str:
         """One line on where the run stands."""
-        t = self.totals
+        t = self._totals()
         state = self.state
-        text = f"{state}: {t.get('points_done', 0)} of {t.get('points', len(self.points))} points finished"
-        if t.get("points_failed"):
-            text += f" ({t['points_failed']} with failures)"
-        if t.get("blocks"):
-            text += f", {t.get('blocks_done', 0)}/{t['blocks']} blocks"
-        if t.get("pixels_per_second"):
-            text += f", {t['pixels_per_second']:.0f} pixels/s"
-        if state == RunState.RUNNING and t.get("eta_seconds") is not None:
-            text += f", about {t['eta_seconds']:.0f} s to go"
+        total = t.points if t.points is not None else len(self.points)
+        text = f"{state}: {t.points_done or 0} of {total} points finished"
+        if t.points_failed:
+            text += f" ({t.points_failed} with failures)"
+        if t.blocks:
+            text += f", {t.blocks_done or 0}/{t.blocks} blocks"
+        if t.pixels_per_second:
+            text += f", {t.pixels_per_second:.0f} pixels/s"
+        if state == RunState.RUNNING and t.eta_seconds is not None:
+            text += f", about {t.eta_seconds:.0f} s to go"
         if self.status is not None:
-            age = age_seconds(self.status.get("updated"))
-            if self.status.get("finished") and state != RunState.RUNNING:
-                text += f"; ended {self.status['finished']}"
+            age = age_seconds(self.status.updated)
+            if self.status.finished and state != RunState.RUNNING:
+                text += f"; ended {self.status.finished}"
             elif age is not None:
                 text += f"; updated {max(age, 0):.0f} s ago"
             if state == RunState.STALE:
-                text += (f" (status.json says running, but its driver, pid {self.status.get('pid')} on "
-                         f"{self.status.get('host')}, is gone)")
+                text += (f" (status.json says running, but its driver, pid {self.status.pid} on "
+                         f"{self.status.host}, is gone)")
         else:
             text += " (no status.json: points from the files present)"
         return text
@@ -224,8 +231,8 @@ class Run:
         lines = [f"run {self.path}", self.progress()]
         if self.status_problem:
             lines.append(f"note: {self.status_problem}")
-        if self.status is not None and self.status.get("scan"):
-            lines.append(f"scan {self.status['scan']}")
+        if self.status is not None and self.status.scan:
+            lines.append(f"scan {self.status.scan}")
         return "\n".join([*lines, self.table()])
 
     # points -------------------------------------------------------------------------------------
@@ -257,12 +264,6 @@ class Run:
 
     def __repr__(self) -> str:
         return f"<Run {self.path}: {self.progress()}>"
-
-
-def _number(info: dict[str, Any], key: str, kind: type = int) -> Any:
-    """A number from a status entry, None when missing or not a number."""
-    v = info.get(key)
-    return kind(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
 def _file_state(path: Path) -> PointState:

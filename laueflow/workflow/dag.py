@@ -523,8 +523,9 @@ class Driver:
 
     def pixel_counts(self) -> dict[str, int]:
         """The run's pixels by origin (decoded, reused, kept, failed), from status.json's totals."""
-        totals = self.status.totals()
-        return {key: int(totals.get(f"pixels_{key}", 0)) for key in ("decoded", "reused", "kept", "failed")}
+        t = self.status.totals()
+        return {"decoded": t.pixels_decoded, "reused": t.pixels_reused, "kept": t.pixels_kept,
+                "failed": t.pixels_failed}
 
     @property
     def feed_open(self) -> bool:
