@@ -32,7 +32,7 @@ import yaml
 
 from .config import Config, ConfigError, ConfigWarning, TransferConfig, from_dict, load
 from .errors import TransferAuthError, TransferError  # noqa: F401 (re-exported)
-from .io.export import default_dest
+from .io.export import depth_files
 from .io.layout import RunFolder
 from .io.pointfile import read_provenance
 from .workflow.hooks import RunHooks
@@ -596,8 +596,7 @@ class TransferHooks(RunHooks):
 
     def on_point_done(self, result: PointResult) -> None:
         if result.file and result.status in FILE_STATES:
-            depth_files = sorted(default_dest(result.file, result.point).glob("*.h5"))
-            self.transfers.add([result.file, *depth_files])
+            self.transfers.add([result.file, *depth_files(result.file, result.point)])
 
     def status_section(self) -> dict[str, Any]:
         return {"transfers": self.transfers.snapshot()}

@@ -190,6 +190,24 @@ def test_a_new_depth_grid_replaces_the_old_files(tmp_path):
     assert [f.name for f in r.files] == [f"out_272544_{j}.h5" for j in range(grid.size)]
 
 
+def test_depth_files_lists_what_the_export_wrote_in_depth_order(tmp_path):
+    """depth_files: the point's depth files as export_point returns them, by depth index (out_<n>_10.h5
+    after out_<n>_9.h5, not after out_<n>_1.h5); temporaries and files of another point file are left
+    out; no folder, no files."""
+    out, grid = tmp_path / "out", np.arange(12) * 1e-3
+    pf = write_point_file(out, 4, _volume(1, n_depth=grid.size), depths_mm=grid)
+    assert export.depth_files(pf, 4) == []
+    files = export.export_point(pf)
+    assert [f.name for f in files][9:11] == ["out_272544_9.h5", "out_272544_10.h5"]
+    dest = files[0].parent
+    (dest / f"out_272544_12.h5{layout.TMP_MARK}77").write_bytes(b"partial")
+    other = write_point_file(tmp_path / "elsewhere", 4, _volume(2, n_depth=grid.size), depths_mm=grid)
+    export.export_point(other, tmp_path / "other")
+    (tmp_path / "other" / "out_272544_3.h5").rename(dest / "stray.h5")
+    assert export.depth_files(pf, 4) == files
+    assert export.depth_files(out / ".." / "out" / pf.name, 4) == files  # the same point file
+
+
 def test_a_folder_holding_other_files_is_refused_and_nothing_is_overwritten(tmp_path):
     out = tmp_path / "out"
     pf = write_point_file(out, 1, _volume(1))

@@ -19,15 +19,18 @@ from pathlib import Path
 
 import globus_sdk
 import h5py
+import numpy as np
 import pytest
 import responses
 import yaml
 from click.testing import CliRunner
+from test_export import FRAME, write_point_file
 
 from laueflow import provenance
 from laueflow.cli import main
 from laueflow.config import ConfigError, ConfigWarning, from_dict, load, transfer_settings
 from laueflow.io import pointfile
+from laueflow.io.export import export_point
 from laueflow.io.layout import RunFolder
 from laueflow.transfer import (
     COMPUTE_ID_VAR,
@@ -37,6 +40,7 @@ from laueflow.transfer import (
     SUCCEEDED,
     TransferAuthError,
     TransferError,
+    TransferHooks,
     Transfers,
     TransferState,
     record_status,
@@ -44,6 +48,8 @@ from laueflow.transfer import (
     run_files,
     transfer_client,
 )
+from laueflow.workflow.outcomes import PointResult
+from laueflow.workflow.status import PointState
 
 try:  # globus-sdk 4 made its test helpers public
     from globus_sdk.testing import RegisteredResponse, get_response_set, load_response
@@ -250,6 +256,29 @@ def test_batches_success_and_snapshot(tmp_path, run_dir, rsps):
     assert any("task-one: 2 files submitted" in line for line in lines)
     assert any("task-two: 2 files transferred" in line for line in lines)
     assert t.summary().startswith(f"4 of 4 files transferred to {DEST}:/data/laue/scan_recon in 2 tasks")
+
+
+def test_hooks_queue_a_finished_point_with_its_depth_files(tmp_path, run_dir, rsps):
+    """TransferHooks.on_point_done queues a written point file and the per-depth files io.export wrote
+    for it (not a temporary, not a file of someone else); a failed point's file is not sent."""
+    submitted(rsps, "task-one")
+    grid = np.arange(12) * 1e-3  # 12 depth bins, 0 to 11 um
+    r0, r1, c0, c1 = FRAME
+    point = write_point_file(run_dir, 1, np.ones((grid.size, r1 - r0, c1 - c0), np.float32), depths_mm=grid)
+    depths = export_point(point)
+    (depths[0].parent / "out_272544_12.h5.tmp-77").write_bytes(b"partial")
+    depth_file(depths[0].parent / "notes.h5")
+    clock = Clock()
+    t = Transfers(settings(tmp_path, batch_files=1 + grid.size), run_dir, client(), clock=clock,
+                  sleep=clock.sleep)
+    hooks = TransferHooks(t, say=lambda line: None, note=lambda line: None)
+    hooks.on_point_done(PointResult(point=2, status=PointState.FAILED, file=str(run_dir / "point_00002.h5"),
+                                    reason="every block failed"))
+    hooks.on_point_done(PointResult(point=1, status=PointState.DONE, file=str(point)))
+    t.poll(wait=True)
+    (post,) = requests_to(rsps, "POST", "/transfer")
+    sent = sorted(i["source_path"] for i in json.loads(post.body)["DATA"])
+    assert sent == sorted(f"/scan_recon/{p.relative_to(run_dir).as_posix()}" for p in (point, *depths))
 
 
 def test_lone_file_goes_after_batch_seconds(tmp_path, run_dir, rsps):

@@ -46,7 +46,8 @@ from .layout import DEPTHS_DIR, TMP_MARK, RunFolder, point_dir_name, point_name,
 from .pointfile import PointReader
 
 __all__ = ["DEPTHS_DIR", "FORMATS", "ExportError", "ExportResult", "default_dest", "default_prefix",
-           "default_root", "depth_file_name", "export_point", "export_point_detailed", "export_run_point"]
+           "default_root", "depth_file_name", "depth_files", "export_point", "export_point_detailed",
+           "export_run_point"]
 
 FORMATS = ("depths", "lauelab")  # laueflow export --format
 
@@ -250,6 +251,24 @@ def export_point_detailed(point_file: str | os.PathLike, dest_dir: str | os.Path
         path.unlink()
         result.removed += 1
     return result
+
+
+def depth_files(point_file: str | os.PathLike, point: int) -> list[Path]:
+    """The depth files the export wrote for ``point_file`` (scan point ``point``) in its default folder
+    ``OUT/depths/point_<k:05d>/``, in depth order; none when there is no such folder.  Temporaries of an
+    unfinished export and files it did not write for this point file are not listed."""
+    point_file = Path(point_file).resolve()
+    dest = default_dest(point_file, point)
+    if not dest.is_dir():
+        return []
+    found = []
+    for path in dest.iterdir():
+        if TMP_MARK in path.name or not path.is_file():
+            continue
+        recorded = _recorded(path)
+        if recorded is not None and recorded["source_file"] == str(point_file) and "depth_index" in recorded:
+            found.append((int(recorded["depth_index"]), path))
+    return [path for _, path in sorted(found)]
 
 
 def export_point(point_file: str | os.PathLike, dest_dir: str | os.PathLike | None = None) -> list[Path]:
