@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import psutil
 import pytest
+import results
 from click.testing import CliRunner
 
 from laueflow import sites
@@ -28,11 +29,6 @@ BLOCK = 64  # 4 tiles per point
 LAUEFLOW = [sys.executable, "-m", "laueflow.cli"]
 
 
-def _volume(path: Path) -> np.ndarray:
-    with h5py.File(path, "r") as f:
-        return f["entry/reconstruction/volume"][()]
-
-
 # The shared run (multipoint_run, 64-pixel blocks like BLOCK) runs on threads in this process, the runs
 # under test in worker processes: the same frames give the same bits (tests/test_determinism.py).
 
@@ -41,7 +37,7 @@ def _same_as_reference(out: Path, reference: Path) -> None:
     names = sorted(p.name for p in reference.glob("point_*.h5"))
     assert sorted(p.name for p in out.glob("point_*.h5")) == names
     for name in names:
-        np.testing.assert_array_equal(_volume(out / name), _volume(reference / name))
+        np.testing.assert_array_equal(results.volume(out / name), results.volume(reference / name))
 
 
 def test_status_file_follows_the_run(multipoint_scan, multipoint_run, tmp_path):
@@ -83,8 +79,8 @@ def test_status_file_follows_the_run(multipoint_scan, multipoint_run, tmp_path):
                  site_config=sites.site_config("threads", workers=2, run_dir=str(out / ".runinfo")))
     assert [p.status for p in forced.points] == ["done"]
     assert (out / "point_00000.h5").stat().st_mtime_ns != mtime
-    volume = _volume(out / "point_00000.h5")
-    np.testing.assert_array_equal(volume, _volume(multipoint_run / "point_00000.h5"))
+    volume = results.volume(out / "point_00000.h5")
+    np.testing.assert_array_equal(volume, results.volume(multipoint_run / "point_00000.h5"))
     # --per-depth-files: one image per depth for the indexing chain, beside the point file
     depth_files = sorted((out / "depths" / "point_00000").glob("*.h5"))
     assert len(depth_files) == volume.shape[0]
@@ -162,7 +158,7 @@ def test_killed_driver_resumes_without_redoing_finished_work(multipoint_scan, mu
     assert status["state"] == "running"  # what a crash leaves behind
     total = status["totals"]["points"]
     finished = sorted(out.glob("point_*.h5"))
-    blocks = {d.name: len(list(d.glob("block_*.npz"))) for d in (out / ".blocks").glob("point_*")}
+    blocks = {k: results.block_count(out, k) for k in range(total)}
     assert len(finished) < total and (finished or any(blocks.values()))
 
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
@@ -171,8 +167,8 @@ def test_killed_driver_resumes_without_redoing_finished_work(multipoint_scan, mu
     assert status["state"] == "finished"
     for f in finished:
         assert status["points"][str(int(f.stem.split("_")[1]))]["state"] == "resumed"
-    for name, n in blocks.items():
-        entry = status["points"][str(int(name.split("_")[1]))]
+    for k, n in blocks.items():
+        entry = status["points"][str(k)]
         if entry["state"] != "resumed":
             assert entry["blocks_reused"] == n and entry["state"] == "done"
     n_tiles = status["points"]["0"]["blocks_total"]
@@ -226,4 +222,4 @@ def test_killed_worker_is_retried(multipoint_scan, multipoint_run, tmp_path):
     logs = "".join(p.read_text(errors="replace") for p in (out / ".runinfo").rglob("parsl.log"))
     assert "try 1" in logs or "Launched block 1" in logs  # the task was retried, or its block replaced
     for name in ("point_00000.h5", "point_00001.h5"):
-        np.testing.assert_array_equal(_volume(out / name), _volume(multipoint_run / name))
+        np.testing.assert_array_equal(results.volume(out / name), results.volume(multipoint_run / name))

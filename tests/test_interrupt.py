@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import psutil
 import pytest
+import results
 import yaml
 
 from laueflow.mask import debruijn
@@ -29,11 +29,6 @@ from laueflow.workflow.status import read_status
 
 BLOCK = 64  # 4 tiles per point
 LAUEFLOW = [sys.executable, "-m", "laueflow.cli"]
-
-
-def _volume(path: Path) -> np.ndarray:
-    with h5py.File(path, "r") as f:
-        return f["entry/reconstruction/volume"][()]
 
 
 def _command(scan: Path, out: Path, site: str = "local", points: str = "0") -> list[str]:
@@ -129,7 +124,7 @@ def test_stop_signal_to_the_process_group(multipoint_scan, local_reference, tmp_
         point_file = out / f"point_{int(k):05d}.h5"
         assert point_file.is_file() == (entry["state"] == "done")
         if entry["state"] == "pending":
-            on_disk = len(list((out / ".blocks" / f"point_{int(k):05d}").glob("block_*.npz")))
+            on_disk = results.block_count(out, int(k))
             assert entry["blocks_done"] == on_disk, (k, entry, on_disk)
     assert after["totals"]["blocks_done"] >= 1
 
@@ -141,7 +136,7 @@ def test_stop_signal_to_the_process_group(multipoint_scan, local_reference, tmp_
     reused = final["totals"]["points_kept"] + sum(e["blocks_reused"] for e in final["points"].values())
     assert reused >= 1  # what the interrupted run finished was not done again
     name = "point_00000.h5"
-    np.testing.assert_array_equal(_volume(out / name), _volume(local_reference / name))
+    np.testing.assert_array_equal(results.volume(out / name), results.volume(local_reference / name))
 
 
 def test_killed_driver_leaves_no_worker_behind(multipoint_scan, tmp_path):
@@ -234,7 +229,7 @@ cp {out}/point_*.h5 {keep}/
     assert (keep / "second.rc").read_text().strip() == "0", (keep / "second.err").read_text()
     assert json.loads((keep / "second_status.json").read_text())["state"] == "finished"
     for name in ("point_00000.h5", "point_00001.h5"):
-        np.testing.assert_array_equal(_volume(keep / name), _volume(multipoint_run / name))
+        np.testing.assert_array_equal(results.volume(keep / name), results.volume(multipoint_run / name))
 
 
 def test_watch_holds_the_folder_from_the_start(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import results
 
 from laueflow import provenance, sites
 from laueflow.config import load
@@ -32,11 +33,6 @@ def _run(scan: Path, out: Path, points, block_pixels: int = BLOCK):
     cfg = load(scan / "config.yaml")
     return run(scan, cfg, out, points=points, block_pixels=block_pixels,
                site_config=sites.site_config("threads", workers=1, run_dir=str(out / ".runinfo")))
-
-
-def _volume(path: Path) -> np.ndarray:
-    with h5py.File(path, "r") as f:
-        return f["entry/reconstruction/volume"][()]
 
 
 def _interrupted(scan: Path, out: Path, point: int, n: int | None = None) -> list[Path]:
@@ -113,7 +109,8 @@ def test_blocks_of_changed_frames_are_recomputed(scan_copy, tmp_path):
 
     fresh = tmp_path / "fresh"
     assert _run(scan_copy, fresh, [1]).exit_code == 0
-    np.testing.assert_array_equal(_volume(out / "point_00001.h5"), _volume(fresh / "point_00001.h5"))
+    np.testing.assert_array_equal(results.volume(out / "point_00001.h5"),
+                                  results.volume(fresh / "point_00001.h5"))
     # and the rerun keeps it from now on
     assert [q.status for q in _run(scan_copy, out, [1]).points] == ["resumed"]
 
@@ -149,7 +146,7 @@ def test_a_late_block_of_other_inputs_is_not_stitched(scan_copy, tmp_path):
     assert not files[0].exists()  # done: its block files are removed
     fresh = tmp_path / "fresh"
     assert _run(scan_copy, fresh, [1]).exit_code == 0
-    np.testing.assert_array_equal(_volume(point_file), _volume(fresh / "point_00001.h5"))
+    np.testing.assert_array_equal(results.volume(point_file), results.volume(fresh / "point_00001.h5"))
 
 
 def test_damaged_block_files_are_recomputed(multipoint_scan, tmp_path):
@@ -174,7 +171,8 @@ def test_damaged_block_files_are_recomputed(multipoint_scan, tmp_path):
     assert p.status == "done" and p.reused_blocks == 2 and p.failed_blocks == 0
     fresh = tmp_path / "fresh"
     assert _run(multipoint_scan, fresh, [2]).exit_code == 0
-    np.testing.assert_array_equal(_volume(out / "point_00002.h5"), _volume(fresh / "point_00002.h5"))
+    np.testing.assert_array_equal(results.volume(out / "point_00002.h5"),
+                                  results.volume(fresh / "point_00002.h5"))
 
 
 def test_another_tiling_recomputes(multipoint_scan, multipoint_run, tmp_path):
@@ -217,4 +215,4 @@ def test_a_point_file_damaged_in_place_is_recomputed(multipoint_scan, multipoint
     (p,) = result.points
     assert p.status == "done"
     pointfile.verify(damaged)
-    np.testing.assert_array_equal(_volume(damaged), _volume(multipoint_run / "point_00001.h5"))
+    np.testing.assert_array_equal(results.volume(damaged), results.volume(multipoint_run / "point_00001.h5"))
