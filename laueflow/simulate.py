@@ -46,6 +46,7 @@ GEOMETRIES = {
     "flat": {"anglez": -1.3, "axis": [1.0, 0.0, 0.0], "step": 0.5},
 }
 DETECTOR_KEY = "/entry1/data/data"
+MASK_FILE = "mask.npy"  # the mask code beside a simulated scan's config.yaml (its geo.mask.path)
 OVERLAP_GAP = 40.0  # um: the overlap preset's pixels see two grains at least this far apart
 MIN_REGION = 8  # pixels, side of the simulated region
 MIN_FRAMES = 8  # frames per scan point
@@ -62,7 +63,7 @@ def default_config_dict(geometry: str = "tilted", frames: int = 261, region: int
         "file": {"path": ".", "stacked": True, "ext": "h5", "h5": {"key": DETECTOR_KEY},
                  "range": [0, frames, 1], "threshold": 0, "frame": [r0, r0 + region, r0, r0 + region]},
         "geo": {
-            "mask": {"path": "mask.npy", "reversed": False, "bitsizes": [15.0, 7.5], "thickness": 3.7,
+            "mask": {"path": MASK_FILE, "reversed": False, "bitsizes": [15.0, 7.5], "thickness": 3.7,
                      "resolution": 0.5, "widening": 0.0, "pad": 150.0, "stretch": 1.0, "shift": 0.0,
                      "focus": {"cenx": 0.0, "dist": 1.0, "anglez": g["anglez"], "angley": 0.0,
                                "anglex": 0.0, "cenz": 0.0}},
@@ -277,7 +278,7 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
         h5 = dict(h5) if isinstance(h5, dict) else {}
         h5["key"] = DETECTOR_KEY
         data["file"].update({"path": ".", "stacked": not single_file, "ext": "h5", "h5": h5})
-        data.setdefault("geo", {}).setdefault("mask", {})["path"] = "mask.npy"
+        data.setdefault("geo", {}).setdefault("mask", {})["path"] = MASK_FILE
         if frames is not None:
             data["file"]["range"] = [0, frames, 1]
     else:
@@ -303,7 +304,7 @@ def simulate(out_dir: str | Path, preset: str = "thin", seed: int = 0, frames: i
         film_depth = _film_depth(grid_cfg, film_depth)
 
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "mask.npy", code)
+    np.save(out / MASK_FILE, code)
     config_path = out / SCAN_CONFIG_FILE
     config_path.write_text(
         f"# Synthetic scan written by laueflow simulate (preset {preset}, seed {seed})\n"
@@ -573,7 +574,7 @@ def simulate_large(out_dir: str | Path, *, region: int = 1200, frames: int = 201
     # spots first: a fraction that does not fit stops before anything is written
     spots = _spot_grid(rng, tuple(data["file"]["frame"]), spot_fraction, threshold)
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "mask.npy", debruijn(8))
+    np.save(out / MASK_FILE, debruijn(8))
     config_path = out / SCAN_CONFIG_FILE
     config_path.write_text(
         f"# Synthetic scan point written by laueflow.simulate.simulate_large (preset {preset}, seed {seed}, "
