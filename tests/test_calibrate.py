@@ -6,6 +6,7 @@ import json
 import shutil
 import warnings
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import h5py
@@ -16,10 +17,11 @@ from click.testing import CliRunner
 
 from laueflow import sites
 from laueflow.calibration import fit as F
-from laueflow.calibration.films import read_film
+from laueflow.calibration.films import read_films
 from laueflow.cli import main
 from laueflow.config import Config, ConfigError, ConfigWarning, from_dict, load, write_calibrated
 from laueflow.decode import decode
+from laueflow.errors import CalibrationError
 from laueflow.evaluate import score
 from laueflow.forward import Setup
 from laueflow.io.pointfile import read_provenance
@@ -65,7 +67,8 @@ def calibrate(films: list[Path], out: Path, *extra: str, depths=DEPTHS):
 @pytest.fixture(scope="module")
 def calibration(films: list[Path]) -> F.Calibration:
     cfg = load(films[0] / "config.yaml")
-    data = [read_film(cfg, s, d, PIXELS) for s, d in zip(films, DEPTHS, strict=True)]
+    data = read_films(cfg, films, DEPTHS, PIXELS)
+    assert [f.depth_um for f in data] == list(DEPTHS) and [f.name for f in data] == list(map(str, films))
     assert all(len(np.unique(f.spots)) >= 4 for f in data)
     return F.fit_pose(cfg, data)
 
@@ -252,6 +255,25 @@ def test_calibration_record_holds_the_film_depths(calibrated: Path) -> None:
         err_before = np.abs(np.array(f["before_um"]) - f["film_depth_um"])
         err_after = np.abs(np.array(f["after_um"]) - f["film_depth_um"])
         assert np.median(err_after) < 1 < np.median(err_before)
+
+
+def test_the_written_record_is_the_fit_s_record(films: list[Path], calibration: F.Calibration,
+                                                calibrated: Path) -> None:
+    """laueflow calibrate writes Calibration.record of its fit (the same fit as the fixture's, so the same
+    record, the date aside): absolute paths, None for the sigma of what is not determined, plain YAML
+    types; one film depth per scan or CalibrationError."""
+    written = load(calibrated, check_files=False).calibration
+    when = datetime.strptime(written["date"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    nominal = films[0] / "config.yaml"
+    record = calibration.record(nominal, films, DEPTHS, when=when)
+    assert record == written
+    assert yaml.safe_load(yaml.safe_dump(record)) == record
+    assert record["nominal"] == str(nominal.resolve()) and record["by"].endswith(" calibrate")
+    assert [s["path"] for s in record["scans"]] == [str(f.resolve()) for f in films]
+    assert "cenz" in record["not_determined"] and "dist" not in record["not_determined"]
+    assert all(record["sigma"][n] is None for n in record["not_determined"]) and record["sigma"]["dist"] > 0
+    with pytest.raises(CalibrationError, match="one film depth per scan"):
+        calibration.record(nominal, films, DEPTHS[:1])
 
 
 def test_show_draws_the_calibration(calibrated: Path, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +121,21 @@ def read_film(cfg: Config, path: str | Path, depth_um: float, max_pixels: int = 
         frames=np.asarray(frames, float),
         name=str(path),
     )
+
+
+def read_films(cfg: Config, paths: Sequence[str | Path], depths_um: Sequence[float],
+               max_pixels: int = 600) -> list[Film]:
+    """The films of the scans ``paths`` (:func:`read_film`, one film depth each), checked first to go
+    together with the nominal configuration (:func:`check_scans`); scans of different frame counts
+    cannot be fitted together and raise :class:`CalibrationError`."""
+    check_scans(cfg, [Path(p) for p in paths], list(depths_um))
+    films: list[Film] = []
+    for path, depth in zip(paths, depths_um, strict=True):
+        film = read_film(cfg, path, depth, max_pixels)
+        if films and film.traces.shape[1] != films[0].traces.shape[1]:
+            raise CalibrationError(
+                f"the scans have different frame counts: {films[0].name} {films[0].traces.shape[1]}, "
+                f"{film.name} {film.traces.shape[1]}"
+            )
+        films.append(film)
+    return films

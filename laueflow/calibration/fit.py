@@ -26,13 +26,17 @@ their nominal values and left out of the final fit.  NumPy at the edges, JAX ins
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import __version__
 from .. import geometry as G
 from ..config import Config
 from ..errors import CalibrationError, CalibrationFailed
@@ -140,6 +144,38 @@ class Calibration:
                 if self.determined[i] and self.determined[j] and abs(rho) >= limit:
                     out.append((self.names[i], self.names[j], float(rho)))
         return out
+
+    def record(self, nominal: str | Path, scans: Sequence[str | Path], film_depths: Sequence[float],
+               when: datetime | None = None) -> dict[str, Any]:
+        """The ``calibration`` record of the calibrated configuration, in plain YAML types: the laueflow
+        version and date (``when``, default now; UTC), the nominal file and the film scans (absolute
+        paths) with their film depths (um), the nominal values, uncertainties and what the scans left
+        open, and each film's apparent depth per spot (median over its pixels) at the nominal and the
+        fitted pose."""
+        if len(scans) != len(film_depths):
+            raise CalibrationError(f"one film depth per scan: {len(scans)} scans, {len(film_depths)} depths")
+        names = self.names
+        return {
+            "by": f"laueflow {__version__} calibrate",
+            "date": (when or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "nominal": str(Path(nominal).resolve()),
+            "scans": [{"path": str(Path(s).resolve()), "film_depth_um": float(d)}
+                      for s, d in zip(scans, film_depths, strict=True)],
+            "fitted": list(names),
+            "nominal_values": {n: float(v) for n, v in zip(names, self.nominal, strict=True)},
+            "sigma": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, self.sigma, strict=True)},
+            "not_determined": [n for n, d in zip(names, self.determined, strict=True) if not d],
+            "reduced_chi_square": float(self.chi2_red),
+            "pixels": int(self.pixels),
+            "films": [
+                {"film": str(f.film), "film_depth_um": float(f.depth_um), "spots": [int(s) for s in f.spots],
+                 "pixels": [int(n) for n in f.pixels], "before_um": [round(float(b), 3) for b in f.before],
+                 "after_um": [round(float(a), 3) for a in f.after],
+                 "within_1um_before": float(f.within_1um_before),
+                 "within_1um_after": float(f.within_1um_after)}
+                for f in self.films
+            ],
+        }
 
 
 # ----------------------------------------------------------------------------------------------

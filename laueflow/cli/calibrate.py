@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 import numpy as np
 
-from .. import __version__
 from ..errors import CalibrationFailed
-from .common import echo_err, fail, input_errors, load_config
+from .common import echo_err, input_errors, load_config
 from .config import refuse_out
 
 FIT_FAILED = 1
@@ -79,7 +77,7 @@ def calibrate(
     configuration: the nominal one with geo.mask.focus replaced and a calibration record.  An existing
     --out file is replaced only with --force; the nominal file never."""
     # JAX and the fit load in seconds: only when calibrating, not for `laueflow --help`
-    from ..calibration.films import check_scans, read_film
+    from ..calibration.films import read_films
     from ..calibration.fit import UNITS, fit_pose
     from ..config import write_calibrated
 
@@ -88,10 +86,7 @@ def calibrate(
     refuse_out(out_file, config_file, force, "nominal configuration", "calibrated one")
     t0 = time.perf_counter()
     with input_errors():
-        check_scans(cfg, list(scans), list(film_depths))
-        films = [read_film(cfg, s, d, pixels) for s, d in zip(scans, film_depths, strict=True)]
-        if len({f.traces.shape[1] for f in films}) > 1:
-            fail("the scans have different frame counts")
+        films = read_films(cfg, scans, film_depths, pixels)
         t_read = time.perf_counter() - t0
         try:
             result = fit_pose(cfg, films, fit, progress=echo_err)
@@ -124,30 +119,7 @@ def calibrate(
             f"pixels within 1 um: {film.within_1um_before:.0%} -> {film.within_1um_after:.0%}"
         )
 
-    record = {
-        "by": f"laueflow {__version__} calibrate",
-        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "nominal": str(config_file.resolve()),
-        "scans": [
-            {"path": str(Path(s).resolve()), "film_depth_um": float(d)}
-            for s, d in zip(scans, film_depths, strict=True)
-        ],
-        "fitted": list(result.names),
-        "nominal_values": {n: float(v) for n, v in zip(result.names, result.nominal, strict=True)},
-        "sigma": {
-            n: (None if np.isnan(v) else float(v)) for n, v in zip(result.names, result.sigma, strict=True)
-        },
-        "not_determined": [n for n, d in zip(result.names, result.determined, strict=True) if not d],
-        "reduced_chi_square": float(result.chi2_red),
-        "pixels": int(result.pixels),
-        "films": [  # each film's apparent depth per spot (median over its pixels), nominal and fitted pose
-            {"film": str(f.film), "film_depth_um": float(f.depth_um), "spots": [int(s) for s in f.spots],
-             "pixels": [int(n) for n in f.pixels], "before_um": [round(float(b), 3) for b in f.before],
-             "after_um": [round(float(a), 3) for a in f.after],
-             "within_1um_before": float(f.within_1um_before), "within_1um_after": float(f.within_1um_after)}
-            for f in result.films
-        ],
-    }
     with input_errors():
+        record = result.record(config_file, scans, film_depths)
         write_calibrated(config_file, out_file, result.values(), record, force=force)
     click.echo(f"wrote {out_file}")
