@@ -33,17 +33,15 @@ import numpy as np
 
 from .errors import LaueflowError
 from .evaluate import centroids
-from .io import header
 from .io.atomic import atomic_path
 from .io.pointfile import (
     PIXEL_DECODED,
     PIXEL_NO_BLOCK,
     PIXEL_NOT_SELECTED,
     PIXEL_SATURATED,
-    PointReader,
     signal_excess,
 )
-from .runs import Point, Run
+from .runs import SAMPLE_POSITIONS, Point, Run
 
 FIGURES = ("integrated", "intensity", "slices", "depthmap", "quality")
 UM = "\u00b5m"
@@ -581,10 +579,6 @@ def save_quicklooks(point: Point, out_dir: str | os.PathLike | None = None, trut
 # ----------------------------------------------------------------------------------------------
 # A run: overview figure and index.html
 
-# the sample position a 34-ID-E frame file records, as the point file keeps its first frame's header
-SAMPLE_POSITIONS = ("entry1/sample/sampleX", "entry1/sample/sampleY", "entry1/sample/sampleZ")
-
-
 @dataclass
 class PointEntry:
     """One scan point of a run as the overview and the index show it."""
@@ -610,32 +604,13 @@ def signal_mean_depth(depth: np.ndarray, intensity: np.ndarray, fraction: float 
     return None if weight is None else float((weight * depth).sum() / weight.sum())
 
 
-def recorded_positions(path: str | os.PathLike) -> dict[str, tuple[float, str]]:
-    """The sample position in the frame header a point file keeps (``SAMPLE_POSITIONS``, as the
-    detector wrote them; the first value of a per-frame array): {sampleX: (value, units), ...} for those
-    present as numbers."""
-    out: dict[str, tuple[float, str]] = {}
-    with PointReader(path) as reader:
-        try:
-            acquisition = reader.acquisition()
-        except KeyError:
-            return out
-        for key in SAMPLE_POSITIONS:
-            value = header.number(acquisition, key)
-            if value is None:
-                continue
-            units = acquisition[key].attrs.get("units", "")
-            out[key.rsplit("/", 1)[1]] = (value, units.decode() if isinstance(units, bytes) else str(units))
-    return out
-
-
 def point_entry(point: Point, state: str = "done") -> PointEntry:
     """The overview's and index's numbers of one point."""
     ivd = point.intensity_vs_depth
     return PointEntry(point=point.point, state=state, file=point.path, pixels=point.n_pixels,
                       signal=point.signal_range(), complete=point.complete, intensity=float(ivd.sum()),
                       mean_depth=signal_mean_depth(point.depth, ivd),
-                      positions=recorded_positions(point.path))
+                      positions=point.sample_position())
 
 
 def scan_axis(entries: Sequence[PointEntry]) -> tuple[str | None, str]:

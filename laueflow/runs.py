@@ -36,6 +36,7 @@ from .config import ConfigError, ConfigWarning, from_dict
 from .errors import ResultError  # noqa: F401 (re-exported)
 from .evaluate import score as score_profiles
 from .flags import NO_SIGNAL, PIXEL_DECODED, PIXEL_STATES, QUALITY_FLAGS, Flag
+from .io import header
 from .io.blocks import PIXEL_FIELDS
 from .io.layout import SCAN_CONFIG_FILE, TRUTH_FILE, RunFolder, point_of
 from .io.pointfile import PointReader, signal_range
@@ -53,6 +54,8 @@ from .workflow.status import (
 )
 
 POINT_STATES = tuple(PointState)
+# the sample position a 34-ID-E frame header records (laueflow.io.header), kept by every point file
+SAMPLE_POSITIONS = ("entry1/sample/sampleX", "entry1/sample/sampleY", "entry1/sample/sampleZ")
 
 
 def _open(path: Path) -> PointReader:
@@ -577,6 +580,23 @@ class Point:
         """What produced the file (laueflow.provenance), plus its ``complete`` flag."""
         out = self._file.provenance()
         out["complete"] = self.complete
+        return out
+
+    def sample_position(self) -> dict[str, tuple[float, str]]:
+        """The sample position in the frame header the point file keeps (:data:`SAMPLE_POSITIONS`, as the
+        detector wrote them; the first value of a per-frame array): ``{"sampleX": (value, units), ...}``
+        for those present as numbers, empty when the file keeps no header."""
+        try:
+            acquisition = self._file.acquisition()
+        except KeyError:
+            return {}
+        out: dict[str, tuple[float, str]] = {}
+        for key in SAMPLE_POSITIONS:
+            value = header.number(acquisition, key)
+            if value is not None:
+                units = acquisition[key].attrs.get("units", "")
+                units = units.decode() if isinstance(units, bytes) else str(units)
+                out[key.rsplit("/", 1)[1]] = (value, units)
         return out
 
     # the scan behind the point --------------------------------------------------------------------
