@@ -23,6 +23,7 @@ from laueflow import provenance
 from laueflow.config import load
 from laueflow.flags import PIXEL_DECODED, PIXEL_SATURATED
 from laueflow.runs import FILE_STATES, POINT_STATES, ResultError, open_point, open_run
+from laueflow.workflow.status import load_status, record_section
 
 POINTS = 3
 ORDER = {s: i for i, s in enumerate(("pending", "running", "done"))}
@@ -107,7 +108,11 @@ def test_point_access_reads_what_the_file_holds(watched):
         vol = f["entry/reconstruction/volume"][()]
         index = f["entry/diagnostics/index"][()]
         residual = f["entry/diagnostics/residual"][()]
+        sample = f["entry/acquisition/entry1/sample"]
+        position = {k: (float(sample[k][()]), sample[k].attrs["units"])
+                    for k in ("sampleX", "sampleY", "sampleZ")}
     assert pt.shape == vol.shape
+    assert pt.sample_position() == position and position["sampleX"][0] == 1.0  # the simulated 1 um step
     j = int(np.argmax(vol.sum(axis=(1, 2))))
     np.testing.assert_array_equal(pt.depth_slice(pt.depth[j]), vol[j])
     np.testing.assert_array_equal(pt.depth_slice(pt.depth[j] + 0.4), vol[j])  # nearest bin
@@ -248,6 +253,38 @@ def test_runs_whose_driver_is_gone_or_that_have_no_status(watched, tmp_path):
     (out / "status.json").unlink()
     plain = open_run(out)
     assert plain.state == "unknown" and plain.ready == [0] and "no status.json" in plain.progress()
+
+
+def test_a_status_file_of_another_laueflow_is_read_as_far_as_its_fields_go(tmp_path):
+    """A later format: the fields this laueflow names are read (a value of another type as missing),
+    points by number, the rest kept in ``extra``; a finished run's section is added without losing any."""
+    data = {"format": "laueflow-status/2", "state": "finished", "scan": "/data/scan", "pid": True,
+            "finished": "2024-01-01T00:00:00+00:00", "totals": {"points": 3, "points_done": 1, "shards": 2},
+            "points": {"0": {"state": "done", "blocks_total": 4, "blocks_done": 4, "n_pixels": 9,
+                             "seconds": 2, "shard": "a"},
+                       "1": {"state": "queued", "blocks_done": "many"}, "2": "?", "all": {}},
+            "watch": {"lag": 1.5}}
+    (tmp_path / "status.json").write_text(json.dumps(data))
+    record, note = load_status(tmp_path)
+    assert "laueflow-status/2" in note and record.state == "finished" and record.pid is None
+    assert record.totals.points == 3 and record.totals.blocks is None and record.totals.extra == {"shards": 2}
+    assert list(record.points) == [0, 1, 2] and record.extra == {"watch": {"lag": 1.5}}
+    done = record.points[0]
+    assert (done.state, done.blocks_done, done.seconds, done.reason) == ("done", 4, 2.0, "")
+    assert done.extra == {"shard": "a"}
+    assert record.points[1].state == "queued" and record.points[1].blocks_done is None
+    assert record.points[2].state == "pending"
+    with pytest.raises(TypeError):
+        record.extra["transfers"] = {}  # type: ignore[index]
+
+    run = open_run(tmp_path)
+    assert run.state == "finished" and run.counts() == {"done": 1, "queued": 1, "pending": 1}
+    assert run.totals["points"] == 3 and run.totals["blocks"] is None and run.totals["shards"] == 2
+    assert run.progress() == "finished: 1 of 3 points finished; ended 2024-01-01T00:00:00+00:00"
+    assert run.points[1].line().split()[:3] == ["1", "queued", "-"]
+
+    assert record_section(tmp_path, "transfers", {"files": 1})
+    assert json.loads((tmp_path / "status.json").read_text()) == {**data, "transfers": {"files": 1}}
 
 
 def test_bad_paths_are_reported(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
 import re
@@ -30,7 +31,7 @@ from laueflow.workflow import tasks as T
 from laueflow.workflow.hooks import RunHooks
 from laueflow.workflow.outcomes import StitchRequest
 from laueflow.workflow.resume import ResumeWarning, reusable_blocks
-from laueflow.workflow.status import read_status
+from laueflow.workflow.status import load_status
 
 REGION = 16
 BLOCK = 64  # 8 x 8 tiles: 4 tasks per point
@@ -147,7 +148,14 @@ def test_htex_on_loopback_and_resume(scan, tmp_path):
     assert sorted(e.result.point for e in events if e.kind == "point") == [0, 1, 2]
     # hooks see the same events, each point once it ended, the ticks, and the end after the unlock
     assert hook.events == events and sorted(hook.points) == [0, 1, 2] and hook.ticks >= 1
-    assert hook.finished == [result] and read_status(out)["recorder"] == {"points": 3}
+    assert hook.finished == [result]
+    # status.json read as its record: the hook's section travels in extra, and nothing else is lost
+    record, note = load_status(out)
+    assert note == "" and record.extra == {"recorder": {"points": 3}}
+    assert record.state == "finished" and record.totals.points_done == record.totals.points_computed == 3
+    assert [(k, p.state, p.file) for k, p in record.points.items()] == [
+        (k, "done", layout.point_name(k)) for k in range(3)]
+    assert json.dumps(record.to_json(), indent=1) == (out / "status.json").read_text()
     deadline = time.time() + 20  # the executor's worker pool and interchange must be gone
     while _processes_mentioning(str(out)) and time.time() < deadline:
         time.sleep(0.5)
