@@ -16,11 +16,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from laueflow import sites
+from laueflow import provenance, sites
 from laueflow.cli import main
-from laueflow.cli.run import default_out_dir
+from laueflow.cli.run import RunSetup, default_out_dir, make_options
 from laueflow.mask import debruijn
 from laueflow.simulate import default_config_dict
+from laueflow.workflow.dag import RunOptions
 
 
 def _write(folder: Path, data: dict, name: str = "config.yaml") -> Path:
@@ -290,6 +291,18 @@ def test_rerun_that_keeps_every_point_says_so(multipoint_scan, multipoint_run, t
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith(f"3 points (3 kept); pixels: 0 decoded, {kept} in kept files;"), last
     assert "reconstructed" not in last
+
+
+def test_run_and_watch_options_from_one_helper(tmp_path):
+    """`run` and `watch` build their RunOptions in one place: the shared options, the site, this command
+    line for the provenance, and the watch's poll interval on top."""
+    site = sites.site_config("threads", workers=1, run_dir=str(tmp_path / ".runinfo"))
+    setup = RunSetup(cfg=None, location=tmp_path, out_dir=tmp_path / "recon", site_config=site, console=None)
+    shared = {"block_pixels": 64, "site_config": site, "command_line": provenance.command_line()}
+    assert make_options(setup, "0:2", 64, True, True, False) == RunOptions(
+        points="0:2", force=True, per_depth_files=True, staging=False, **shared)
+    assert make_options(setup, [3], 64, False, False, True, poll_interval=0.25) == RunOptions(
+        points=[3], poll_interval=0.25, **shared)
 
 
 def test_laueflow_warnings_are_one_line(capsys):

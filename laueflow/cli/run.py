@@ -7,10 +7,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from rich.console import Console
@@ -22,6 +22,9 @@ from ..transfer import TransferHooks
 from ..watch import PointFeed, WatchHooks, sigterm_as_interrupt
 from ..workflow.status import RunLock
 from .common import echo_err, fail, input_errors, load_config
+
+if TYPE_CHECKING:
+    from ..workflow.dag import RunOptions
 
 
 def _scan_location(scan_dir: Path, cfg: Any) -> Path:
@@ -112,6 +115,17 @@ def prepare_run(scan_dir: Path, config_file: Path | None, out_dir: Path | None, 
     return RunSetup(cfg, location, out_dir, parsl_config, Console())
 
 
+def make_options(setup: RunSetup, points: str | Sequence[int] | None, block_pixels: int | None, force: bool,
+                 per_depth_files: bool, staging: bool, **more: Any) -> RunOptions:
+    """The ``workflow.dag.RunOptions`` of `run` and `watch` from their shared options (``more``: the
+    watch's own, such as ``poll_interval``), with this command line for the provenance."""
+    from ..workflow import dag  # the driver loads Parsl and JAX (seconds): only once a run starts
+
+    return dag.RunOptions(points=points, block_pixels=block_pixels, site_config=setup.site_config,
+                          command_line=provenance.command_line(), force=force,
+                          per_depth_files=per_depth_files, staging=staging, **more)
+
+
 def start_transfers(cfg: Any, out_dir: Path) -> Any:
     """The Globus Transfer hooks of the configuration's ``transfer`` section (None without one); a
     missing login stops here (exit 2), before anything runs."""
@@ -173,9 +187,7 @@ def run(scan_dir: Path, points: str | None, config_file: Path | None, out_dir: P
     setup = prepare_run(scan_dir, config_file, out_dir, site, site_option, endpoint, workers)
     transfers = start_transfers(setup.cfg, setup.out_dir)
     hooks = [reporter(setup.console), *([transfers] if transfers else [])]
-    options = dag.RunOptions(points=points, block_pixels=block_pixels, site_config=setup.site_config,
-                             command_line=provenance.command_line(), force=force,
-                             per_depth_files=per_depth_files, staging=staging)
+    options = make_options(setup, points, block_pixels, force, per_depth_files, staging)
     quiet_logging_errors()
     stop: KeyboardInterrupt | None = None
     with input_errors(), sigterm_as_interrupt():
@@ -232,11 +244,8 @@ def watch(scan_dir: Path, max_points: int | None, until_idle: float | None, poll
             try:
                 first = feed.wait_first()
                 if first:
-                    options = dag.RunOptions(points=first, block_pixels=block_pixels,
-                                             site_config=setup.site_config,
-                                             command_line=provenance.command_line(), force=force,
-                                             per_depth_files=per_depth_files, staging=staging,
-                                             poll_interval=poll_interval)
+                    options = make_options(setup, first, block_pixels, force, per_depth_files, staging,
+                                           poll_interval=poll_interval)
                     result = dag.run(setup.location, setup.cfg, setup.out_dir, options, hooks=hooks,
                                      feed=feed, lock=lock)
             except KeyboardInterrupt as exc:
