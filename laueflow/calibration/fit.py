@@ -148,18 +148,18 @@ class Calibration:
     def record(self, nominal: str | Path, scans: Sequence[str | Path], film_depths: Sequence[float],
                when: datetime | None = None) -> dict[str, Any]:
         """The ``calibration`` record of the calibrated configuration, in plain YAML types: the laueflow
-        version and date (``when``, default now; UTC), the nominal file and the film scans (absolute
-        paths) with their film depths (um), the nominal values, uncertainties and what the scans left
-        open, and each film's apparent depth per spot (median over its pixels) at the nominal and the
-        fitted pose."""
+        version and date (``when``, default now; UTC), the nominal file and the film scans (as given: the
+        caller passes absolute paths) with their film depths (um), the nominal values, uncertainties and
+        what the scans left open, and each film's apparent depth per spot (median over its pixels) at the
+        nominal and the fitted pose."""
         if len(scans) != len(film_depths):
             raise CalibrationError(f"one film depth per scan: {len(scans)} scans, {len(film_depths)} depths")
         names = self.names
         return {
             "by": f"laueflow {__version__} calibrate",
             "date": (when or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "nominal": str(Path(nominal).resolve()),
-            "scans": [{"path": str(Path(s).resolve()), "film_depth_um": float(d)}
+            "nominal": str(nominal),
+            "scans": [{"path": str(s), "film_depth_um": float(d)}
                       for s, d in zip(scans, film_depths, strict=True)],
             "fitted": list(names),
             "nominal_values": {n: float(v) for n, v in zip(names, self.nominal, strict=True)},

@@ -120,6 +120,6 @@ def calibrate(
         )
 
     with input_errors():
-        record = result.record(config_file, scans, film_depths)
+        record = result.record(config_file.resolve(), [Path(s).resolve() for s in scans], film_depths)
         write_calibrated(config_file, out_file, result.values(), record, force=force)
     click.echo(f"wrote {out_file}")
