@@ -17,19 +17,27 @@ position, else the point number) and :func:`save_run_quicklooks`, which writes e
 the overview and ``index.html`` (plain HTML: the summary table and each point's figures) into one folder.
 
 Figures are built as ``matplotlib.figure.Figure`` objects without pyplot, so they render with any
-backend (Agg in scripts and tests) and display in a notebook with ``display(fig)``.
+backend (Agg in scripts and tests) and display in a notebook with ``display(fig)``.  matplotlib is
+imported at the top: this module is the figures; the command line imports it only for ``laueflow show``.
 """
 
 from __future__ import annotations
 
 import html
 import os
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib as mpl
 import numpy as np
+from matplotlib.colors import ListedColormap, LogNorm, PowerNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.transforms import blended_transform_factory
 
 from .errors import LaueflowError
 from .evaluate import centroids
@@ -77,7 +85,6 @@ RING_MOST = 500  # ... when a category has at most this many pixels
 
 
 def _figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
 
@@ -123,8 +130,6 @@ def _draw_categories(ax: Any, point: Point, categories: Iterable[Category]) -> l
     """Draw the categories present over the axes' image, each in its flat colour; returns their legend
     handles (label with the pixel count).  On a large region the rare ones are ringed as well: one
     pixel of a 1000-pixel-wide region is less than one pixel of the PNG."""
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
 
     present = [c for c in categories if c.where.any()]
     if not present:
@@ -151,7 +156,6 @@ def _draw_categories(ax: Any, point: Point, categories: Iterable[Category]) -> l
 def _legend_below(fig: Any, handles: list[Any]) -> None:
     """One legend under the figure's panels: each label once, in one or two columns, long labels
     wrapped to the figure's width (a legend wider than the figure squeezes the panels to nothing)."""
-    import textwrap
 
     unique = list({h.get_label(): h for h in handles}.values())
     if not unique:
@@ -254,7 +258,6 @@ def _error_limit(error: np.ndarray, step: float) -> tuple[float, bool]:
 def integrated_figure(point: Point) -> Any:
     """The depth-integrated image (square-root colour scale, so weak spots show beside strong ones);
     pixels not decoded in their state's colour."""
-    from matplotlib.colors import PowerNorm
 
     img = point.integrated_image()
     state = point.pixel_state()
@@ -391,7 +394,6 @@ def depth_map_figure(point: Point, truth: Any = None, floor: float = MAP_FLOOR) 
     Decoded pixels whose depth-integrated intensity is below ``floor`` of the brightest pixel's are left
     white, pixels not decoded are drawn in their state's colour.
     """
-    import matplotlib as mpl
 
     state = point.pixel_state()
     img = point.integrated_image()
@@ -441,7 +443,6 @@ def depth_map_figure(point: Point, truth: Any = None, floor: float = MAP_FLOOR) 
 
 def _error_panel(fig: Any, ax: Any, point: Point, error: np.ndarray, spot: np.ndarray) -> list[Any]:
     """The error map on ``ax`` with its colour bar; returns the legend handles of its masks."""
-    import matplotlib as mpl
 
     z = point.depth
     step = float(abs(z[1] - z[0])) if z.size > 1 else 1.0
@@ -507,7 +508,6 @@ def quality_categories(point: Point) -> list[Category]:
 def quality_figure(point: Point) -> Any:
     """The quality flags of each decoded pixel (a categorical map) and its misfit (reduced chi-square,
     log colour scale); pixels not decoded in their state's colour."""
-    from matplotlib.colors import LogNorm
 
     state = point.pixel_state()
     states = state_categories(point, state)
@@ -544,7 +544,6 @@ def quality_figure(point: Point) -> Any:
 def _plain_log_ticks(axis: Any, lo: float, hi: float) -> None:
     """Ticks of a log axis as plain numbers (0.5, 1, 2, not 5e-1), at 1, 2, 5 (and 1.5, 3, 7 over a
     short range) of each decade."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if hi / max(lo, 1e-300) < 30 else (1.0, 2.0, 5.0)
     axis.set_major_locator(LogLocator(subs=subs))
@@ -637,8 +636,6 @@ def overview_figure(entries: Sequence[PointEntry], title: str = "") -> Any:
     point with a result, against the sample position when one changes from point to point
     (:func:`scan_axis`), else against the point number; points without a result are marked along the
     bottom (at their point number, or where their recorded position puts them)."""
-    from matplotlib.ticker import MaxNLocator
-    from matplotlib.transforms import blended_transform_factory
 
     axis, label = scan_axis(entries)
 
