@@ -16,6 +16,7 @@ from laueflow import evaluate as E
 from laueflow import forward as F
 from laueflow import geometry as G
 from laueflow.io.scan import open_scan
+from laueflow.io.truth import load_truth
 from laueflow.simulate import default_config_dict, simulate
 
 REGION = 48
@@ -40,7 +41,7 @@ def _simulate_and_decode(tmp_path_factory, preset: str, geometry: str, seed: int
     d = tmp_path_factory.mktemp(f"{preset}-{geometry}-{seed}")
     simulate(d, preset=preset, seed=seed, region=region, geometry=geometry)
     _, r = decode_point(d)
-    return E.load_truth(d / "truth.h5").for_point(0), r
+    return load_truth(d / "truth.h5").for_point(0), r
 
 
 def _pooled(parts) -> E.Scores:
@@ -295,7 +296,7 @@ def _film_errors(scan_dir, film_depth: float, **kw) -> np.ndarray:
     """Centroid error (um) of every pixel of a simulated thin film's spots, decoded with the exact pose."""
     simulate(scan_dir, preset="film", film_depth=film_depth, **kw)
     _, r = decode_point(scan_dir)
-    t = E.load_truth(scan_dir / "truth.h5").for_point(0)
+    t = load_truth(scan_dir / "truth.h5").for_point(0)
     key = {(a, b): i for i, (a, b) in enumerate(zip(r["rows"], r["cols"], strict=True))}
     idx = np.array([key.get((a, b), -1) for a, b in t.pixels])
     err = np.abs(E.centroids(r["profiles"][idx], t.depth) - film_depth)

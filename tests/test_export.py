@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -134,7 +135,7 @@ def test_one_file_per_depth_with_the_indexing_layout(tmp_path):
             assert h["entry1/monitor/I0"][()] == 70871.0 and h["entry1/scanNum"][()] == 272544
             assert h["entry1/sample/sampleX"].attrs["units"] == "micron"
             assert h["entry1/microDiffraction/HutchTemperature"][()] == pytest.approx(23.2)
-            assert h.attrs["file_name"] == "scan_0.h5"
+            assert h.attrs["file_name"] == f.name  # names itself, as the detector's files do
             p = h["entry1/laueflow"].attrs
             assert p["source_file"] == str(pf.resolve()) and int(p["source_point"]) == 3
             assert int(p["depth_index"]) == j and list(p["frame"]) == list(FRAME)
@@ -423,6 +424,22 @@ def test_lauelab_point_files_follow_the_format(multipoint_scan, multipoint_run, 
                 total += fr["entry1/data/data"][r0:r1, c0:c1]
         np.testing.assert_array_equal(rec["sum_raw/data"][()], total)
         assert f["entry1/monitor/I0"][()] > 0  # the frame's header, as lauelab keeps it
+        # and its detector fields describe the stored region, as every reader of entry1/detector expects
+        assert [int(f[f"entry1/detector/{k}"][()]) for k in ("startx", "endx", "starty", "endy")] == \
+            [c0, c1 - 1, r0, r1 - 1]
+        # the format's conventions on each dataset, which lauelab's readers check
+        assert rec["settings/normalization"].asstr()[()] == "monitor/I0"
+        assert rec["settings/normalization"].attrs["missing"] == ""
+        assert rec["acquisition/sample_position"].attrs["missing"] == "nan"
+        assert rec["acquisition/sample_position"].attrs["units"] == "um"
+        assert rec["point/manifest_index"].attrs["missing"] == -1
+        assert (rec["detector/roi_start"].attrs["order"], rec["detector/roi_start"].attrs["binning"]) == \
+            ("x,y", "unbinned")
+        assert data["data"].attrs["values"] == "stored" and rec["first_raw/data"].attrs["values"] == "raw"
+        assert rec["computed_depth_intensity/data"].attrs["values"] == "computed"
+        assert rec["date"].asstr()[()].endswith("Z")
+        assert rec["point/manifest_index"].dtype == np.dtype("<i8")
+        assert rec["detector/size"].dtype == np.dtype("<i4")
     again = _invoke("export", multipoint_run, "--format", "lauelab", "--dest", dest, "--points", "1")
     assert again.exit_code == 0 and "up to date" in again.stdout
     (dest / "point_00002.h5").write_text("someone else's file")
@@ -443,3 +460,15 @@ def test_depth_files_of_the_earlier_export_format_are_replaced(tmp_path):
     r = export.export_point_detailed(pf)
     assert (r.written, r.removed) == (DEPTHS_MM.size, 1)
     assert sorted(p.name for p in dest.iterdir()) == sorted(f.name for f in r.files)
+
+
+def test_a_moved_run_folder_keeps_its_depth_files(tmp_path):
+    """The export owns a point's depth files by point file name and point number, not by absolute path:
+    a run folder copied elsewhere exports again without refusing its own files."""
+    pf = write_point_file(tmp_path / "out", 0, _volume(1))
+    export.export_point(pf)
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "out", moved, copy_function=shutil.copy2)
+    r = export.export_point_detailed(moved / pf.name)
+    assert r.kept == DEPTHS_MM.size and r.written == 0
+    assert export.depth_files(moved / pf.name, 0) == r.files

@@ -20,6 +20,7 @@ from laueflow import decode as D
 from laueflow import evaluate as E
 from laueflow import forward as F
 from laueflow.io.scan import open_scan
+from laueflow.io.truth import load_truth
 from laueflow.simulate import simulate
 
 # the reconstruction issue's bound on GPU-vs-CPU profile differences in float32
@@ -43,7 +44,7 @@ def blocks(tmp_path_factory):
         cfg = C.load(folder / "config.yaml")
     scan = open_scan(cfg)
     read = [scan.read_block(0, t) for t in scan.tiles(256)]
-    return cfg, F.Setup.from_config(cfg), read, E.load_truth(folder / "truth.h5").for_point(0)
+    return cfg, F.Setup.from_config(cfg), read, load_truth(folder / "truth.h5").for_point(0)
 
 
 def decode_on(device, cfg, setup, read) -> dict[str, np.ndarray]:

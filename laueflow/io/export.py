@@ -34,13 +34,12 @@ from typing import Any
 
 import h5py
 import numpy as np
-import yaml
 
 from .. import __version__
 from .. import provenance as prov
 from ..errors import ExportError, ResultError
 from .atomic import atomic_h5
-from .header import DETECTOR, SCAN_NUMBER, copy_group, number, region_on_detector
+from .header import SCAN_NUMBER, configured_shape, copy_group, number, region_on_detector, write_region
 from .lauelab import export_lauelab
 from .layout import DEPTHS_DIR, TMP_MARK, RunFolder, point_dir_name, point_name, point_of
 from .pointfile import PointReader
@@ -132,21 +131,13 @@ def _recorded(path: Path) -> dict[str, Any] | None:
     return out if {"source_fingerprint", "source_file"} <= set(out) else None
 
 
-def _configured_shape(info: dict[str, Any], frame: list[int]) -> tuple[int, int]:
-    """(columns, rows) of the whole detector from the recorded configuration, else the region's end."""
-    try:
-        shape = yaml.safe_load(info.get("config") or "")["geo"]["detector"]["shape"]
-        return int(shape[0]), int(shape[1])
-    except (TypeError, KeyError, IndexError, ValueError):
-        return frame[3], frame[1]
-
-
 def _write_depth(path: Path, image: np.ndarray, j: int, z: float, src: dict[str, Any],
                  header: h5py.Group, point_file: Path, created: str) -> None:
     with atomic_h5(path) as f:
         if src["has_header"]:
             copy_group(header, f)
             f.attrs.pop("source_file", None)  # the point file's note of where the header came from
+        f.attrs["file_name"] = path.name  # as the detector's files name themselves
         f.attrs["NX_class"] = "NXroot"
         f.attrs["default"] = "entry1"
         entry = f.require_group("entry1")
@@ -164,13 +155,7 @@ def _write_depth(path: Path, image: np.ndarray, j: int, z: float, src: dict[str,
         d = entry.create_dataset("depth", data=np.array([z], dtype=np.float64))
         d.attrs["units"] = "um"
         d.attrs["long_name"] = "depth along the beam (bin centre)"
-        det = f.require_group(DETECTOR)
-        fields = region_on_detector(header, src["frame"], _configured_shape(src["info"], src["frame"]))
-        for key, value in fields.items():
-            dtype = det[key].dtype if key in det and np.issubdtype(det[key].dtype, np.number) else np.int32
-            if key in det:
-                del det[key]
-            det.create_dataset(key, data=np.asarray(value, dtype=dtype))
+        write_region(f, region_on_detector(header, src["frame"], configured_shape(src["info"], src["frame"])))
         info = src["info"]
         mark = entry.create_group("laueflow")
         mark.attrs["NX_class"] = "NXprocess"
@@ -178,6 +163,7 @@ def _write_depth(path: Path, image: np.ndarray, j: int, z: float, src: dict[str,
         mark.create_dataset("version", data=__version__)
         mark.attrs.update({
             "source_file": str(point_file), "source_point": src["point"], "depth_index": j,
+            "source_relative": os.path.relpath(point_file, path.parent),
             "frame": np.array(src["frame"], dtype=np.int64),
             "source_config_fingerprint": str(info.get(prov.CONFIG_FINGERPRINT, "")),
             "source_input_fingerprint": str(info.get(prov.INPUT_FINGERPRINT, "")),
@@ -186,15 +172,25 @@ def _write_depth(path: Path, image: np.ndarray, j: int, z: float, src: dict[str,
             "laueflow_version": __version__, "created": created})
 
 
+def _same_point(recorded: dict[str, Any], depth_file: Path, point_file: Path) -> bool:
+    """Whether a depth file was exported from ``point_file``: its recorded path relative to itself leads
+    there (so a run folder moved or copied whole still owns its depth files); files of the first export
+    format recorded only the absolute path."""
+    relative = recorded.get("source_relative")
+    if relative is None:
+        return str(recorded["source_file"]) == str(point_file)
+    return (depth_file.parent / str(relative)).resolve() == point_file
+
+
 def _check_folder(dest: Path, point_file: Path, keep: set[str]) -> list[Path]:
-    """The depth files in ``dest`` this export wrote for ``point_file`` but no longer wants; anything
-    in ``dest`` that it did not write (or wrote for another point file) raises :class:`ExportError`."""
+    """The depth files in ``dest`` this export wrote for this point but no longer wants; anything in
+    ``dest`` that it did not write (or wrote for another point) raises :class:`ExportError`."""
     foreign, old = [], []
     for entry in sorted(dest.iterdir()):
         if TMP_MARK in entry.name:  # a temporary of an interrupted export: replaced on write
             continue
         recorded = _recorded(entry) if entry.is_file() else None
-        if recorded is None or recorded["source_file"] != str(point_file):
+        if recorded is None or not _same_point(recorded, entry, point_file):
             foreign.append(entry.name)
         elif entry.name not in keep:
             old.append(entry)
@@ -266,7 +262,7 @@ def depth_files(point_file: str | os.PathLike, point: int) -> list[Path]:
         if TMP_MARK in path.name or not path.is_file():
             continue
         recorded = _recorded(path)
-        if recorded is not None and recorded["source_file"] == str(point_file) and "depth_index" in recorded:
+        if recorded is not None and _same_point(recorded, path, point_file) and "depth_index" in recorded:
             found.append((int(recorded["depth_index"]), path))
     return [path for _, path in sorted(found)]
 

@@ -15,19 +15,24 @@ from typing import Any
 
 import h5py
 import numpy as np
+import yaml
 
 DETECTOR = "entry1/detector"
 SCAN_NUMBER = "entry1/scanNum"
 HEADER_LIMIT = 1 << 20  # header datasets above this size (bytes) are not copied: image stacks, not metadata
 
 
+NEXUS_ATTRS = ("NX_class", "default")  # a group's own NeXus role: never taken over from a copied header
+
+
 def copy_header(source: str | os.PathLike, image_key: str, dest: h5py.Group) -> None:
     """Copy a frame file's header into ``dest``: every group (with its attributes) and every dataset but
-    the image ``image_key`` and datasets above HEADER_LIMIT, the root's attributes onto ``dest``.  The
-    paths stay as the detector wrote them (``entry1/detector/startx`` ...).  The file is opened read-only."""
+    the image ``image_key`` and datasets above HEADER_LIMIT, the root's attributes onto ``dest`` (but
+    its NeXus class and default).  The paths stay as the detector wrote them (``entry1/detector/startx``
+    ...).  The file is opened read-only."""
     image = image_key.strip("/")
     with h5py.File(source, "r") as src:
-        dest.attrs.update({k: v for k, v in src.attrs.items()})
+        dest.attrs.update({k: v for k, v in src.attrs.items() if k not in NEXUS_ATTRS})
 
         def visit(name: str, obj: Any) -> None:
             if name == image:
@@ -42,8 +47,9 @@ def copy_header(source: str | os.PathLike, image_key: str, dest: h5py.Group) -> 
 
 
 def copy_group(source: h5py.Group, dest: h5py.Group) -> None:
-    """Copy every attribute, group and dataset of ``source`` into ``dest`` (merging with what exists)."""
-    dest.attrs.update({k: v for k, v in source.attrs.items()})
+    """Copy every attribute (but ``dest``'s own NeXus class and default), group and dataset of ``source``
+    into ``dest`` (merging with what exists)."""
+    dest.attrs.update({k: v for k, v in source.attrs.items() if k not in NEXUS_ATTRS or dest.name != "/"})
     for name, obj in source.items():
         if isinstance(obj, h5py.Group):
             copy_group(obj, dest.require_group(name))
@@ -83,3 +89,26 @@ def region_on_detector(header: h5py.Group, frame: list[int], shape: tuple[int, i
     return {"Nx": get("Nx", shape[0]), "Ny": get("Ny", shape[1]), "binx": binx, "biny": biny,
             "startx": sx + c0 * binx, "endx": sx + c1 * binx - 1, "starty": sy + r0 * biny,
             "endy": sy + r1 * biny - 1}
+
+
+def write_region(root: h5py.Group, fields: dict[str, int]) -> None:
+    """Write the detector fields of :func:`region_on_detector` as datasets under ``root`` (a file),
+    replacing the copied frame's own, in the frame's dtype where it had them (LaueGo writes floats)."""
+    det = root.require_group(DETECTOR)
+    for key, value in fields.items():
+        old = det.get(key)
+        numeric = isinstance(old, h5py.Dataset) and np.issubdtype(old.dtype, np.number)
+        dtype = old.dtype if numeric else np.int32
+        if key in det:
+            del det[key]
+        det.create_dataset(key, data=np.asarray(value, dtype=dtype))
+
+
+def configured_shape(info: dict[str, Any], frame: list[int]) -> tuple[int, int]:
+    """(columns, rows) of the whole detector from a point's recorded configuration (provenance ``info``),
+    else the region's end: what the detector fields say when the frame header does not."""
+    try:
+        shape = yaml.safe_load(info.get("config") or "")["geo"]["detector"]["shape"]
+        return int(shape[0]), int(shape[1])
+    except (TypeError, KeyError, IndexError, ValueError):
+        return frame[3], frame[1]

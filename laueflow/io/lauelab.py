@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +30,44 @@ import numpy as np
 import yaml
 
 from .. import __version__
-from .. import provenance as prov
 from ..config import from_dict
 from ..errors import ConfigError, ExportError, ResultError, ScanError
 from .atomic import atomic_h5
-from .header import SCAN_NUMBER, copy_group, number, region_on_detector, text
+from .header import SCAN_NUMBER, configured_shape, copy_group, number, region_on_detector, text, write_region
 from .pointfile import PointReader
 from .scan import Tile, open_scan
 
 FORMAT = "lauelab-reconstruction-point"
 VERSION = 2
+METHOD = "coded-aperture"  # settings/wire_edge: lauelab knows leading, trailing, both (wire edges)
+# the format's description of raw_slices; laueflow's are the point's frames [first, last) in scan order
+RAW_SELECTION = "laueflow: the point's frames [first, end) in scan order"
 _FRAMES_AT_ONCE = 16  # raw frames summed a few at a time: bounded memory for large regions
 
 
-def _text(group: h5py.Group, name: str, value: str) -> None:
-    group.create_dataset(name, data=value, dtype=h5py.string_dtype())
+def _text(group: h5py.Group, name: str, value: str, **attrs: Any) -> None:
+    """A UTF-8 text dataset with the format's attributes (``missing`` ...)."""
+    group.create_dataset(name, data=value, dtype=h5py.string_dtype()).attrs.update(attrs)
+
+
+def _put(group: h5py.Group, name: str, value: Any, dtype: str, units: str | None = None,
+         **attrs: Any) -> h5py.Dataset:
+    """A dataset of the format's dtype with its ``units`` and other attributes (``missing``, ``order``,
+    ``binning``, ``selection``: the conventions lauelab's readers check)."""
+    ds = group.create_dataset(name, data=np.asarray(value, dtype=dtype))
+    if units is not None:
+        ds.attrs["units"] = units
+    ds.attrs.update(attrs)
+    return ds
+
+
+def _utc(stamp: str) -> str:
+    """An ISO 8601 time as UTC (the format's dates are UTC); now when ``stamp`` is empty or unreadable."""
+    try:
+        when = datetime.fromisoformat(stamp)
+    except ValueError:
+        when = datetime.now(UTC)
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _params(parent: h5py.Group, name: str) -> h5py.Group:
@@ -110,7 +134,7 @@ def export_lauelab(point_file: str | os.PathLike, dest: str | os.PathLike, *, fo
         depth = r.depth()
         first_raw, sum_raw = _raw_references(info, point, frame)
         header = r.acquisition()
-        det = region_on_detector(header, frame, (frame[3], frame[1]))
+        det = region_on_detector(header, frame, configured_shape(info, frame))
         names = [str(f["name"]) for f in info.get("inputs") or []]
         first_frame = Path(str(info.get("scan", ""))) / names[0] if names else Path()
         with atomic_h5(dest) as f:
@@ -120,17 +144,18 @@ def export_lauelab(point_file: str | os.PathLike, dest: str | os.PathLike, *, fo
                 for gone in ("entry1/wire", "entry1/data", "entry1/depth"):
                     if gone in f:
                         del f[gone]
+            write_region(f, det)  # the copied detector fields describe the stored region, not the frame
             f.attrs.update({"format": FORMAT, "version": VERSION, "default": "entry1", "NX_class": "NXroot",
-                            "laueflow_source": ident})
+                            "laueflow_source": ident, "file_name": dest.name})
             entry = f.require_group("entry1")
             entry.attrs.update({"NX_class": "NXentry", "default": "data"})
-            d = entry.create_dataset("depth", data=depth.astype(np.float64))
-            d.attrs["units"] = "um"
+            d = _put(entry, "depth", depth.astype(np.float64), "<f8", units="um")
             data = entry.create_group("data")
             data.attrs.update({"NX_class": "NXdata", "signal": "data", "axes": ["depth", ".", "."]})
             vol = r.volume
             out = data.create_dataset("data", shape=vol.shape, dtype=np.float32, chunks=vol.chunks,
                                       compression="gzip", compression_opts=1, shuffle=True)
+            out.attrs["values"] = "stored"
             step = max(1, (vol.chunks or (16,))[0])
             totals = np.zeros(depth.size, np.float64)
             image_sum = np.zeros(vol.shape[1:], np.float64)
@@ -145,65 +170,63 @@ def export_lauelab(point_file: str | os.PathLike, dest: str | os.PathLike, *, fo
             rec.attrs["NX_class"] = "NXprocess"
             _text(rec, "program", "laueflow")
             _text(rec, "version", __version__)
-            _text(rec, "date", str(info.get("end_time", prov.now())))
+            _text(rec, "date", _utc(str(info.get("end_time", ""))))
             g = _params(rec, "point")
             _text(g, "id", f"point_{point:05d}")
-            g.create_dataset("manifest_index", data=np.int64(-1))
+            _put(g, "manifest_index", -1, "<i8", missing=-1)
             _text(g, "native_version", "")
             g = _params(rec, "execution")
-            g.create_dataset("num_threads", data=np.int32(1))
-            g.create_dataset("rows_per_stripe", data=np.int32(-1))
+            _put(g, "num_threads", 1, "<i4")
+            _put(g, "rows_per_stripe", -1, "<i4")
             g = _params(rec, "acquisition")
             _text(g, "source_path", str(first_frame))
             size, mtime = (first_frame.stat().st_size, first_frame.stat().st_mtime_ns) \
                 if first_frame.is_file() else (-1, -1)
-            g.create_dataset("source_size", data=np.int64(size)).attrs["units"] = "bytes"
-            g.create_dataset("source_mtime_ns", data=np.int64(mtime))
+            _put(g, "source_size", size, "<i8", units="bytes", missing=-1)
+            _put(g, "source_mtime_ns", mtime, "<i8", missing=-1)
             scan_number = _scalar(header, SCAN_NUMBER)
-            g.create_dataset("scan_number", data=np.int32(scan_number if np.isfinite(scan_number) else -1))
+            _put(g, "scan_number", scan_number if np.isfinite(scan_number) else -1, "<i4", missing=-1)
             position = [_scalar(header, f"entry1/sample/sample{a}") for a in "XYZ"]
-            g.create_dataset("sample_position", data=np.array(position)).attrs["units"] = "um"
-            g.create_dataset("energy_kev", data=np.float64(_scalar(header, "entry1/sample/incident_energy")))
-            g["energy_kev"].attrs["units"] = "keV"
-            n_frames = len(names) if names else 0
-            g.create_dataset("raw_slices", data=np.array([0, n_frames], dtype=np.int64))
+            _put(g, "sample_position", position, "<f8", units="um", missing="nan")
+            _put(g, "energy_kev", _scalar(header, "entry1/sample/incident_energy"), "<f8", units="keV",
+                 missing="nan")
+            _put(g, "raw_slices", [0, len(names)], "<i8", selection=RAW_SELECTION)
             g = _params(rec, "detector")
-            _text(g, "id", text(header, "entry1/detector/ID"))
-            for name, value in (("size", (det["Nx"], det["Ny"])),
-                                ("roi_start", (det["startx"], det["starty"])),
-                                ("roi_group", (det["binx"], det["biny"]))):
-                ds = g.create_dataset(name, data=np.array(value, dtype=np.int32))
-                if name != "roi_group":
-                    ds.attrs["units"] = "pixel"
+            _text(g, "id", text(header, "entry1/detector/ID"), missing="")
+            _put(g, "size", (det["Nx"], det["Ny"]), "<i4", units="pixel", order="x,y", binning="unbinned")
+            _put(g, "roi_start", (det["startx"], det["starty"]), "<i4", units="pixel", order="x,y",
+                 binning="unbinned")
+            _put(g, "roi_group", (det["binx"], det["biny"]), "<i4", order="x,y")
             g = _params(rec, "normalization")
-            g.create_dataset("threshold", data=np.float64(np.nan))
-            g.create_dataset("rescale", data=np.float64(1.0))
+            _put(g, "threshold", np.nan, "<f8", missing="nan")
+            _put(g, "rescale", 1.0, "<f8")
             g = _params(rec, "settings")
-            g.create_dataset("detector", data=np.int32(0))
-            g.create_dataset("depth_range", data=np.array([depth[0], depth[-1]])).attrs["units"] = "um"
-            step_um = float(depth[1] - depth[0]) if depth.size > 1 else 0.0
-            g.create_dataset("resolution", data=np.float64(step_um)).attrs["units"] = "um"
-            _text(g, "wire_edge", "coded-aperture")
-            g.create_dataset("percent_brightest", data=np.float64(100.0))
-            _text(g, "normalization", "entry1/monitor/I0" if "entry1/monitor/I0" in header else "")
-            g.create_dataset("norm_exponent", data=np.float64(np.nan))
-            g.create_dataset("norm_threshold", data=np.float64(np.nan))
-            g.create_dataset("cosmic_filter", data=np.uint8(0))
-            g.create_dataset("output_pixel_type", data=np.int32(-1))
-            g.create_dataset("rows_per_stripe", data=np.int32(-1))
-            g.create_dataset("memory_limit_mb", data=np.int32(-1)).attrs["units"] = "MiB"
+            _put(g, "detector", 0, "<i4")
+            _put(g, "depth_range", [depth[0], depth[-1]], "<f8", units="um")
+            _put(g, "resolution", float(depth[1] - depth[0]) if depth.size > 1 else 0.0, "<f8", units="um")
+            _text(g, "wire_edge", METHOD)
+            _put(g, "percent_brightest", 100.0, "<f8")
+            # lauelab names the normalisation vector by its path under entry1
+            _text(g, "normalization", "monitor/I0" if "entry1/monitor/I0" in header else "", missing="")
+            _put(g, "norm_exponent", np.nan, "<f8", missing="nan")
+            _put(g, "norm_threshold", np.nan, "<f8", missing="nan")
+            _put(g, "cosmic_filter", 0, "u1")
+            _put(g, "output_pixel_type", -1, "<i4", missing=-1)
+            _put(g, "rows_per_stripe", -1, "<i4", missing=-1)
+            _put(g, "memory_limit_mb", -1, "<i4", units="MiB")
             g = _params(rec, "geometry")
-            _text(g, "path", str(info.get("config_file", "")))
-            _text(g, "xml", "")  # laueflow's geometry is its YAML configuration, kept in the provenance below
+            _text(g, "path", str(info.get("config_file", "")), missing="")
+            _text(g, "xml", "")  # laueflow's geometry is its YAML configuration, kept beside it
             _text(rec, "laueflow_configuration", str(info.get("config", "")))
-            for name, values in (("first_raw", first_raw), ("sum_raw", sum_raw),
-                                 ("sum_reconstructed", image_sum), ("stored_depth_intensity", totals),
-                                 ("computed_depth_intensity", totals)):
+            for name, values, kind in (("first_raw", first_raw, "raw"), ("sum_raw", sum_raw, "raw"),
+                                       ("sum_reconstructed", image_sum, "stored"),
+                                       ("stored_depth_intensity", totals, "stored"),
+                                       ("computed_depth_intensity", totals, "computed")):
                 grp = rec.create_group(name)
                 grp.attrs.update({"NX_class": "NXdata", "signal": "data",
                                   "axes": ["depth"] if values.ndim == 1 else [".", "."]})
-                grp.create_dataset("data", data=values)
+                grp.create_dataset("data", data=values).attrs["values"] = kind
                 if values.ndim == 1:
                     grp["depth"] = d
-            rec["point"].create_dataset("complete", data=np.uint8(1))  # set last
+            _put(rec["point"], "complete", 1, "u1")  # set last
     return True
