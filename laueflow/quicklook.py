@@ -39,7 +39,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from matplotlib.transforms import blended_transform_factory
 
-from .errors import LaueflowError
+from .errors import LaueflowError, ResultError
 from .evaluate import centroids
 from .io.atomic import atomic_path
 from .io.pointfile import (
@@ -628,6 +628,8 @@ def scan_axis(entries: Sequence[PointEntry]) -> tuple[str | None, str]:
         return None, f"scan point number (the sample moves along {' and '.join(moving)})"
     if names and len(ready) > 1:
         return None, "scan point number (the recorded sample position does not change)"
+    if names:
+        return None, "scan point number (one point)"
     return None, "scan point number (no sample position recorded)"
 
 
@@ -686,7 +688,7 @@ def index_html(entries: Sequence[PointEntry], title: str, lines: Sequence[str] =
     position when it changes, pixels, depth range with signal, complete) and each point's figures,
     linked by file name relative to the page."""
     axis, _ = scan_axis(entries)
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', GENERATOR,
            f"<title>{html.escape(title)}</title>",
            "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
            "td,th{border:1px solid #bbb;padding:2px 8px;text-align:right}th{background:#eee}"
@@ -745,6 +747,27 @@ class RunFigures:
         return [e for e in self.entries if e.file is not None and not e.figures]
 
 
+GENERATOR = '<meta name="generator" content="laueflow show">'  # marks an index.html laueflow wrote
+
+
+def _check_figures_folder(out: Path) -> None:
+    """Refuse a folder whose run figures laueflow did not write: an ``index.html`` without laueflow's
+    mark, or, without an index, files named as laueflow names its figures (``overview.png``,
+    ``point_*.png``), so that ``show RUN --out DIR`` never replaces someone else's files."""
+    if not out.is_dir():
+        return
+    index = out / INDEX
+    if index.is_file():
+        if GENERATOR not in index.read_text(encoding="utf-8", errors="replace")[:4096]:
+            raise ResultError(f"{index}: not written by laueflow show; choose another --out folder")
+        return
+    clash = sorted(p.name for p in out.iterdir() if p.name == OVERVIEW
+                   or (p.name.startswith("point_") and p.suffix == ".png"))
+    if clash:
+        raise ResultError(f"{out}: holds figures laueflow show did not write ({', '.join(clash[:3])}"
+                          f"{' ...' if len(clash) > 3 else ''}); choose another --out folder")
+
+
 def save_run_quicklooks(run: Run, out_dir: str | os.PathLike | None = None, truth: Any = None,
                         slices: int = 12, dpi: int = 120,
                         on_point: Callable[[PointEntry], None] | None = None) -> RunFigures:
@@ -753,6 +776,7 @@ def save_run_quicklooks(run: Run, out_dir: str | os.PathLike | None = None, trut
     truth (laueflow.evaluate.Truth, all points).  A point whose file cannot be read is listed with the
     reason; ``on_point`` is called with each point's entry once its figures are written."""
     out = Path(out_dir) if out_dir is not None else run.path / "figures"
+    _check_figures_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for k, info in run.points.items():

@@ -128,6 +128,8 @@ def test_overview_against_the_recorded_scan_position(run_dir):
     assert list(top.get_lines()[0].get_xdata()) == [0.0, 2.0]
     assert list(top.get_lines()[0].get_ydata()) == [entries[0].intensity, entries[2].intensity]
     assert "2 of 3 points with a result" in fig.get_suptitle()
+    one = quicklook.overview_figure([entries[2]]).axes[1].get_xlabel()
+    assert one == "scan point number (one point)"  # a position is recorded, but one point cannot move
     for e in entries:
         e.positions = {}
     fig = quicklook.overview_figure(entries)
@@ -147,6 +149,26 @@ def test_show_run_with_truth_into_another_folder(run_dir, tmp_path):
     assert (tmp_path / "figs" / "index.html").is_file()
     assert not (run_dir / "figures").exists()
     assert len(list((tmp_path / "figs").glob("point_*_depthmap.png"))) == 2
+
+
+def test_show_run_again_and_never_over_someone_else_s_files(run_dir, tmp_path):
+    """A folder of figures laueflow wrote is written again; an index.html or figure names laueflow did not
+    write stop the command with one error line, and nothing in the folder changes."""
+    figs = tmp_path / "figs"
+    assert show(run_dir, "--out", figs, "--slices", "2").exit_code == 0
+    again = show(run_dir, "--out", figs, "--slices", "2")
+    assert again.exit_code == 0, again.output
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "index.html").write_text("<html>the beamline's page</html>")
+    r = show(run_dir, "--out", theirs)
+    assert r.exit_code == 2 and r.stderr.startswith("error:") and "not written by laueflow show" in r.stderr
+    assert sorted(p.name for p in theirs.iterdir()) == ["index.html"]
+    (theirs / "index.html").unlink()
+    (theirs / "overview.png").write_bytes(b"a figure of someone else")
+    r = show(run_dir, "--out", theirs)
+    assert r.exit_code == 2 and "holds figures laueflow show did not write (overview.png)" in r.stderr
+    assert (theirs / "overview.png").read_bytes() == b"a figure of someone else"
 
 
 def test_show_run_reports_an_unreadable_point(run_dir, tmp_path):
