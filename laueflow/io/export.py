@@ -182,23 +182,31 @@ def _same_point(recorded: dict[str, Any], depth_file: Path, point_file: Path) ->
     return (depth_file.parent / str(relative)).resolve() == point_file
 
 
-def _check_folder(dest: Path, point_file: Path, keep: set[str]) -> list[Path]:
-    """The depth files in ``dest`` this export wrote for this point but no longer wants; anything in
-    ``dest`` that it did not write (or wrote for another point) raises :class:`ExportError`."""
-    foreign, old = [], []
+def _this_points_files(dest: Path, point_file: Path) -> tuple[dict[Path, dict[str, Any]], list[str]]:
+    """The depth files in ``dest`` this export wrote for ``point_file``, with what each records, and the
+    names of everything else there (temporaries of an interrupted export are neither: replaced on write)."""
+    mine: dict[Path, dict[str, Any]] = {}
+    foreign: list[str] = []
     for entry in sorted(dest.iterdir()):
-        if TMP_MARK in entry.name:  # a temporary of an interrupted export: replaced on write
+        if TMP_MARK in entry.name:
             continue
         recorded = _recorded(entry) if entry.is_file() else None
         if recorded is None or not _same_point(recorded, entry, point_file):
             foreign.append(entry.name)
-        elif entry.name not in keep:
-            old.append(entry)
+        else:
+            mine[entry] = recorded
+    return mine, foreign
+
+
+def _check_folder(dest: Path, point_file: Path) -> dict[Path, dict[str, Any]]:
+    """This point's depth files in ``dest`` with what they record; anything in ``dest`` that the export
+    did not write (or wrote for another point) raises :class:`ExportError`."""
+    mine, foreign = _this_points_files(dest, point_file)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise ExportError(f"{dest}: holds files that are not this point's per-depth files ({shown}); "
                           "export into an empty folder (--dest) or move them away")
-    return old
+    return mine
 
 
 def export_point_detailed(point_file: str | os.PathLike, dest_dir: str | os.PathLike | None = None,
@@ -221,11 +229,13 @@ def export_point_detailed(point_file: str | os.PathLike, dest_dir: str | os.Path
         raise ExportError(f"{dest}: not a folder")
     depth = src["depth"]
     names = [depth_file_name(prefix, j) for j in range(depth.size)]
-    old = _check_folder(dest, point_file, set(names)) if dest.is_dir() else []
+    present = _check_folder(dest, point_file) if dest.is_dir() else {}
+    keep = set(names)
+    old = [path for path in present if path.name not in keep]
     dest.mkdir(parents=True, exist_ok=True)
     result = ExportResult(point=src["point"], dest=dest, files=[dest / n for n in names])
     stale = [j for j, path in enumerate(result.files)
-             if force or (_recorded(path) or {}).get("source_fingerprint") != src["fingerprint"]]
+             if force or present.get(path, {}).get("source_fingerprint") != src["fingerprint"]]
     result.kept = depth.size - len(stale)
     if stale:
         created = prov.now()
@@ -257,13 +267,9 @@ def depth_files(point_file: str | os.PathLike, point: int) -> list[Path]:
     dest = default_dest(point_file, point)
     if not dest.is_dir():
         return []
-    found = []
-    for path in dest.iterdir():
-        if TMP_MARK in path.name or not path.is_file():
-            continue
-        recorded = _recorded(path)
-        if recorded is not None and _same_point(recorded, path, point_file) and "depth_index" in recorded:
-            found.append((int(recorded["depth_index"]), path))
+    mine, _ = _this_points_files(dest, point_file)
+    found = [(int(recorded["depth_index"]), path) for path, recorded in mine.items()
+             if "depth_index" in recorded]
     return [path for _, path in sorted(found)]
 
 
