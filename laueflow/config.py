@@ -173,7 +173,8 @@ class ReconConfig:
     refit_sparsity: float = 0.25  # L1 weight of the refit on the kept support, relative to sparsity
     iterations: int = 150
     dtype: str = "float32"
-    block_pixels: int = 4096
+    tile_pixels: int = 4096  # the decoder's tile (a model setting): background, dictionary, neighbours
+    block_pixels: int = 4096  # pixels per task, in whole tiles (work only: results do not depend on it)
     oversample: int = 1  # code-coordinate samples per depth bin
 
 
@@ -247,6 +248,7 @@ class Config:
         d.pop("comp", None)
         d.pop("transfer", None)  # where results are sent does not change them
         d.pop("calibration", None)  # the record of how the pose was found; the pose itself counts
+        d["recon"].pop("block_pixels", None)  # how the work is cut into tasks, not what is computed
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def resolve(self, relative: str | None) -> Path | None:
@@ -481,10 +483,12 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
     if dtype not in ("float32", "float64"):
         raise r.fail("recon.dtype", f"must be float32 or float64, got {dtype!r}")
     iterations = r.get("recon.iterations", integer, dr.iterations)
+    tile = r.get("recon.tile_pixels", integer, dr.tile_pixels)
     block = r.get("recon.block_pixels", integer, dr.block_pixels)
     oversample = r.get("recon.oversample", integer, dr.oversample)
     for key, v in (
         ("recon.iterations", iterations),
+        ("recon.tile_pixels", tile),
         ("recon.block_pixels", block),
         ("recon.oversample", oversample),
     ):
@@ -506,6 +510,7 @@ def from_dict(data: Mapping, source: str = "<configuration>", check_files: bool 
         ),
         iterations=iterations,
         dtype=dtype,
+        tile_pixels=tile,
         block_pixels=block,
         oversample=oversample,
     )

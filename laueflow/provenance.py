@@ -2,8 +2,9 @@
 
 Stored in each point file under ``/entry/provenance`` (a NeXus NXprocess: attributes, a few datasets
 and the configuration as an NXnote), so that a result can be traced and a rerun can tell whether an
-existing file is still valid (the configuration and input fingerprints, and the tiling: a block's
-background and dictionary are estimated per tile, so ``block_pixels`` is a model setting).
+existing file is still valid (the configuration and input fingerprints; the decoder's tiles,
+``recon.tile_pixels``, are part of the configuration, while the cut into tasks is not recorded: results
+do not depend on it).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from . import __version__
 # attribute names that decide whether a point file can be reused on a rerun
 CONFIG_FINGERPRINT = "config_fingerprint"
 INPUT_FINGERPRINT = "input_fingerprint"
-BLOCK_PIXELS = "block_pixels"  # the tiling the point was decoded with (--block-pixels or recon.block_pixels)
 
 
 def now() -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from laueflow import sites
 from laueflow.config import load
@@ -19,11 +20,21 @@ MULTIPOINT_POINTS = 3
 MULTIPOINT_BLOCK = 64  # pixels per block: 4 tiles per point
 
 
+def use_tiles(scan: Path, tile_pixels: int) -> None:
+    """Set the decoder's tile (``recon.tile_pixels``) in a simulated scan's config.yaml: the small test
+    scans are cut into several tiles, so that a point is several block tasks."""
+    path = scan / "config.yaml"
+    data = yaml.safe_load(path.read_text())
+    data.setdefault("recon", {})["tile_pixels"] = tile_pixels
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
 @pytest.fixture(scope="session")
 def multipoint_scan(tmp_path_factory) -> Path:
     """A 3-point scan of 16 x 16 pixels (preset multipoint, seed 5), frame files and truth."""
     folder = tmp_path_factory.mktemp("shared") / "scan"
     simulate(folder, preset="multipoint", points=MULTIPOINT_POINTS, region=MULTIPOINT_REGION, seed=5)
+    use_tiles(folder, MULTIPOINT_BLOCK)
     return folder
 
 

@@ -211,7 +211,7 @@ def decode_scan(cfg: Config, folder: Path) -> tuple[np.ndarray, np.ndarray, np.n
     setup = Setup.from_config(cfg)
     parts = []
     with open_scan(cfg, folder) as scan:
-        for tile in scan.tiles(cfg.recon.block_pixels):
+        for tile in scan.tiles(cfg.recon.tile_pixels):
             b = scan.read_block(0, tile)
             parts.append(decode(b.traces, b.rows, b.cols, b.frames, setup, cfg, b.selected))
     return tuple(np.concatenate([getattr(p, k) for p in parts]) for k in ("rows", "cols", "profiles"))

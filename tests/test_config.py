@@ -209,6 +209,20 @@ def test_mask_code_is_in_the_fingerprint_not_its_path(tmp_path, beamline):
     assert generated.geo.mask.sha256 is None and "sha256" not in generated.to_yaml()
 
 
+def test_the_tile_is_in_the_fingerprint_the_block_size_not(tmp_path, beamline):
+    """recon.tile_pixels changes results (the decoder's tile), recon.block_pixels only how the work is
+    cut into tasks; both must be positive."""
+    source = str(tmp_path / "config.yaml")
+    cfg = C.from_dict(beamline, source=source)
+    assert cfg.recon.tile_pixels == cfg.recon.block_pixels == 4096
+    tiled = C.from_dict(beamline | {"recon": {"tile_pixels": 1024}}, source=source)
+    blocked = C.from_dict(beamline | {"recon": {"block_pixels": 65536}}, source=source)
+    assert tiled.fingerprint() != cfg.fingerprint() == blocked.fingerprint()
+    for key in ("tile_pixels", "block_pixels"):
+        with pytest.raises(C.ConfigError, match=f"recon.{key}"):
+            C.from_dict(beamline | {"recon": {key: 0}}, source=source)
+
+
 def test_a_recorded_hash_pins_the_code(tmp_path, beamline):
     """A configuration laueflow wrote (it records the hash) refuses a mask file changed since."""
     written = _write(tmp_path / "written.yaml",

@@ -30,7 +30,7 @@ def decode_point(scan_dir, point: int = 0):
     setup = F.Setup.from_config(cfg)
     scan = open_scan(cfg)
     parts = []
-    for tile in scan.tiles(cfg.recon.block_pixels):
+    for tile in scan.tiles(cfg.recon.tile_pixels):
         b = scan.read_block(point, tile)
         parts.append(D.decode(b.traces, b.rows, b.cols, b.frames, setup, cfg, b.selected))
     cat = {k: np.concatenate([getattr(p, k) for p in parts]) for k in ("rows", "cols", "profiles", "quality")}

@@ -113,10 +113,10 @@ def _datasets(path: Path) -> dict[str, bytes]:
 
 def test_a_run_on_worker_processes_gives_the_same_bytes(multipoint_scan, multipoint_run, tmp_path):
     """The local site (worker processes of a real HighThroughputExecutor, one worker, frames read by each
-    block task) against the shared run (threads, two workers, staged frames): identical volumes and
-    per-pixel fields."""
+    block task, one block of all four tiles per point) against the shared run (threads, two workers,
+    staged frames, a block per tile): identical volumes and per-pixel fields."""
     out = tmp_path / "recon"
-    result = run(multipoint_scan, load(multipoint_scan / "config.yaml"), out, block_pixels=64, staging=False,
+    result = run(multipoint_scan, load(multipoint_scan / "config.yaml"), out, block_pixels=256, staging=False,
                  site_config=sites.site_config("local", workers=1, run_dir=str(out / ".runinfo")))
     assert result.exit_code == 0, [p.line() for p in result.points]
     for k in range(3):

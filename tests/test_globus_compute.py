@@ -145,10 +145,13 @@ def local_endpoint(monkeypatch):
 
 @pytest.fixture(scope="module")
 def scan(tmp_path_factory) -> Path:
+    from conftest import use_tiles  # here, not at the top: the endpoint's process imports this module
+
     from laueflow.simulate import simulate
 
     folder = tmp_path_factory.mktemp("sim") / "scan"
     simulate(folder, preset="thin", points=2, region=REGION, seed=5, frames=100)
+    use_tiles(folder, BLOCK)
     return folder
 
 

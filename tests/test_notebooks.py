@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import nbformat
 import pytest
+from conftest import use_tiles
 from nbclient import NotebookClient
 
 from laueflow.runs import FILE_STATES, open_run
@@ -68,6 +69,7 @@ def _images(nb: nbformat.NotebookNode) -> int:
 def scan(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("nb") / "scan"
     simulate(folder, preset="multipoint", points=POINTS, region=16, seed=7)
+    use_tiles(folder, 64)
     return folder
 
 

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import results
+from conftest import use_tiles
 
 from laueflow import provenance, sites
 from laueflow.config import load
@@ -131,8 +132,7 @@ def test_a_late_block_of_other_inputs_is_not_stitched(scan_copy, tmp_path):
                        input_fingerprint="0" * 16, n_depths=late.profiles.shape[1])
     request = StitchRequest(point=1, cfg_path=cfg_path, scan_path=str(scan_copy), frame=tuple(cfg.file.frame),
                             depths_mm=tuple(cfg.geo.source.depths), config_yaml=cfg.to_yaml(),
-                            config_fingerprint=cfg.fingerprint(), start_time=provenance.now(),
-                            block_pixels=BLOCK)
+                            config_fingerprint=cfg.fingerprint(), start_time=provenance.now())
     point_file = out / "point_00001.h5"
     stitched = T.stitch_point([str(f) for f in files], str(point_file), request, outcomes)
     assert stitched.status == "partial" and stitched.failed_blocks == 1
@@ -175,20 +175,21 @@ def test_damaged_block_files_are_recomputed(multipoint_scan, tmp_path):
                                   results.volume(fresh / "point_00002.h5"))
 
 
-def test_another_tiling_recomputes(multipoint_scan, multipoint_run, tmp_path):
-    """Defect 9: the tiling is a model setting: a point file of 64-pixel blocks is kept by a rerun with
-    the same tiling and recomputed by one with --block-pixels 256, which its provenance then records."""
+def test_another_block_size_keeps_the_point_and_another_tile_recomputes(multipoint_scan, multipoint_run,
+                                                                         tmp_path):
+    """Defect 9: how the region is cut into tasks does not change results, so a point file of 64-pixel
+    blocks is kept by a rerun with --block-pixels 256 (one block of four tiles); the decoder's tile
+    (recon.tile_pixels) is a model setting in the configuration's fingerprint: changing it recomputes."""
     out = tmp_path / "recon"
     out.mkdir()
     shutil.copy2(multipoint_run / "point_00000.h5", out / "point_00000.h5")
-    with h5py.File(out / "point_00000.h5", "r") as f:
-        assert provenance.read(f["entry/provenance"])[provenance.BLOCK_PIXELS] == BLOCK
-    assert [p.status for p in _run(multipoint_scan, out, [0]).points] == ["resumed"]
-    (p,) = _run(multipoint_scan, out, [0], block_pixels=256).points
-    assert p.status == "done"
-    with h5py.File(out / "point_00000.h5", "r") as f:
-        assert provenance.read(f["entry/provenance"])[provenance.BLOCK_PIXELS] == 256
     assert [p.status for p in _run(multipoint_scan, out, [0], block_pixels=256).points] == ["resumed"]
+    scan = tmp_path / "scan"
+    shutil.copytree(multipoint_scan, scan)
+    use_tiles(scan, 256)
+    (p,) = _run(scan, out, [0]).points
+    assert p.status == "done"
+    assert [p.status for p in _run(scan, out, [0], block_pixels=1024).points] == ["resumed"]
 
 
 def test_a_point_file_damaged_in_place_is_recomputed(multipoint_scan, multipoint_run, tmp_path):

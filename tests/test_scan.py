@@ -306,6 +306,25 @@ def test_tiles_cover_region_once(tmp_path: Path, block_pixels: int) -> None:
     np.testing.assert_array_equal(count, inside)
 
 
+@pytest.mark.parametrize(("tile_pixels", "block_pixels", "per_side"),
+                         [(100, 1, 1), (100, 100, 1), (100, 300, 2), (100, 400, 2), (64, 4096, 8)])
+def test_blocks_are_squares_of_whole_tiles(tmp_path: Path, tile_pixels: int, block_pixels: int,
+                                          per_side: int) -> None:
+    """A block holds n x n whole tiles (n = round(block side / tile side), at least 1), the blocks cover
+    the region once, and each tile lies in exactly one block, as the decoder's tiles do for any block."""
+    write_frames(tmp_path / "run", 5)
+    scan = open_scan(config(tmp_path / "run", frame=[3, 45, 5, 60]))
+    tiles = scan.tiles(tile_pixels)
+    side = round(tile_pixels ** 0.5)
+    blocks = scan.blocks(tile_pixels, block_pixels)
+    assert blocks[0] == Tile(3, min(3 + per_side * side, 45), 5, min(5 + per_side * side, 60))
+    held = [t for b in blocks for t in scan.tiles_in(b, tiles)]
+    assert sorted(held, key=lambda t: (t.r0, t.c0)) == tiles  # every tile once, none split
+    for b in blocks:
+        inner = scan.tiles_in(b, tiles)
+        assert sum(t.n_pixels for t in inner) == b.n_pixels
+
+
 def test_fingerprints(tmp_path: Path) -> None:
     files = write_frames(tmp_path / "run", 10)
     scan = open_scan(config(tmp_path / "run"))

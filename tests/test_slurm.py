@@ -28,6 +28,7 @@ from pathlib import Path
 import h5py
 import pytest
 import slurm_cluster
+from conftest import use_tiles
 from test_workflow import check_point_file
 
 from laueflow.config import Config, load
@@ -91,6 +92,7 @@ def diagnosis(cluster: slurm_cluster.SlurmCluster, out: Path, stdout: str = "", 
 def scan(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("slurm_scan") / "scan"
     simulate(folder, preset="thin", points=POINTS, region=REGION, seed=5)
+    use_tiles(folder, BLOCK)
     return folder
 
 

@@ -19,6 +19,7 @@ import pytest
 import responses
 import yaml
 from click.testing import CliRunner, Result
+from conftest import use_tiles
 from test_transfer import (
     DEST,
     SOURCE,
@@ -45,6 +46,7 @@ def scan(tmp_path_factory) -> Path:
     """A simulated three-point scan (24 frames a point, 16 x 16 pixels, a depth grid of 36 bins)."""
     folder = tmp_path_factory.mktemp("transfer_run") / "scan"
     simulate(folder, preset="multipoint", points=2, region=16, seed=3, frames=24)
+    use_tiles(folder, 64)
     raw = yaml.safe_load((folder / "config.yaml").read_text())
     raw["geo"]["source"]["grid"] = [-0.15, 0.2, 0.01]  # fewer per-depth files, a quicker decode
     (folder / "config.yaml").write_text(yaml.safe_dump(raw))

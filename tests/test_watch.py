@@ -67,6 +67,7 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "write":
 
 
 from click.testing import CliRunner  # noqa: E402
+from conftest import use_tiles  # noqa: E402
 
 from laueflow.cli import main  # noqa: E402
 from laueflow.config import load  # noqa: E402
@@ -354,6 +355,7 @@ def test_watch_a_growing_scan_with_a_restart(tmp_path):
     restarted; every point is reconstructed once, from complete files, as `laueflow run` would."""
     staging, watched, out = tmp_path / "staging", tmp_path / "watched", tmp_path / "recon"
     simulate(staging, preset="multipoint", points=N_POINTS, region=REGION, seed=5)
+    use_tiles(staging, BLOCK)
     n_frames = load(staging / "config.yaml").file.n_frames
     watched.mkdir()
     for name in ("config.yaml", "mask.npy"):

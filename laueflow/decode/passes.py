@@ -10,7 +10,8 @@ neighbourhood's summed profile (_spot_shapes)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -65,6 +66,13 @@ class Decoded:
             z,
             z,
         )
+
+    @classmethod
+    def concat(cls, parts: Sequence[Decoded], n_depth: int) -> Decoded:
+        """The results of several blocks as one, in the order given."""
+        if not parts:
+            return cls.empty(n_depth)
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
 def decode(traces, rows, cols, frames, setup: Setup, cfg: Config, selected=None) -> Decoded:

@@ -56,6 +56,7 @@ from ..flags import (
 from .atomic import atomic_h5
 from .blocks import PIXEL_DTYPES, PIXEL_FIELDS, read_block
 from .header import copy_header
+from .scan import square_side
 
 __all__ = ["ACQUISITION", "DIAGNOSTICS", "INTENSITY_UNITS", "PIXEL_DECODED", "PIXEL_NOT_SELECTED",
            "PIXEL_NO_BLOCK", "PIXEL_SATURATED", "PIXEL_STATES", "POINT_FORMAT", "PointReader", "checksum",
@@ -160,7 +161,8 @@ def write_point(path: str | os.PathLike, block_files: Sequence[str | os.PathLike
                 frame: Sequence[int], depths_mm: Sequence[float], provenance: Mapping[str, Any],
                 complete: bool = True, compression: str = "gzip",
                 stamp: Mapping[str, Any] | None = None,
-                header: tuple[str | os.PathLike, str] | None = None) -> dict[str, Any]:
+                header: tuple[str | os.PathLike, str] | None = None,
+                tile_pixels: int | None = None) -> dict[str, Any]:
     """Stitch block files into one point file, atomically, holding one block in memory at a time.
 
     ``frame`` = [r0, r1, c0, c1] is the detector region of the volume; pixels outside every block
@@ -168,13 +170,17 @@ def write_point(path: str | os.PathLike, block_files: Sequence[str | os.PathLike
     redoes it).  ``stamp``: block fields (point, fingerprints) every block must carry; a block that does
     not (it was replaced after it was checked) raises :class:`ResultError` and nothing is written.
     ``header``: (frame file, image dataset key) whose header is copied into ``/entry/acquisition``.
+    ``tile_pixels``: the decoder's tiles (see Scan.tiles); the summed intensity adds the tiles' sums in
+    tile order and the diagnostics list the pixels row by row, so that the file does not depend on
+    how the tiles were grouped into blocks.
     Returns a summary: n_pixels, depth range with signal (um) and the file name.
     """
     r0, r1, c0, c1 = (int(v) for v in frame)
     depth_um = np.round(np.asarray(depths_mm, dtype=np.float64) * 1000.0, 6)  # mm -> um, without float noise
     n_depth, n_rows, n_cols = depth_um.size, r1 - r0, c1 - c0
-    total = np.zeros(n_depth, dtype=np.float64)
-    n_pixels = 0
+    side = square_side(tile_pixels) if tile_pixels else max(n_rows, n_cols)
+    tile_sums: dict[tuple[int, int], np.ndarray] = {}
+    decoded: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
     opts: dict[str, Any] = {"compression": compression, "shuffle": True}
     if compression == "gzip":
         opts["compression_opts"] = 1
@@ -203,16 +209,6 @@ def write_point(path: str | os.PathLike, block_files: Sequence[str | os.PathLike
 
         diag = entry.create_group("diagnostics")
         diag.attrs["NX_class"] = "NXcollection"
-        index = diag.create_dataset("index", shape=(0, 2), maxshape=(None, 2), dtype=np.int32,
-                                    chunks=(4096, 2))
-        _describe(index, "pixel", "detector row, col of each decoded pixel")
-        fields = {k: diag.create_dataset(k, shape=(0,), maxshape=(None,), dtype=PIXEL_DTYPES[k],
-                                         chunks=(4096,)) for k in PIXEL_FIELDS}
-        for k, ds in fields.items():
-            _describe(ds, PIXEL_UNITS.get(k), PIXEL_MEANINGS[k])
-        _cf_flags(fields["quality"], QUALITY_FLAGS, bits=True)
-        _flag_table(diag, "quality_flags", QUALITY_FLAGS)
-
         for name in block_files:
             b = read_block(name)
             if stamp and any(getattr(b, k) != v for k, v in stamp.items()):
@@ -231,14 +227,30 @@ def write_point(path: str | os.PathLike, block_files: Sequence[str | os.PathLike
             dense = np.zeros((n_depth, br1 - br0, bc1 - bc0), dtype=np.float32)
             dense[:, b.rows - br0, b.cols - bc0] = b.profiles.T
             vol[:, br0 - r0:br1 - r0, bc0 - c0:bc1 - c0] = dense
-            total += b.profiles.sum(axis=0, dtype=np.float64)
-            n0, n1 = n_pixels, n_pixels + b.n_pixels
-            index.resize((n1, 2))
-            index[n0:n1] = np.stack([b.rows, b.cols], axis=1)
-            for k, ds in fields.items():
-                ds.resize((n1,))
-                ds[n0:n1] = b.fields[k]
-            n_pixels = n1
+            tr, tc = (b.rows - r0) // side, (b.cols - c0) // side
+            for t in sorted(set(zip(tr.tolist(), tc.tolist(), strict=True))):
+                mine = (tr == t[0]) & (tc == t[1])
+                part = b.profiles[mine].sum(axis=0, dtype=np.float64)
+                tile_sums[t] = tile_sums[t] + part if t in tile_sums else part
+            decoded.append((np.stack([b.rows, b.cols], axis=1).astype(np.int32), b.fields))
+        total = np.zeros(n_depth, dtype=np.float64)
+        for t in sorted(tile_sums):
+            total += tile_sums[t]
+        where = np.concatenate([w for w, _ in decoded]) if decoded else np.zeros((0, 2), np.int32)
+        order = np.lexsort((where[:, 1], where[:, 0]))  # row by row
+        n_pixels = int(where.shape[0])
+        chunk = max(1, min(4096, n_pixels))
+        index = diag.create_dataset("index", data=where[order], maxshape=(None, 2), chunks=(chunk, 2))
+        _describe(index, "pixel", "detector row, col of each decoded pixel")
+        for k in PIXEL_FIELDS:
+            values = (np.concatenate([f[k] for _, f in decoded]) if decoded
+                      else np.zeros(0, PIXEL_DTYPES[k]))
+            ds = diag.create_dataset(k, data=values[order].astype(PIXEL_DTYPES[k]), maxshape=(None,),
+                                     chunks=(chunk,))
+            _describe(ds, PIXEL_UNITS.get(k), PIXEL_MEANINGS[k])
+            if k == "quality":
+                _cf_flags(ds, QUALITY_FLAGS, bits=True)
+        _flag_table(diag, "quality_flags", QUALITY_FLAGS)
 
         rec.attrs["n_pixels"] = n_pixels
         rec.attrs["complete"] = bool(complete)

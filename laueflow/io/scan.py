@@ -18,7 +18,7 @@ import re
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,11 +67,26 @@ class Tile:
         return (self.r1 - self.r0) * (self.c1 - self.c0)
 
 
+def square_side(pixels: int, name: str = "pixels") -> int:
+    """The side of a near-square of about ``pixels`` pixels."""
+    if pixels < 1:
+        raise ValueError(f"{name} must be >= 1, got {pixels}")
+    return max(1, round(math.sqrt(pixels)))
+
+
+def _grid(frame: Sequence[int], side: int) -> list[Tile]:
+    """The region ``frame`` (r0, r1, c0, c1) in squares of ``side`` from its first pixel, row-major."""
+    r0, r1, c0, c1 = frame
+    return [Tile(r, min(r + side, r1), c, min(c + side, c1))
+            for r in range(r0, r1, side) for c in range(c0, c1, side)]
+
+
 @dataclass
 class Block:
-    """The traces of every pixel of one tile for one scan point: what one reconstruction task gets.
+    """The traces of every pixel of one rectangle (``tile``: a block of whole decoder tiles, or one tile)
+    for one scan point: what one reconstruction task gets.
 
-    ``traces`` is (P, N) float32, pixels row-major over the tile, normalised frame by frame by
+    ``traces`` is (P, N) float32, pixels row-major over the rectangle, normalised frame by frame by
     I0 / mean(I0) when the monitor is present and enabled.  ``frames`` are the frame offsets the
     geometry uses (0, s, 2s, ... for ``file.range`` step s).
     """
@@ -84,6 +99,13 @@ class Block:
     selected: np.ndarray
     saturated: np.ndarray
     frames: np.ndarray
+
+    def part(self, tile: Tile) -> Block:
+        """The block of ``tile``, a part of this block's tile: the same traces, row-major over ``tile``
+        as if it had been read alone."""
+        keep = (self.rows >= tile.r0) & (self.rows < tile.r1) & (self.cols >= tile.c0) & (self.cols < tile.c1)
+        return Block(self.point, tile, self.traces[keep], self.rows[keep], self.cols[keep],
+                     self.selected[keep], self.saturated[keep], self.frames)
 
 
 def make_block(point: int, tile: Tile, data: np.ndarray, scale: np.ndarray | None, threshold: float,
@@ -264,18 +286,29 @@ class Scan:
         """The frame offsets the geometry uses for every point: 0, s, 2s, ..."""
         return self._step * np.arange(self.n_frames)
 
-    def tiles(self, block_pixels: int) -> list[Tile]:
-        """Cover the region ``file.frame`` with near-square tiles of about ``block_pixels`` pixels.
+    def tiles(self, tile_pixels: int) -> list[Tile]:
+        """Cover the region ``file.frame`` with near-square tiles of about ``tile_pixels`` pixels: the
+        decoder's tiles (``recon.tile_pixels``), each decoded on its own.
 
-        The side is round(sqrt(block_pixels)); tiles at the bottom and right edges are smaller.
-        Every pixel of the region is in exactly one tile, in row-major tile order.
+        The side is round(sqrt(tile_pixels)), counted from the region's first row and column; tiles at
+        the bottom and right edges are smaller.  Every pixel of the region is in exactly one tile, in
+        row-major tile order.
         """
-        if block_pixels < 1:
-            raise ValueError(f"block_pixels must be >= 1, got {block_pixels}")
-        side = max(1, round(math.sqrt(block_pixels)))
-        r0, r1, c0, c1 = self.cfg.file.frame
-        return [Tile(r, min(r + side, r1), c, min(c + side, c1))
-                for r in range(r0, r1, side) for c in range(c0, c1, side)]
+        return _grid(self.cfg.file.frame, square_side(tile_pixels, "tile_pixels"))
+
+    def blocks(self, tile_pixels: int, block_pixels: int) -> list[Tile]:
+        """The region cut into blocks of whole tiles (see :meth:`tiles`) of about ``block_pixels``
+        pixels: one task's work.  A block is a square of n x n tiles, n = round(block side / tile side)
+        and at least 1, so a block never splits a tile and the result does not depend on the blocks."""
+        tile = square_side(tile_pixels, "tile_pixels")
+        n = max(1, round(square_side(block_pixels, "block_pixels") / tile))
+        return _grid(self.cfg.file.frame, n * tile)
+
+    @staticmethod
+    def tiles_in(block: Tile, tiles: Sequence[Tile]) -> list[Tile]:
+        """The tiles that lie inside ``block``, in row-major order."""
+        return [t for t in tiles
+                if block.r0 <= t.r0 and t.r1 <= block.r1 and block.c0 <= t.c0 and t.c1 <= block.c1]
 
     # validation ---------------------------------------------------------------------------------
     def check(self, points: Iterable[int] | None = None) -> None:

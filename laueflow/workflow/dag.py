@@ -117,7 +117,8 @@ class RunOptions:
     """How a run goes, apart from what it reconstructs (scan, configuration, output folder).
 
     ``points``: a selection such as ``"0:4"`` or a list (default: all); ``block_pixels``: pixels per
-    block task (default: ``recon.block_pixels``); ``site_config``: a ``parsl.Config`` with executors
+    block task, rounded to whole decoder tiles (default: ``recon.block_pixels``; results do not
+    depend on it); ``site_config``: a ``parsl.Config`` with executors
     labelled ``decode`` and ``stitch`` (default: the threads site); ``command_line``: recorded in the
     provenance (default: this process's); ``force``: recompute up-to-date points and blocks;
     ``per_depth_files``: also write one image file per depth for the indexing chain; ``staging``:
@@ -144,8 +145,7 @@ class RunOptions:
 class _Plan:
     scan: Scan
     points: list[int]
-    tiles: list[Any]
-    block_pixels: int
+    blocks: list[Any]  # the region cut into blocks of whole tiles: one task each per point
 
 
 @dataclass
@@ -205,7 +205,7 @@ def prepare(scan_path: str | Path, cfg: Config, out_dir: str | Path,
     message = check_reach(Setup.from_config(cfg), cfg, rows, cols)
     if message:
         raise RunError(f"{cfg.source_file or 'configuration'}: {message}")
-    return _Plan(scan=scan, points=chosen, tiles=scan.tiles(bp), block_pixels=bp)
+    return _Plan(scan=scan, points=chosen, blocks=scan.blocks(cfg.recon.tile_pixels, bp))
 
 
 def _worker_config(cfg: Config, out_dir: Path) -> tuple[str, str]:
@@ -395,7 +395,7 @@ class Driver:
             depths_mm=tuple(float(z) for z in cfg.geo.source.depths),
             config_yaml=cfg.to_yaml(), config_fingerprint=cfg.fingerprint(), start_time=self.start_time,
             command_line=command, host=socket.gethostname(), config_file=cfg.source_file or "",
-            config_source=source_text, per_depth_files=o.per_depth_files, block_pixels=self.plan.block_pixels)
+            config_source=source_text, per_depth_files=o.per_depth_files)
         _remove_stale_temporaries(self.out_dir, keep_staged=self.plan.points if o.staging else ())
         self.status = StatusFile(self.out_dir, scan=str(self.scan_path), command=command,
                                  extra=self.status_sections)
@@ -479,7 +479,7 @@ class Driver:
                 if fut.exception() is None:
                     self.collect(fut)
             for k in self.active:
-                on_disk = sum(self.folder.block_file(k, t.r0, t.c0).is_file() for t in self.plan.tiles)
+                on_disk = sum(self.folder.block_file(k, t.r0, t.c0).is_file() for t in self.plan.blocks)
                 self.status.blocks_on_disk(k, on_disk)
         except _DiskFull:
             pass
@@ -560,7 +560,7 @@ class Driver:
 
     def add_points(self, new: Sequence[int]) -> None:
         """Queue points (skipping those already in the run); points with up-to-date files are done."""
-        cfg, plan, n_tiles = self.cfg, self.plan, len(self.plan.tiles)
+        cfg, plan, n_tiles = self.cfg, self.plan, len(self.plan.blocks)
         for k in new:
             if k in self.seen:
                 continue
@@ -571,7 +571,7 @@ class Driver:
             self.status.add_point(k, n_tiles)
             block_dir = self.folder.blocks(k)
             resumed = None if self.options.force else resumable_point(
-                plan.scan, cfg, k, self.folder.point_file(k), block_dir, plan.block_pixels)
+                plan.scan, cfg, k, self.folder.point_file(k), block_dir)
             if resumed is not None:
                 if self.options.per_depth_files:
                     _export_kept(resumed)
@@ -587,7 +587,7 @@ class Driver:
 
     def submit_ready(self) -> None:
         """Submit the queued points that fit within the limits on points and blocks in flight."""
-        n_tiles = len(self.plan.tiles)
+        n_tiles = len(self.plan.blocks)
         while self.queue and len(self.active) < self.max_points_in_flight and (
                 self.counts.blocks_live < self.options.max_blocks_in_flight or not self.active):
             k = self.queue.popleft()
@@ -605,8 +605,8 @@ class Driver:
         deps: list[Any] = []
         files: list[str] = []
         todo = []
-        kept = reusable_blocks(self.folder, self.plan.scan, k, self.plan.tiles, self.worker_fp)
-        for tile in self.plan.tiles:
+        kept = reusable_blocks(self.folder, self.plan.scan, k, self.plan.blocks, self.worker_fp)
+        for tile in self.plan.blocks:
             box = (tile.r0, tile.r1, tile.c0, tile.c1)
             bf = self.folder.block_file(k, tile.r0, tile.c0)
             files.append(str(bf))

@@ -25,7 +25,7 @@ class StitchRequest:
     ``config_yaml``, ``config_fingerprint``: the run's configuration as recorded;
     ``start_time``, ``command_line``, ``host``: the run's start, command and driver host (None: this
     process's); ``config_file``, ``config_source``: the configuration's file and its text as written;
-    ``per_depth_files``: also write the per-depth files; ``block_pixels``: the tiling.
+    ``per_depth_files``: also write the per-depth files.
     """
 
     point: int
@@ -36,7 +36,6 @@ class StitchRequest:
     config_yaml: str
     config_fingerprint: str
     start_time: str
-    block_pixels: int
     command_line: str | None = None
     host: str | None = None
     config_file: str = ""

@@ -29,16 +29,15 @@ class ResumeWarning(UserWarning):
     """A file an earlier run left is damaged and is recomputed."""
 
 
-def resumable_point(scan: Scan, cfg: Config, point: int, out_file: Path, block_dir: Path,
-                    block_pixels: int) -> PointResult | None:
-    """A result for a point whose file exists, is intact and complete, and matches the configuration,
-    the tiling (``block_pixels``) and the inputs."""
+def resumable_point(scan: Scan, cfg: Config, point: int, out_file: Path,
+                    block_dir: Path) -> PointResult | None:
+    """A result for a point whose file exists, is intact and complete, and matches the configuration
+    (the decoder's tiles included) and the inputs; how the region was cut into tasks does not matter."""
     if not out_file.is_file():
         return None
     prov = pointfile.read_provenance(out_file)
     if (not prov or not prov.get("complete") or prov.get("point") != point
-            or prov.get(provenance.CONFIG_FINGERPRINT) != cfg.fingerprint()
-            or prov.get(provenance.BLOCK_PIXELS) != block_pixels):
+            or prov.get(provenance.CONFIG_FINGERPRINT) != cfg.fingerprint()):
         return None
     try:
         current = provenance.input_fingerprint(scan.fingerprints(point))

@@ -155,11 +155,13 @@ def _read(scan_path: str, cfg: Config, point: int, tile: Any,
 
 def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any,
                       block_file: str, stage: StageOutcome | None = None) -> BlockOutcome:
-    """Read one tile of one point (from ``stage``, the point's staged frames, when given), decode its
-    selected pixels and write the block file.
+    """Read one block (``tile``: a rectangle of whole decoder tiles, see Scan.blocks) of one point (from
+    ``stage``, the point's staged frames, when given), decode each of its tiles on its own and write
+    the block file.  A tile is decoded the same in whichever block it lies, so results do not depend
+    on how the region is cut into blocks.
 
     Data that cannot be used (an unreadable frame file, traces the decoder rejects) is reported in
-    the outcome's ``error``; a tile with nothing to decode is written as an empty block with the
+    the outcome's ``error``; a block with nothing to decode is written as an empty block with the
     reason in ``skipped``.  Anything else raises, so the executor sees a real failure.
     """
     t0 = time.perf_counter()
@@ -177,14 +179,22 @@ def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any,
     elif not np.any(block.traces[selected]):
         skipped = "all traces are zero"
     else:
-        try:
-            setup = cached_setup(cfg)
-            with _DECODE_LOCK:
-                decoded = decoder.decode(block.traces, block.rows, block.cols, block.frames, setup, cfg,
-                                 selected=selected)
-        except decoder.DecodeError as exc:
-            return BlockOutcome(point, box, error=f"tile {list(box)}: {exc}",
-                                seconds=time.perf_counter() - t0, staging_note=staging_note)
+        scan = cached_scan(scan_path, cfg, point)
+        parts = []
+        for part_tile in scan.tiles_in(tile, scan.tiles(cfg.recon.tile_pixels)):
+            part = block.part(part_tile)
+            if not np.any(part.traces[part.selected]):
+                continue  # nothing to decode in this tile
+            try:
+                setup = cached_setup(cfg)
+                with _DECODE_LOCK:
+                    parts.append(decoder.decode(part.traces, part.rows, part.cols, part.frames, setup, cfg,
+                                                selected=part.selected))
+            except decoder.DecodeError as exc:
+                where = [part_tile.r0, part_tile.r1, part_tile.c0, part_tile.c1]
+                return BlockOutcome(point, box, error=f"tile {where}: {exc}",
+                                    seconds=time.perf_counter() - t0, staging_note=staging_note)
+        decoded = decoder.Decoded.concat(parts, n_depths)
     seconds = time.perf_counter() - t0
     write_block(block_file, point=point, tile=box, config_fingerprint=cfg.fingerprint(),
                 input_fingerprint=input_fp, n_depths=n_depths, decoded=decoded, skipped=skipped,
@@ -264,11 +274,12 @@ def stitch_point(block_files: Sequence[str], out_file: str, request: StitchReque
         start_time=req.start_time, command=req.command_line, host=req.host,
         point=point, scan=str(req.scan_path), config_file=str(req.config_file or ""),
         config_source=req.config_source or None, worker_hosts=", ".join(hosts),
-        failed_blocks=len(errors), **{provenance.BLOCK_PIXELS: int(req.block_pixels)},
+        failed_blocks=len(errors),
         calibration=provenance.calibration(cfg.calibration, cfg.geo.mask.focus, cfg.geo.mask))
     summary = write_point(out_file, written, frame=req.frame, depths_mm=req.depths_mm,
                           provenance=record, complete=not errors,
                           stamp={k: v for k, v in stamp.items() if k != "tile"},
+                          tile_pixels=cfg.recon.tile_pixels,
                           header=(scan.point_frames(point)[0][0], cfg.file.h5_key))
     depth_files, export_problem = 0, ""
     if req.per_depth_files:
