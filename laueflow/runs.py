@@ -249,7 +249,7 @@ class Run:
             raise ResultError(f"{self.path}: no scan point {k} in this run (points: {known})")
         if info.file is None:
             why = f"; {info.reason}" if info.reason else ""
-            if info.state in FILE_STATES:
+            if info.state in FILE_STATES and info.state != PointState.PARTIAL:
                 raise ResultError(f"{self.path}: point {k} is {info.state} but its file is not here "
                                   f"(moved or removed?){why}")
             raise ResultError(f"{self.path}: point {k} has no result yet (state {info.state}){why}")

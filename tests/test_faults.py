@@ -223,3 +223,29 @@ def test_killed_worker_is_retried(multipoint_scan, multipoint_run, tmp_path):
     assert "try 1" in logs or "Launched block 1" in logs  # the task was retried, or its block replaced
     for name in ("point_00000.h5", "point_00001.h5"):
         np.testing.assert_array_equal(results.volume(out / name), results.volume(multipoint_run / name))
+
+
+def test_ctrl_c_while_parsl_starts_stops_what_it_started(multipoint_scan, tmp_path, monkeypatch):
+    """A Ctrl-C that lands while Parsl is still starting (after it registered its configuration, before
+    the first task) stops and unloads that configuration, and status.json says interrupted with every
+    point pending; a configuration loaded before the run is not the run's to stop."""
+    import parsl
+
+    from laueflow.workflow import dag
+
+    started, real_load = [], parsl.load
+
+    def load_then_interrupt(config):
+        started.append(real_load(config))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dag.parsl, "load", load_then_interrupt)
+    out = tmp_path / "recon"
+    site = sites.site_config("threads", workers=1, run_dir=str(out / ".runinfo"))
+    with pytest.raises(KeyboardInterrupt):
+        run(multipoint_scan, load(multipoint_scan / "config.yaml"), out, points="0:2", block_pixels=BLOCK,
+            site_config=site)
+    assert len(started) == 1 and dag._loaded_dfk() is None  # stopped and unloaded
+    status = read_status(out)
+    assert status["state"] == "interrupted"
+    assert {p["state"] for p in status["points"].values()} == {"pending"}

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import parsl
+from parsl.errors import NoDataFlowKernelError
 
 from .. import provenance, sites
 from ..config import Config, ConfigWarning, load
@@ -173,6 +174,15 @@ def _corner_pixels(frame: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     rows = np.array([r0, r0, r1 - 1, r1 - 1, (r0 + r1) // 2], dtype=np.int32)
     cols = np.array([c0, c1 - 1, c0, c1 - 1, (c0 + c1) // 2], dtype=np.int32)
     return rows, cols
+
+
+def _loaded_dfk() -> Any | None:
+    """The Parsl configuration loaded in this process (None if none is): the one a run started, also
+    when ``parsl.load`` was cut short after it registered it."""
+    try:
+        return parsl.dfk()
+    except NoDataFlowKernelError:
+        return None
 
 
 def _is_inside(child: Path, parent: Path) -> bool:
@@ -429,11 +439,14 @@ class Driver:
                     # JAX warns on every fork; Parsl's providers fork only to exec shell commands (safe)
                     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
                                             category=RuntimeWarning)
-                    dfk = parsl.load(site_config)
+                    other = _loaded_dfk()  # one loaded before is not this run's to stop
                     try:
+                        dfk = parsl.load(site_config)
                         self.loop()
                     except BaseException:
-                        self.stop(dfk)
+                        # also a Ctrl-C while Parsl starts: what it had started is stopped
+                        ours = _loaded_dfk()
+                        self.stop(ours if ours is not other else None)
                         raise
                     dfk.cleanup()
             final_state = RunState.FINISHED
@@ -463,9 +476,10 @@ class Driver:
         return RunResult(out_dir=str(self.out_dir), points=[self.done[k] for k in self.order],
                          seconds=time.perf_counter() - self.t_start, pixels=self.pixel_counts())
 
-    def stop(self, dfk: Any) -> None:
-        """The loop ended early (Ctrl-C, SIGTERM, a full disk, an error): stop every task at once, keep
-        what finished meanwhile, and count the finished block files of the points that did not end.
+    def stop(self, dfk: Any | None) -> None:
+        """The loop ended early (Ctrl-C, SIGTERM, a full disk, an error): stop every task at once (``dfk``,
+        the loaded Parsl configuration; None when Parsl had not started), keep what finished meanwhile,
+        and count the finished block files of the points that did not end.
 
         A second Ctrl-C does not cut this short in a plain Python session (it is ignored for the few
         seconds this takes); the command line's own handler ends the process on a second signal."""
@@ -474,7 +488,8 @@ class Driver:
         if plain:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            stop_now(dfk, timeout=STOP_TIMEOUT_S)
+            if dfk is not None:
+                stop_now(dfk, timeout=STOP_TIMEOUT_S)
             for fut in [f for f in self.live if f.done()]:
                 if fut.exception() is None:
                     self.collect(fut)

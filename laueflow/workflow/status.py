@@ -73,7 +73,7 @@ class PointState(StrEnum):
     RUNNING = "running"
     DONE = "done"
     RESUMED = "resumed"  # its file from an earlier run is up to date and kept
-    PARTIAL = "partial"  # written, but some blocks failed (their pixels are 0)
+    PARTIAL = "partial"  # some blocks failed (their pixels are 0), or the run stopped before its file
     SKIPPED = "skipped"  # no file: every block was skipped or failed
     FAILED = "failed"
 
@@ -503,15 +503,16 @@ class StatusFile:
             self.write(force=True)
 
     def finish(self, state: RunState | str) -> None:
-        """The run ended; unless it finished, its points still ``running`` are ``pending`` again (their
-        finished blocks stay counted), so that the file says what is on disk."""
+        """The run ended; unless it finished, its points still ``running`` are ``partial`` when some of
+        their blocks are finished on disk (counted; no point file yet) and ``pending`` again when none
+        is, so that the file says what is on disk."""
         state = RunState(state)
         if state != RunState.FINISHED:
             for k, e in self.points.items():
                 if e.state == PointState.RUNNING:
-                    self._update(k, state=PointState.PENDING,
+                    self._update(k, state=PointState.PARTIAL if e.blocks_done else PointState.PENDING,
                                  reason=f"{state}: {e.blocks_done} of {e.blocks_total} blocks finished (kept "
-                                        "for a rerun)")
+                                        "for a rerun), no point file yet")
         self.record = replace(self.record, state=state, finished=provenance.now())
         try:
             self.write(force=True)
