@@ -10,13 +10,14 @@ BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.laueflow-installed
 PIP_FLAGS   ?= --disable-pip-version-check $(if $(CI),--progress-bar off --no-input,)
 
-# demo: a 64 x 64 pixel region of 261 frames, decoded in 4 blocks of 32 x 32 pixels on this machine
+# demo: a 64 x 64 pixel region of 261 frames (one decoder tile, recon.tile_pixels 4096) on this machine
 DEMO_DIR    ?= demo
 DEMO_REGION ?= 64
-DEMO_BLOCK  ?= 1024
 DEMO_PRESET ?= thin
 
-PYTEST_ARGS ?=
+# the suite runs on 2 worker processes (pytest-xdist), each test file on one of them
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS ?= -n $(PYTEST_WORKERS) --dist loadfile
 BENCH_ARGS  ?=
 
 .DEFAULT_GOAL := help
@@ -38,7 +39,7 @@ $(STAMP): pyproject.toml
 demo: install  ## simulate a small scan, reconstruct it on the local site, print its accuracy
 	rm -rf $(DEMO_DIR)
 	$(BIN)/laueflow simulate $(DEMO_DIR)/scan --preset $(DEMO_PRESET) --region $(DEMO_REGION)
-	$(BIN)/laueflow run $(DEMO_DIR)/scan --out $(DEMO_DIR)/recon --site local --block-pixels $(DEMO_BLOCK)
+	$(BIN)/laueflow run $(DEMO_DIR)/scan --out $(DEMO_DIR)/recon --site local
 	$(BIN)/laueflow score $(DEMO_DIR)/recon --truth $(DEMO_DIR)/scan/truth.h5
 
 test: install  ## the fast test suite (everything not marked slow)

@@ -20,6 +20,19 @@ MULTIPOINT_POINTS = 3
 MULTIPOINT_BLOCK = 64  # pixels per block: 4 tiles per point
 
 
+# the longest test files (runs of worker processes, subprocesses, a Slurm cluster) first: with the suite
+# on two workers, one file each at a time (`make test`), they then overlap instead of ending it alone
+LONG_FILES = ("test_watch.py", "test_interrupt.py", "test_faults.py", "test_notebooks.py", "test_slurm.py",
+              "test_calibrate.py", "test_workflow.py", "test_determinism.py", "test_runs.py",
+              "test_resume.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Run the long test files first (a stable sort: the order within a file is kept)."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
+
+
 def use_tiles(scan: Path, tile_pixels: int) -> None:
     """Set the decoder's tile (``recon.tile_pixels``) in a simulated scan's config.yaml: the small test
     scans are cut into several tiles, so that a point is several block tasks."""
