@@ -23,8 +23,10 @@ MULTIPOINT_BLOCK = 64  # pixels per block: 4 tiles per point
 # the longest test files (runs of worker processes, subprocesses, a Slurm cluster) first: with the suite
 # on two workers, one file each at a time (`make test`), they then overlap instead of ending it alone
 LONG_FILES = ("test_watch.py", "test_interrupt.py", "test_faults.py", "test_notebooks.py", "test_slurm.py",
-              "test_calibrate.py", "test_workflow.py", "test_determinism.py", "test_runs.py",
-              "test_resume.py")
+              "test_calibrate.py", "test_workflow.py", "test_decode.py", "test_determinism.py",
+              "test_runs.py",
+              "test_resume.py", "test_simulate.py", "test_staging.py", "test_globus_compute.py",
+              "test_transfer_run.py", "test_cli.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
