@@ -318,10 +318,10 @@ def test_blocks_are_squares_of_whole_tiles(tmp_path: Path, tile_pixels: int, blo
     side = round(tile_pixels ** 0.5)
     blocks = scan.blocks(tile_pixels, block_pixels)
     assert blocks[0] == Tile(3, min(3 + per_side * side, 45), 5, min(5 + per_side * side, 60))
-    held = [t for b in blocks for t in scan.tiles_in(b, tiles)]
+    held = [t for b in blocks for t in scan.tiles_in(b, tile_pixels)]
     assert sorted(held, key=lambda t: (t.r0, t.c0)) == tiles  # every tile once, none split
     for b in blocks:
-        inner = scan.tiles_in(b, tiles)
+        inner = scan.tiles_in(b, tile_pixels)
         assert sum(t.n_pixels for t in inner) == b.n_pixels
 
 

@@ -305,10 +305,10 @@ class Scan:
         return _grid(self.cfg.file.frame, n * tile)
 
     @staticmethod
-    def tiles_in(block: Tile, tiles: Sequence[Tile]) -> list[Tile]:
-        """The tiles that lie inside ``block``, in row-major order."""
-        return [t for t in tiles
-                if block.r0 <= t.r0 and t.r1 <= block.r1 and block.c0 <= t.c0 and t.c1 <= block.c1]
+    def tiles_in(block: Tile, tile_pixels: int) -> list[Tile]:
+        """The tiles (see :meth:`tiles`) of a block of :meth:`blocks`, in row-major order: the block cut
+        from its first pixel, as the region is (a block starts on a tile's corner)."""
+        return _grid((block.r0, block.r1, block.c0, block.c1), square_side(tile_pixels, "tile_pixels"))
 
     # validation ---------------------------------------------------------------------------------
     def check(self, points: Iterable[int] | None = None) -> None:

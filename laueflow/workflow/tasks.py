@@ -179,9 +179,8 @@ def reconstruct_block(scan_path: str, cfg_path: str, point: int, tile: Any,
     elif not np.any(block.traces[selected]):
         skipped = "all traces are zero"
     else:
-        scan = cached_scan(scan_path, cfg, point)
         parts = []
-        for part_tile in scan.tiles_in(tile, scan.tiles(cfg.recon.tile_pixels)):
+        for part_tile in Scan.tiles_in(tile, cfg.recon.tile_pixels):
             part = block.part(part_tile)
             if not np.any(part.traces[part.selected]):
                 continue  # nothing to decode in this tile
