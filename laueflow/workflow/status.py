@@ -89,7 +89,8 @@ class RunState(StrEnum):
     UNKNOWN = "unknown"  # no status.json
 
 
-# point states that have ended, that come with a point file, that ended well (a skipped point may too)
+# point states that have ended, that come with a point file, that ended well (a skipped point may too);
+# a partial point of a run stopped before its file was written has none yet (Run.point says so)
 FINAL_STATES = frozenset({PointState.DONE, PointState.RESUMED, PointState.PARTIAL, PointState.SKIPPED,
                           PointState.FAILED})
 FILE_STATES = frozenset({PointState.DONE, PointState.RESUMED, PointState.PARTIAL})
